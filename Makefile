@@ -1,0 +1,35 @@
+# Set-up and the two commands of the README: `make demo` and `make test`.
+# Everything a fresh machine needs is installed here, into .venv, with pip.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow lint demo clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch and torchvision as a matching pair (PyPI's torchvision does not import beside
+	# other torch builds); pip takes them from the machine's local wheel store when present.
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,172 @@
+"""The model configuration: one frozen, validated dataclass.
+
+Only the model takes a config; layers take explicit arguments. The fields are the paper's
+architecture plus the ablation knobs of its Section 2 and Section 3 (residual-branch scaling,
+talking heads, where the class token enters, pooling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "BRANCH_SCALES",
+    "CLASS_TOKEN_POSITIONS",
+    "CaiTConfig",
+    "DROP_PATH_SCHEDULES",
+    "POOLINGS",
+]
+
+BranchScale = Literal["layerscale", "none", "rezero", "skipinit", "fixup"]
+ClassTokenPosition = Literal["late", "early"]
+Pooling = Literal["token", "avg"]
+DropPathSchedule = Literal["uniform", "linear"]
+
+BRANCH_SCALES: tuple[str, ...] = ("layerscale", "none", "rezero", "skipinit", "fixup")
+CLASS_TOKEN_POSITIONS: tuple[str, ...] = ("late", "early")
+POOLINGS: tuple[str, ...] = ("token", "avg")
+DROP_PATH_SCHEDULES: tuple[str, ...] = ("uniform", "linear")
+
+
+def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{field} must be one of {choices}, got {value!r}")
+
+
+def _check_rate(field: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{field} must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True)
+class CaiTConfig:
+    """Architecture of a CaiT model (and of the ViT/DeiT models the knobs can express).
+
+    Defaults are CaiT-S24 at 224 (paper Table 3). ``depth`` counts the self-attention (SA)
+    blocks over patch tokens; ``ca_depth`` counts the class-attention (CA) blocks, the
+    paper's ``depth_token_only`` (2 in every released model, Section 3).
+
+    Ablation knobs (paper Figure 1 and Section 4.1):
+
+    - ``branch_scale``: how each residual branch is scaled before it is added.
+      ``layerscale`` (Fig. 1d): ``x + diag(gamma) * F(norm(x))``, gamma a vector initialised
+      to ``init_scale``; ``none`` (Fig. 1a, ViT/DeiT): ``x + F(norm(x))``; ``rezero``
+      (Fig. 1b, ReZero): ``x + alpha * F(x)``, alpha a scalar initialised to 0, no norm;
+      ``skipinit`` (Fig. 1b, SkipInit-style): like ``rezero`` but alpha starts at
+      ``init_scale``; ``fixup`` (Fig. 1c): ``x + alpha * F(norm(x))``, a scalar alpha
+      initialised to ``init_scale`` with the pre-norm kept (the block weights keep the
+      default init, hence "fixup-style").
+    - ``talking_heads``: mix heads before and after the softmax in the SA blocks
+      (Shazeer et al. 2020; paper Section 3). Class attention never uses it.
+    - ``class_token``: ``late`` (CaiT, a class-attention stage of ``ca_depth`` blocks after
+      the SA stage) or ``early`` (ViT/DeiT: the class token is concatenated at the input,
+      has its own position-embedding slot and goes through every SA block; ``ca_depth``
+      must be 0).
+    - ``pooling``: ``token`` reads the class token; ``avg`` averages the patch tokens. With
+      ``class_token="late"`` average pooling means no class token at all, so ``ca_depth``
+      must be 0.
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 384
+    depth: int = 24
+    num_heads: int = 8
+    ca_depth: int = 2
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    branch_scale: BranchScale = "layerscale"
+    init_scale: float = 1e-5
+    talking_heads: bool = True
+    class_token: ClassTokenPosition = "late"
+    pooling: Pooling = "token"
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    drop_path_schedule: DropPathSchedule = "uniform"
+    fused_attn: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.ca_depth < 0:
+            raise ValueError(f"ca_depth must be >= 0, got {self.ca_depth}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size must be a multiple of patch_size={self.patch_size}, got {self.img_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads={self.num_heads}, got {self.embed_dim}"
+            )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.init_scale < 0:
+            raise ValueError(f"init_scale must be >= 0, got {self.init_scale}")
+        _check_choice("branch_scale", self.branch_scale, BRANCH_SCALES)
+        _check_choice("class_token", self.class_token, CLASS_TOKEN_POSITIONS)
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("drop_path_schedule", self.drop_path_schedule, DROP_PATH_SCHEDULES)
+        for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "drop_path_rate"):
+            _check_rate(name, getattr(self, name))
+        if self.class_token == "early" and self.ca_depth:
+            raise ValueError(
+                f"class_token='early' carries the class token through the SA blocks, so "
+                f"ca_depth must be 0, got {self.ca_depth}"
+            )
+        if self.class_token == "late" and self.pooling == "token" and not self.ca_depth:
+            raise ValueError(
+                "class_token='late' with pooling='token' needs a class-attention stage: "
+                f"ca_depth must be >= 1, got {self.ca_depth}"
+            )
+        if self.class_token == "late" and self.pooling == "avg" and self.ca_depth:
+            raise ValueError(
+                "pooling='avg' ignores the class token, so a late class-attention stage would "
+                f"be unused: ca_depth must be 0, got {self.ca_depth}"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side at the configured resolution."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.class_token == "early" or self.pooling == "token"
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in the SA stage (they also own a pos-embed slot)."""
+        return 1 if self.class_token == "early" else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaiTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CaiTConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **overrides: Any) -> CaiTConfig:
+        """A copy with ``overrides`` applied; unknown field names raise ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown CaiTConfig fields {unknown}; known fields: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)

@@ -1,0 +1,427 @@
+"""The building blocks of CaiT, each usable and testable on its own.
+
+Shapes: ``B`` batch, ``N`` tokens, ``C`` channels (embedding dim), ``H`` heads,
+``hd = C // H`` head dim, ``T`` class tokens that query in class attention.
+
+Parameter names follow the official ``cait_models.py`` (``qkv``, ``proj_l``, ``proj_w``,
+``q``/``k``/``v``, ``gamma_1``/``gamma_2``, ``mlp.fc1``/``mlp.fc2``) so that the released
+weights load without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cait.config import BRANCH_SCALES
+
+__all__ = [
+    "LAYERNORM_EPS",
+    "INIT_STD",
+    "BlockTrace",
+    "ClassAttention",
+    "ClassAttentionBlock",
+    "DropPath",
+    "Mlp",
+    "PatchEmbed",
+    "SelfAttentionBlock",
+    "TalkingHeadAttention",
+    "drop_path",
+    "layer_scale",
+    "make_branch_scale",
+    "resample_pos_embed",
+    "uses_pre_norm",
+]
+
+# LayerNorm epsilon of every norm in CaiT and DeiT: ``partial(nn.LayerNorm, eps=1e-6)`` in
+# the official cait_models.py / models.py.
+LAYERNORM_EPS = 1e-6
+# Truncated-normal std for Linear weights, pos_embed and cls_token (official ``_init_weights``,
+# inherited from ViT).
+INIT_STD = 0.02
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens: ``(B, in_chans, H_img, W_img) -> (B, N, C)``."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid ``(rows, cols)`` for an image, validating its size."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"input height and width must be multiples of the patch size {p}, "
+                f"got {height}x{width}"
+            )
+        return height // p, width // p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4:
+            raise ValueError(
+                f"expected a 4-D image batch (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]}")
+        self.grid(x.shape[2], x.shape[3])
+        x = self.proj(x)  # (B, C, H_img/p, W_img/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth (Huang et al. 2016): drop the whole branch per sample with prob. ``p``.
+
+    Kept samples are scaled by ``1 / (1 - p)`` so that the expectation is unchanged.
+    """
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DropPath(nn.Module):
+    """Module form of :func:`drop_path`."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop-path rate must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """The feed-forward branch: ``fc2(drop(gelu(fc1(x))))`` with hidden size ``ratio * C``."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def make_branch_scale(mode: str, dim: int, init_scale: float) -> nn.Parameter | None:
+    """The learned factor applied to a residual branch (paper Figure 1).
+
+    ``layerscale``: a vector of size ``dim`` (the diagonal of LayerScale), filled with
+    ``init_scale``; ``rezero``: a scalar starting at 0; ``skipinit`` and ``fixup``: a scalar
+    starting at ``init_scale``; ``none``: no factor. The factor is a plain parameter of the
+    block (not a submodule) because the official weights name it ``blocks.{i}.gamma_1``.
+    """
+    if mode not in BRANCH_SCALES:
+        raise ValueError(f"branch_scale must be one of {BRANCH_SCALES}, got {mode!r}")
+    if mode == "layerscale":
+        return nn.Parameter(torch.full((dim,), float(init_scale)))
+    if mode == "rezero":
+        return nn.Parameter(torch.zeros(1))
+    if mode in ("skipinit", "fixup"):
+        return nn.Parameter(torch.full((1,), float(init_scale)))
+    return None
+
+
+def uses_pre_norm(mode: str) -> bool:
+    """ReZero and SkipInit remove the pre-norm (paper Figure 1b); the others keep it."""
+    return mode not in ("rezero", "skipinit")
+
+
+def layer_scale(x: Tensor, gamma: Tensor | None) -> Tensor:
+    """LayerScale: ``diag(gamma) x`` over the channel (last) dim; identity without gamma."""
+    return x if gamma is None else gamma * x
+
+
+def _mix_heads(attn: Tensor, mix: nn.Linear) -> Tensor:
+    """Talking heads: each output head is a learned combination of all input heads.
+
+    ``(B, H, N, N) -> (B, H, N, N)``, ``out[b, g] = sum_h W[g, h] attn[b, h] + bias[g]``.
+    """
+    out = torch.einsum("bhij,gh->bgij", attn, mix.weight)
+    return out + mix.bias[None, :, None, None]
+
+
+class TalkingHeadAttention(nn.Module):
+    """Multi-head self-attention with talking heads (paper Section 3; Shazeer et al. 2020).
+
+    Logits ``q k^T / sqrt(hd)`` are mixed across heads by ``proj_l`` before the softmax and
+    the probabilities by ``proj_w`` after it. With ``talking_heads=False`` this is the plain
+    ViT/DeiT attention (and has no ``proj_l``/``proj_w``). ``fused`` selects PyTorch's fused
+    ``scaled_dot_product_attention`` where the maths allows it (no talking heads, no
+    attention map requested).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        talking_heads: bool = True,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads={num_heads}, got {dim}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.talking_heads = talking_heads
+        self.fused = fused
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        if talking_heads:
+            self.proj_l = nn.Linear(num_heads, num_heads)
+            self.proj_w = nn.Linear(num_heads, num_heads)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, return_attn: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``(B, N, C) -> (B, N, C)``; also the softmax probabilities ``(B, H, N, N)`` when asked.
+
+        The returned probabilities are those of the softmax (after the pre-softmax mixing);
+        each row sums to 1. With talking heads, ``proj_w`` then mixes them across heads.
+        """
+        B, N, C = x.shape
+        H = self.num_heads
+        qkv = self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+        q, k, v = qkv.unbind(0)
+        attn = None
+        if self.fused and not self.talking_heads and not return_attn:
+            p = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, N, hd)
+        else:
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            if self.talking_heads:
+                logits = _mix_heads(logits, self.proj_l)
+            attn = logits.softmax(dim=-1)
+            weights = _mix_heads(attn, self.proj_w) if self.talking_heads else attn
+            x = self.attn_drop(weights) @ v  # (B, H, N, hd)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x)), attn
+
+
+class ClassAttention(nn.Module):
+    """Class attention (paper Section 3, Eq. 6-8): the first ``T`` tokens query all tokens.
+
+    Input ``(B, T + N, C)``, the class token(s) first; output ``(B, T, C)``. Only the class
+    tokens are queries, so the cost is linear in ``N``. No talking heads here.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads={num_heads}, got {dim}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.fused = fused
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self, x: Tensor, num_queries: int = 1, return_attn: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Returns the update of the class tokens and, when asked, ``(B, H, T, T + N)``."""
+        B, N, C = x.shape
+        H, T = self.num_heads, num_queries
+        q = self.q(x[:, :T]).reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(x).reshape(B, N, H, C // H).transpose(1, 2)  # (B, H, N, hd)
+        v = self.v(x).reshape(B, N, H, C // H).transpose(1, 2)  # (B, H, N, hd)
+        attn = None
+        if self.fused and not return_attn:
+            p = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, T, hd)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, T, N)
+            out = self.attn_drop(attn) @ v  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, C)
+        return self.proj_drop(self.proj(out)), attn
+
+
+@dataclass
+class BlockTrace:
+    """What one residual block did, for introspection (see ``CaiT.forward_intermediates``).
+
+    ``stream`` is the residual stream entering the block; ``attn_branch`` and ``mlp_branch``
+    are the scaled branch outputs added to it (after drop-path, which is the identity in
+    eval mode), so the block's output is ``stream + attn_branch + mlp_branch``. ``attn`` holds
+    the attention probabilities: ``(B, H, N, N)`` in an SA block, ``(B, H, T, T + N)`` in a
+    CA block, where the stream is the ``T`` class tokens.
+    """
+
+    stream: Tensor
+    attn_branch: Tensor
+    mlp_branch: Tensor
+    attn: Tensor
+
+    @property
+    def mid_stream(self) -> Tensor:
+        """The residual stream entering the MLP branch."""
+        return self.stream + self.attn_branch
+
+    @property
+    def output(self) -> Tensor:
+        return self.stream + self.attn_branch + self.mlp_branch
+
+
+class _ResidualBlock(nn.Module):
+    """What SA and CA blocks share: two pre-norm branches, each scaled and drop-pathed."""
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float,
+        drop: float,
+        drop_path: float,
+        branch_scale: str,
+        init_scale: float,
+    ) -> None:
+        super().__init__()
+        pre_norm = uses_pre_norm(branch_scale)
+        self.norm1 = nn.LayerNorm(dim, eps=LAYERNORM_EPS) if pre_norm else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LAYERNORM_EPS) if pre_norm else nn.Identity()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.drop_path = DropPath(drop_path)
+        self.gamma_1 = make_branch_scale(branch_scale, dim, init_scale)
+        self.gamma_2 = make_branch_scale(branch_scale, dim, init_scale)
+
+    def _mlp_branch(self, x: Tensor) -> Tensor:
+        return self.drop_path(layer_scale(self.mlp(self.norm2(x)), self.gamma_2))
+
+
+class SelfAttentionBlock(_ResidualBlock):
+    """An SA block over patch tokens (paper Eq. 4-5 with LayerScale), ``(B, N, C) -> same``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        branch_scale: str = "layerscale",
+        init_scale: float = 1e-5,
+        talking_heads: bool = True,
+        fused: bool = True,
+    ) -> None:
+        super().__init__(dim, mlp_ratio, drop, drop_path, branch_scale, init_scale)
+        self.attn = TalkingHeadAttention(
+            dim, num_heads, qkv_bias, attn_drop, drop, talking_heads=talking_heads, fused=fused
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(layer_scale(self.attn(self.norm1(x))[0], self.gamma_1))
+        x = x + self._mlp_branch(x)
+        return x
+
+    def forward_trace(self, x: Tensor) -> tuple[Tensor, BlockTrace]:
+        """Same as ``forward``, also returning the block's :class:`BlockTrace`."""
+        a, attn = self.attn(self.norm1(x), return_attn=True)
+        attn_branch = self.drop_path(layer_scale(a, self.gamma_1))
+        mlp_branch = self._mlp_branch(x + attn_branch)
+        trace = BlockTrace(stream=x, attn_branch=attn_branch, mlp_branch=mlp_branch, attn=attn)
+        return trace.output, trace
+
+
+class ClassAttentionBlock(_ResidualBlock):
+    """A CA block (paper Section 3): updates the class token(s) only; patches stay frozen.
+
+    ``tokens (B, T, C)``, ``x (B, N, C)`` -> ``tokens (B, T, C)``, with ``u = [tokens, x]``:
+    ``tokens = tokens + gamma_1 * CA(norm1(u))``;
+    ``tokens = tokens + gamma_2 * FFN(norm2(tokens))``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        branch_scale: str = "layerscale",
+        init_scale: float = 1e-5,
+        fused: bool = True,
+    ) -> None:
+        super().__init__(dim, mlp_ratio, drop, drop_path, branch_scale, init_scale)
+        self.attn = ClassAttention(dim, num_heads, qkv_bias, attn_drop, drop, fused=fused)
+
+    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
+        u = torch.cat((tokens, x), dim=1)  # (B, T + N, C)
+        a = self.attn(self.norm1(u), num_queries=tokens.shape[1])[0]
+        tokens = tokens + self.drop_path(layer_scale(a, self.gamma_1))
+        tokens = tokens + self._mlp_branch(tokens)
+        return tokens
+
+    def forward_trace(self, x: Tensor, tokens: Tensor) -> tuple[Tensor, BlockTrace]:
+        """Same as ``forward``, also returning the block's :class:`BlockTrace`."""
+        u = torch.cat((tokens, x), dim=1)
+        a, attn = self.attn(self.norm1(u), num_queries=tokens.shape[1], return_attn=True)
+        attn_branch = self.drop_path(layer_scale(a, self.gamma_1))
+        mlp_branch = self._mlp_branch(tokens + attn_branch)
+        trace = BlockTrace(stream=tokens, attn_branch=attn_branch, mlp_branch=mlp_branch, attn=attn)
+        return trace.output, trace
+
+
+def resample_pos_embed(
+    pos_embed: Tensor,
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int = 0,
+    old_grid: tuple[int, int] | None = None,
+) -> Tensor:
+    """Resize absolute position embeddings to another patch grid, bicubically.
+
+    ``pos_embed (1, P + rows * cols, C) -> (1, P + new_rows * new_cols, C)``; the ``P`` prefix
+    slots (the class token's in ViT/DeiT; none in CaiT) are kept as they are. The old grid is
+    taken as square when not given. Interpolation runs in float32 with antialiasing, the
+    resampling used by timm and by the DeiT/CaiT fine-tuning at higher resolution.
+    """
+    prefix, grid_tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    n_old = grid_tokens.shape[1]
+    if old_grid is None:
+        side = int(round(n_old**0.5))
+        if side * side != n_old:
+            raise ValueError(
+                f"cannot infer a square patch grid from {n_old} position embeddings; pass old_grid"
+            )
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != n_old:
+        raise ValueError(f"old_grid {old_grid} does not match {n_old} position embeddings")
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    C = pos_embed.shape[-1]
+    grid = grid_tokens.float().reshape(1, old_grid[0], old_grid[1], C).permute(0, 3, 1, 2)
+    grid = F.interpolate(
+        grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True
+    )
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], C).to(pos_embed.dtype)
+    return torch.cat((prefix, grid), dim=1)

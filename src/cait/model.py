@@ -1,0 +1,233 @@
+"""The CaiT model (Touvron et al., "Going deeper with Image Transformers", ICCV 2021).
+
+Two stages (paper Section 3, Figure 2): self-attention blocks over the patch tokens only,
+then a few class-attention blocks in which the class token summarises the frozen patches.
+With the knobs of :class:`~cait.config.CaiTConfig` the same class also expresses ViT/DeiT
+(class token early, no LayerScale, no talking heads) and the ablations of the paper.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from cait.config import CaiTConfig
+from cait.layers import (
+    INIT_STD,
+    LAYERNORM_EPS,
+    BlockTrace,
+    ClassAttentionBlock,
+    PatchEmbed,
+    SelfAttentionBlock,
+    resample_pos_embed,
+)
+
+__all__ = ["CaiT", "Intermediates"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Intermediates:
+    """Everything ``CaiT.forward_intermediates`` records, in order of computation.
+
+    ``sa`` has one :class:`~cait.layers.BlockTrace` per self-attention block (attention
+    ``(B, H, N', N')`` with ``N'`` the tokens of the SA stage), ``ca`` one per class-attention
+    block (attention ``(B, H, 1, 1 + N)``, the class token first). ``features`` are the final
+    normalised tokens ``(B, P + N, C)`` and ``logits`` equal those of ``forward``.
+    """
+
+    logits: Tensor
+    features: Tensor
+    sa: list[BlockTrace] = field(default_factory=list)
+    ca: list[BlockTrace] = field(default_factory=list)
+    grid: tuple[int, int] = (0, 0)
+
+
+class CaiT(nn.Module):
+    """Class-Attention in Image Transformers, built from a :class:`CaiTConfig`."""
+
+    def __init__(self, config: CaiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        D = config.embed_dim
+        self.num_classes = config.num_classes
+        self.num_features = D
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, D)
+        if config.has_class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        else:
+            self.register_parameter("cls_token", None)
+        # CaiT gives the class token no position embedding (it enters after the SA stage);
+        # ViT/DeiT ("early") give it the first slot.
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, config.num_prefix_tokens + config.num_patches, D)
+        )
+        self.pos_drop = nn.Dropout(config.pos_drop_rate)
+
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(
+                D,
+                config.num_heads,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=config.qkv_bias,
+                drop=config.drop_rate,
+                attn_drop=config.attn_drop_rate,
+                drop_path=rate,
+                branch_scale=config.branch_scale,
+                init_scale=config.init_scale,
+                talking_heads=config.talking_heads,
+                fused=config.fused_attn,
+            )
+            for rate in self._drop_path_rates()
+        )
+        # The official CA blocks use no dropout and no drop-path (cait_models.py).
+        self.blocks_token_only = nn.ModuleList(
+            ClassAttentionBlock(
+                D,
+                config.num_heads,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=config.qkv_bias,
+                branch_scale=config.branch_scale,
+                init_scale=config.init_scale,
+                fused=config.fused_attn,
+            )
+            for _ in range(config.ca_depth)
+        )
+        self.norm = nn.LayerNorm(D, eps=LAYERNORM_EPS)
+        self.head = nn.Linear(D, config.num_classes) if config.num_classes else nn.Identity()
+        self._init_weights()
+
+    def _drop_path_rates(self) -> list[float]:
+        """Per-SA-block stochastic depth; the official code uses the same rate everywhere."""
+        c = self.config
+        if c.drop_path_schedule == "uniform" or c.depth == 1:
+            return [c.drop_path_rate] * c.depth
+        return [c.drop_path_rate * i / (c.depth - 1) for i in range(c.depth)]
+
+    def _init_weights(self) -> None:
+        # Official init (cait_models.py, from ViT): trunc-normal(0.02) for Linear weights,
+        # pos_embed and cls_token, zero biases, unit LayerNorm; the patch conv keeps
+        # PyTorch's default.
+        nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=INIT_STD)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------- public utilities
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in the output of ``forward_features``."""
+        return 1 if self.cls_token is not None else 0
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the recipe excludes from weight decay (besides every 1-D parameter)."""
+        names = {"pos_embed"}
+        if self.cls_token is not None:
+            names.add("cls_token")
+        names.update(n for n, _ in self.named_parameters() if n.endswith(("gamma_1", "gamma_2")))
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each SA and CA block in the backward pass instead of storing activations."""
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one (``0`` gives features only)."""
+        self.config = self.config.replace(num_classes=num_classes)
+        self.num_classes = num_classes
+        if num_classes:
+            ref = self.norm.weight
+            self.head = nn.Linear(
+                self.num_features, num_classes, device=ref.device, dtype=ref.dtype
+            )
+            nn.init.trunc_normal_(self.head.weight, std=INIT_STD)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
+
+    def pos_embed_for(self, rows: int, cols: int) -> Tensor:
+        """Position embeddings for a ``rows x cols`` patch grid, resized when it differs."""
+        g = self.config.grid_size
+        if (rows, cols) == (g, g):
+            return self.pos_embed
+        return resample_pos_embed(
+            self.pos_embed, (rows, cols), self.config.num_prefix_tokens, old_grid=(g, g)
+        )
+
+    # ------------------------------------------------------------------------- forward
+
+    def _stage_input(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x = self.patch_embed(images)  # (B, N, C); validates the input
+        p = self.config.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        if self.config.class_token == "early":
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1+N, C)
+        x = self.pos_drop(x + self.pos_embed_for(*grid))
+        return x, grid
+
+    def _run(self, block: nn.Module, *args: Tensor) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images ``(B, in_chans, H_img, W_img)`` -> normalised tokens ``(B, P + N, C)``."""
+        x, _ = self._stage_input(x)
+        for block in self.blocks:  # SA stage: patches only (plus the class token if early)
+            x = self._run(block, x)
+        if self.config.class_token == "late" and self.cls_token is not None:
+            cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, C)
+            for block in self.blocks_token_only:  # CA stage: the class token reads patches
+                cls = self._run(block, x, cls)
+            x = torch.cat((cls, x), dim=1)  # (B, 1 + N, C)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens ``(B, P + N, C)`` -> logits ``(B, classes)`` (or pooled features)."""
+        if self.config.pooling == "token":
+            x = x[:, 0]
+        else:
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor) -> Intermediates:
+        """The forward pass with every block's attention and residual branches recorded.
+
+        Call ``model.eval()`` first for deterministic traces, and wrap the call in
+        ``torch.no_grad()`` unless gradients are wanted. The logits equal those of
+        ``forward`` (up to the float rounding of the unfused attention path it uses).
+        """
+        x, grid = self._stage_input(x)
+        sa: list[BlockTrace] = []
+        ca: list[BlockTrace] = []
+        for block in self.blocks:
+            x, trace = block.forward_trace(x)
+            sa.append(trace)
+        if self.config.class_token == "late" and self.cls_token is not None:
+            cls = self.cls_token.expand(x.shape[0], -1, -1)
+            for block in self.blocks_token_only:
+                cls, trace = block.forward_trace(x, cls)
+                ca.append(trace)
+            x = torch.cat((cls, x), dim=1)
+        features = self.norm(x)
+        return Intermediates(
+            logits=self.forward_head(features), features=features, sa=sa, ca=ca, grid=grid
+        )

@@ -1,0 +1,216 @@
+"""The variant table: every model name maps to its config and its weight metadata.
+
+Variants are data. The ten released CaiT models are spelled exactly as timm spells them;
+their sizes, LayerScale init, resolutions and reported top-1 come from the paper (Table 3)
+and timm's model cards (``../shared/CAIT_FACTS.md``). DeiT-Ti/S are rows expressed with the
+ablation knobs, and a few small variants serve CPU work and the demos.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+from cait.config import CaiTConfig
+from cait.model import CaiT
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Variant",
+    "create_model",
+    "get_variant",
+    "layerscale_init_for_depth",
+    "list_models",
+    "register_variant",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Evaluation crop ratios: CaiT models are evaluated on the full resized image (crop 1.0,
+# README_cait.md); DeiT models use the classic 0.875 center crop (DeiT main.py).
+CAIT_CROP_PCT = 1.0
+DEIT_CROP_PCT = 0.875
+
+_OFFICIAL_URL = "https://dl.fbaipublicfiles.com/deit/{}.pth"
+
+
+def layerscale_init_for_depth(depth: int) -> float:
+    """The paper's rule for the LayerScale init epsilon (Section 2.2).
+
+    0.1 up to depth 18, 1e-5 at depth 24, 1e-6 deeper. (The released XXS-36 models use
+    1e-5, the table below keeps what the weights were trained with.)
+    """
+    if depth <= 18:
+        return 0.1
+    if depth <= 24:
+        return 1e-5
+    return 1e-6
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a named config plus where its weights are and how to use them.
+
+    ``top1`` is the reported ImageNet-1k top-1 (timm evaluation), ``params_m`` the parameter
+    count in millions and ``gmacs`` the multiply-accumulates per image at ``config.img_size``.
+    """
+
+    name: str
+    config: CaiTConfig
+    url: str | None = None
+    hf_hub_id: str | None = None
+    top1: float | None = None
+    params_m: float | None = None
+    gmacs: float | None = None
+    crop_pct: float = CAIT_CROP_PCT
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    description: str = ""
+
+    @property
+    def img_size(self) -> int:
+        return self.config.img_size
+
+
+_VARIANTS: dict[str, Variant] = {}
+
+
+def register_variant(variant: Variant) -> Variant:
+    """Add a row to the table; a name that is already taken raises ``ValueError``."""
+    if variant.name in _VARIANTS:
+        raise ValueError(f"a variant named {variant.name!r} is already registered")
+    _VARIANTS[variant.name] = variant
+    return variant
+
+
+# name, embed dim, SA depth, heads, resolution, LayerScale init, official file, top-1,
+# params (M), GMACs. All: patch 16, head dim 48, 2 class-attention blocks, distilled weights.
+_RELEASED_CAIT = [
+    ("cait_xxs24_224", 192, 24, 4, 224, 1e-5, "XXS24_224", 78.40, 11.96, 2.53),
+    ("cait_xxs24_384", 192, 24, 4, 384, 1e-5, "XXS24_384", 80.95, 12.03, 9.63),
+    ("cait_xxs36_224", 192, 36, 4, 224, 1e-5, "XXS36_224", 79.75, 17.30, 3.77),
+    ("cait_xxs36_384", 192, 36, 4, 384, 1e-5, "XXS36_384", 82.20, 17.37, 14.35),
+    ("cait_xs24_384", 288, 24, 6, 384, 1e-5, "XS24_384", 84.06, 26.67, 19.28),
+    ("cait_s24_224", 384, 24, 8, 224, 1e-5, "S24_224", 83.48, 46.92, 9.35),
+    ("cait_s24_384", 384, 24, 8, 384, 1e-5, "S24_384", 85.05, 47.06, 32.17),
+    ("cait_s36_384", 384, 36, 8, 384, 1e-6, "S36_384", 85.46, 68.37, 47.99),
+    ("cait_m36_384", 768, 36, 16, 384, 1e-6, "M36_384", 86.06, 271.22, 173.11),
+    ("cait_m48_448", 768, 48, 16, 448, 1e-6, "M48_448", 86.48, 356.46, 329.41),
+]
+for _name, _dim, _depth, _heads, _img, _eps, _file, _top1, _params, _gmacs in _RELEASED_CAIT:
+    register_variant(
+        Variant(
+            name=_name,
+            config=CaiTConfig(
+                img_size=_img,
+                patch_size=16,
+                embed_dim=_dim,
+                depth=_depth,
+                num_heads=_heads,
+                ca_depth=2,
+                init_scale=_eps,
+            ),
+            url=_OFFICIAL_URL.format(_file),
+            hf_hub_id=f"timm/{_name}.fb_dist_in1k",
+            top1=_top1,
+            params_m=_params,
+            gmacs=_gmacs,
+            description="released CaiT, distilled from RegNetY-16GF on ImageNet-1k",
+        )
+    )
+
+# DeiT (Touvron et al. 2021) as a row of knobs: class token at the input with its own
+# position slot, plain pre-norm residuals, no talking heads, no class-attention stage.
+_DEIT = [
+    ("deit_tiny_patch16_224", 192, 3, "deit_tiny_patch16_224-a1311bcf", 72.2, 5.72, 1.26),
+    ("deit_small_patch16_224", 384, 6, "deit_small_patch16_224-cd65a155", 79.9, 22.05, 4.61),
+]
+for _name, _dim, _heads, _file, _top1, _params, _gmacs in _DEIT:
+    register_variant(
+        Variant(
+            name=_name,
+            config=CaiTConfig(
+                img_size=224,
+                patch_size=16,
+                embed_dim=_dim,
+                depth=12,
+                num_heads=_heads,
+                ca_depth=0,
+                branch_scale="none",
+                talking_heads=False,
+                class_token="early",
+            ),
+            url=_OFFICIAL_URL.format(_file),
+            hf_hub_id=f"timm/{_name}.fb_in1k",
+            top1=_top1,
+            params_m=_params,
+            gmacs=_gmacs,
+            crop_pct=DEIT_CROP_PCT,
+            description="DeiT expressed with the ablation knobs (no distillation token)",
+        )
+    )
+
+# Small CaiT models for CPU work on 32x32 inputs (patch 4: an 8x8 grid of 64 tokens). Head
+# dim 48 as in the released models; LayerScale init by the paper's depth rule. No weights.
+_SMALL = [
+    ("cait_tiny_32", 96, 6, 2),
+    ("cait_small_32", 192, 12, 4),
+]
+for _name, _dim, _depth, _heads in _SMALL:
+    register_variant(
+        Variant(
+            name=_name,
+            config=CaiTConfig(
+                img_size=32,
+                patch_size=4,
+                num_classes=10,
+                embed_dim=_dim,
+                depth=_depth,
+                num_heads=_heads,
+                ca_depth=2,
+                init_scale=layerscale_init_for_depth(_depth),
+            ),
+            description="small CaiT for 32x32 inputs on the CPU (no released weights)",
+        )
+    )
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered variant names matching a shell-style ``pattern``, sorted."""
+    return sorted(n for n in _VARIANTS if fnmatch.fnmatch(n, pattern))
+
+
+def get_variant(name: str) -> Variant:
+    """The table row for ``name``; an unknown name raises ``ValueError`` with suggestions."""
+    try:
+        return _VARIANTS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_VARIANTS), n=3)
+        hint = f"; did you mean {close}?" if close else f"; known: {list_models()}"
+        raise ValueError(f"unknown model {name!r}{hint}") from None
+
+
+def create_model(name: str, pretrained: bool | str = False, **overrides: Any) -> CaiT:
+    """Build a variant, with config fields overridden by keyword.
+
+    ``pretrained=True`` loads the variant's released weights (needs the network, or the
+    file in torch hub's cache); a string is any source :func:`cait.load_pretrained` takes.
+    """
+    variant = get_variant(name)
+    model = CaiT(variant.config.replace(**overrides))
+    model.variant = variant
+    if pretrained:
+        from cait.weights import load_pretrained
+
+        if isinstance(pretrained, str):
+            source = pretrained
+        elif variant.url is not None:
+            source = variant.url
+        else:
+            raise ValueError(f"{name!r} has no released weights")
+        load_pretrained(model, source)
+    return model

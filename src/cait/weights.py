@@ -1,0 +1,261 @@
+"""Reading, adapting and strictly loading checkpoints; converting official ones.
+
+Sources: a local file (the official ``.pth`` whose ``"model"`` entry holds ``module.``-prefixed
+keys, a plain state dict, a timm ``.safetensors`` file, or one of our training checkpoints),
+an ``http(s)://`` URL, or a Hugging Face Hub id (``hf-hub:timm/cait_xxs24_224.fb_dist_in1k``
+or ``timm/cait_xxs24_224.fb_dist_in1k``). Loading never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from cait.layers import resample_pos_embed
+from cait.model import CaiT
+
+__all__ = [
+    "LoadReport",
+    "adapt_state_dict",
+    "convert_checkpoint",
+    "describe_state_dict",
+    "load_pretrained",
+    "read_state_dict",
+    "unwrap_state_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+# Prefixes added by DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Entries of a checkpoint dict that may hold the state dict (official: "model").
+_STATE_DICT_ENTRIES = ("model", "state_dict")
+_HF_ID = re.compile(r"^(hf-hub:)?[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mis_shaped: list[str] = field(default_factory=list)
+    resized_pos_embed: tuple[int, int] | None = None
+    reset_head: bool = False
+
+
+def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
+    """The tensors of a checkpoint object, with wrapper entries and key prefixes removed."""
+    if isinstance(obj, Mapping):
+        for entry in _STATE_DICT_ENTRIES:
+            if isinstance(obj.get(entry), Mapping):
+                obj = obj[entry]
+                break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(obj)}")
+    out: dict[str, Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor; "
+                "is this a state dict?"
+            )
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def _load_file(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        return load_file(str(path), device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it holds objects other than tensors and plain "
+            f"containers, and loading never unpickles arbitrary code ({err})"
+        ) from err
+
+
+def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a state dict from a path, URL or Hugging Face Hub id (see the module docstring)."""
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        obj = torch.hub.load_state_dict_from_url(
+            text, map_location="cpu", weights_only=True, check_hash=False
+        )
+        return unwrap_state_dict(obj)
+    path = Path(text).expanduser()
+    if path.exists():
+        return unwrap_state_dict(_load_file(path))
+    if _HF_ID.match(text):
+        from huggingface_hub import hf_hub_download
+
+        repo_id = text.removeprefix("hf-hub:")
+        return unwrap_state_dict(_load_file(Path(hf_hub_download(repo_id, "model.safetensors"))))
+    raise FileNotFoundError(f"checkpoint not found: {text} (not a file, URL or Hub id)")
+
+
+def describe_state_dict(state_dict: Mapping[str, Tensor]) -> str:
+    """A one-line summary of the architecture a state dict was saved from."""
+    parts = []
+    if "patch_embed.proj.weight" in state_dict:
+        w = state_dict["patch_embed.proj.weight"]
+        parts += [f"embed_dim={w.shape[0]}", f"patch_size={w.shape[-1]}"]
+    sa = {k.split(".")[1] for k in state_dict if k.startswith("blocks.")}
+    ca = {k.split(".")[1] for k in state_dict if k.startswith("blocks_token_only.")}
+    parts += [f"depth={len(sa)}", f"ca_depth={len(ca)}"]
+    if "pos_embed" in state_dict:
+        parts.append(f"pos_embed={tuple(state_dict['pos_embed'].shape)}")
+    if "head.weight" in state_dict:
+        parts.append(f"num_classes={state_dict['head.weight'].shape[0]}")
+    return ", ".join(parts)
+
+
+def _describe_model(model: CaiT) -> str:
+    c = model.config
+    return (
+        f"embed_dim={c.embed_dim}, patch_size={c.patch_size}, depth={c.depth}, "
+        f"ca_depth={c.ca_depth}, pos_embed={tuple(model.pos_embed.shape)}, "
+        f"num_classes={c.num_classes}"
+    )
+
+
+def adapt_state_dict(
+    state_dict: dict[str, Tensor], model: CaiT
+) -> tuple[dict[str, Tensor], LoadReport]:
+    """Resize position embeddings to the model's grid and drop a head of another size.
+
+    Returns the adapted state dict and a report saying what changed. Everything else must
+    then match exactly.
+    """
+    report = LoadReport()
+    sd = dict(state_dict)
+    pos = sd.get("pos_embed")
+    target = model.pos_embed
+    if pos is not None and pos.ndim == 3 and pos.shape[-1] == target.shape[-1]:
+        prefix = model.config.num_prefix_tokens
+        if pos.shape[1] != target.shape[1]:
+            g = model.config.grid_size
+            n_old = pos.shape[1] - prefix
+            side = int(round(max(n_old, 0) ** 0.5))
+            if side * side == n_old and side > 0:
+                sd["pos_embed"] = resample_pos_embed(pos, (g, g), prefix, old_grid=(side, side))
+                report.resized_pos_embed = (side, g)
+                logger.info(
+                    "resized pos_embed from a %dx%d to a %dx%d patch grid", side, side, g, g
+                )
+    head_w = sd.get("head.weight")
+    if head_w is not None:
+        if model.num_classes == 0:
+            sd.pop("head.weight")
+            sd.pop("head.bias", None)
+            report.reset_head = True
+            logger.info(
+                "dropped the checkpoint's %d-class head: the model has none", head_w.shape[0]
+            )
+        elif (
+            head_w.ndim == 2
+            and head_w.shape[1] == model.num_features
+            and head_w.shape[0] != model.num_classes
+        ):
+            sd.pop("head.weight")
+            sd.pop("head.bias", None)
+            model.reset_classifier(model.num_classes)
+            sd["head.weight"], sd["head.bias"] = model.head.weight.data, model.head.bias.data
+            report.reset_head = True
+            logger.info(
+                "checkpoint head has %d classes, model has %d: head re-initialised",
+                head_w.shape[0],
+                model.num_classes,
+            )
+    return sd, report
+
+
+def load_pretrained(
+    model: CaiT,
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    strict: bool = True,
+) -> LoadReport:
+    """Load weights into ``model`` from a path, URL, Hub id or an in-memory state dict.
+
+    Position embeddings are resized when the checkpoint's grid differs, and a head with
+    another number of classes is re-initialised (both logged). Any other difference raises
+    ``ValueError`` listing the missing, unexpected and mis-shaped keys by name; with
+    ``strict=False`` they are logged and the matching tensors are still loaded.
+    """
+    if isinstance(source, Mapping):
+        state_dict = unwrap_state_dict(source)
+        name = "state dict"
+    else:
+        state_dict = read_state_dict(source)
+        name = str(source)
+    sd, report = adapt_state_dict(state_dict, model)
+    own = model.state_dict()
+    report.missing = sorted(k for k in own if k not in sd)
+    report.unexpected = sorted(k for k in sd if k not in own)
+    report.mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(own[k].shape)}"
+        for k in sd
+        if k in own and sd[k].shape != own[k].shape
+    )
+    if report.missing or report.unexpected or report.mis_shaped:
+        lines = [
+            f"checkpoint {name} does not match the model",
+            f"  model:      {_describe_model(model)}",
+            f"  checkpoint: {describe_state_dict(sd)}",
+        ]
+        for label, keys in (
+            ("missing", report.missing),
+            ("unexpected", report.unexpected),
+            ("mis-shaped", report.mis_shaped),
+        ):
+            if keys:
+                shown = ", ".join(keys[:20]) + (
+                    f", ... ({len(keys)} in all)" if len(keys) > 20 else ""
+                )
+                lines.append(f"  {label} keys: {shown}")
+        message = "\n".join(lines)
+        if strict:
+            raise ValueError(message)
+        logger.warning(message)
+    loadable = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(loadable, strict=False)
+    return report
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], model_name: str | None = None
+) -> dict[str, Tensor]:
+    """Convert an official (or any supported) checkpoint to a plain safetensors file.
+
+    With ``model_name`` the weights are first loaded strictly into that variant, so a file
+    that does not fit it is refused before anything is written.
+    """
+    state_dict = read_state_dict(src)
+    metadata = {"format": "pt", "source": Path(str(src)).name}
+    if model_name is not None:
+        from cait.variants import create_model
+
+        load_pretrained(create_model(model_name), state_dict)
+        metadata["model"] = model_name
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"destination must end with .safetensors, got {dst.name}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, dst)
+    return state_dict

@@ -1,0 +1,38 @@
+"""Shared helpers: reference models from timm with random weights that make every branch count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter random values so that no residual branch is negligible.
+
+    timm initialises LayerScale to 1e-5, which would make most of the network invisible in
+    the logits; here gammas are O(0.1-1), norms are near 1 and biases are non-zero, so a
+    mistake in any block shows up in the output.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma_1", "gamma_2")):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.1)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            elif name.startswith(("blocks", "blocks_token_only")) and "proj_" in name:
+                # talking-heads mixing matrices: near identity plus noise, as in trained models
+                p.copy_(torch.eye(p.shape[0]) + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else p.numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+    yield

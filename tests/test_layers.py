@@ -1,0 +1,180 @@
+"""Unit maths of the layers against reference formulas written out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cait.layers import (
+    ClassAttention,
+    ClassAttentionBlock,
+    DropPath,
+    PatchEmbed,
+    SelfAttentionBlock,
+    TalkingHeadAttention,
+    make_branch_scale,
+    resample_pos_embed,
+    uses_pre_norm,
+)
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+
+
+def test_talking_heads_equals_loop_over_heads():
+    torch.manual_seed(0)
+    B, N, C, H = 2, 5, 12, 3
+    attn = TalkingHeadAttention(C, H).eval()
+    _randomize(attn)
+    x = torch.randn(B, N, C)
+    out, probs = attn(x, return_attn=True)
+
+    hd = C // H
+    qkv = x @ attn.qkv.weight.t() + attn.qkv.bias
+    q, k, v = qkv.split(C, dim=-1)
+    heads = [slice(h * hd, (h + 1) * hd) for h in range(H)]
+    logits = [q[..., s] @ k[..., s].transpose(-1, -2) / math.sqrt(hd) for s in heads]
+    Wl, bl, Ww, bw = attn.proj_l.weight, attn.proj_l.bias, attn.proj_w.weight, attn.proj_w.bias
+    mixed = [sum(Wl[g, h] * logits[h] for h in range(H)) + bl[g] for g in range(H)]
+    soft = [m.softmax(-1) for m in mixed]
+    weights = [sum(Ww[g, h] * soft[h] for h in range(H)) + bw[g] for g in range(H)]
+    ctx = torch.cat([weights[g] @ v[..., heads[g]] for g in range(H)], dim=-1)
+    expected = ctx @ attn.proj.weight.t() + attn.proj.bias
+
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs, torch.stack(soft, dim=1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(B, H, N))
+
+
+def test_plain_attention_fused_equals_eager():
+    torch.manual_seed(0)
+    attn = TalkingHeadAttention(16, 4, talking_heads=False).eval()
+    _randomize(attn)
+    assert not hasattr(attn, "proj_l")
+    x = torch.randn(2, 7, 16)
+    fused, none = attn(x)
+    eager, probs = attn(x, return_attn=True)
+    assert none is None
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+    assert probs.shape == (2, 4, 7, 7)
+
+
+def test_class_attention_equals_formula():
+    torch.manual_seed(0)
+    B, N, C, H = 2, 6, 8, 2
+    ca = ClassAttention(C, H).eval()
+    _randomize(ca)
+    x = torch.randn(B, 1 + N, C)
+    out, probs = ca(x, return_attn=True)
+    fused, _ = ca(x)
+
+    hd = C // H
+    q = ca.q(x[:, :1])
+    k, v = ca.k(x), ca.v(x)
+    ctx = []
+    for h in range(H):
+        s = slice(h * hd, (h + 1) * hd)
+        a = (q[..., s] @ k[..., s].transpose(-1, -2) / math.sqrt(hd)).softmax(-1)  # (B, 1, 1+N)
+        torch.testing.assert_close(probs[:, h], a, atol=1e-6, rtol=1e-5)
+        ctx.append(a @ v[..., s])
+    expected = ca.proj(torch.cat(ctx, dim=-1))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    assert probs.shape == (B, H, 1, 1 + N)
+
+
+def test_class_attention_block_leaves_patches_and_updates_token():
+    torch.manual_seed(0)
+    block = ClassAttentionBlock(8, 2, init_scale=0.5).eval()
+    x, cls = torch.randn(2, 4, 8), torch.randn(2, 1, 8)
+    out, trace = block.forward_trace(x, cls)
+    torch.testing.assert_close(out, block(x, cls))
+    assert out.shape == (2, 1, 8)
+    torch.testing.assert_close(trace.stream, cls)
+    expected_attn = block.gamma_1 * block.attn(block.norm1(torch.cat((cls, x), 1)))[0]
+    torch.testing.assert_close(trace.attn_branch, expected_attn)
+
+
+def test_self_attention_block_is_the_two_residual_equations():
+    torch.manual_seed(0)
+    block = SelfAttentionBlock(12, 3, init_scale=0.3).eval()
+    _randomize(block)
+    x = torch.randn(2, 5, 12)
+    y = x + block.gamma_1 * block.attn(block.norm1(x))[0]
+    y = y + block.gamma_2 * block.mlp(block.norm2(y))
+    torch.testing.assert_close(block(x), y)
+    out, trace = block.forward_trace(x)
+    torch.testing.assert_close(out, y)
+    torch.testing.assert_close(trace.mid_stream, x + block.gamma_1 * block.attn(block.norm1(x))[0])
+
+
+@pytest.mark.parametrize(
+    "mode,shape,value,pre_norm",
+    [
+        ("layerscale", (8,), 1e-5, True),
+        ("rezero", (1,), 0.0, False),
+        ("skipinit", (1,), 1e-5, False),
+        ("fixup", (1,), 1e-5, True),
+        ("none", None, None, True),
+    ],
+)
+def test_branch_scales(mode, shape, value, pre_norm):
+    gamma = make_branch_scale(mode, 8, 1e-5)
+    assert uses_pre_norm(mode) is pre_norm
+    if shape is None:
+        assert gamma is None
+    else:
+        assert gamma.shape == shape
+        assert torch.all(gamma == value)
+    block = SelfAttentionBlock(8, 2, branch_scale=mode, init_scale=1e-5)
+    assert isinstance(block.norm1, torch.nn.LayerNorm) is pre_norm
+
+
+def test_branch_scale_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="branch_scale"):
+        make_branch_scale("batchnorm", 8, 0.1)
+
+
+def test_drop_path_is_per_sample_and_unbiased():
+    torch.manual_seed(0)
+    dp = DropPath(0.5)
+    x = torch.ones(4000, 3, 2)
+    y = dp.train()(x)
+    per_sample = y.flatten(1)
+    # each sample is either dropped entirely or kept and scaled by 1 / (1 - p)
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0}
+    assert torch.all(per_sample.min(1).values == per_sample.max(1).values)
+    assert abs(y.mean().item() - 1.0) < 0.05
+    torch.testing.assert_close(dp.eval()(x), x)
+    with pytest.raises(ValueError, match="drop-path"):
+        DropPath(1.0)
+
+
+def test_patch_embed_checks_input():
+    pe = PatchEmbed(4, 3, 8)
+    assert pe(torch.randn(2, 3, 8, 12)).shape == (2, 6, 8)
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        pe(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="multiples of the patch size 4, got 10x8"):
+        pe(torch.randn(2, 3, 10, 8))
+    with pytest.raises(ValueError, match="4-D"):
+        pe(torch.randn(3, 8, 8))
+
+
+def test_resample_pos_embed_keeps_prefix_and_identity():
+    pos = torch.randn(1, 1 + 16, 5)
+    same = resample_pos_embed(pos, (4, 4), num_prefix_tokens=1)
+    assert same is pos
+    bigger = resample_pos_embed(pos, (6, 8), num_prefix_tokens=1)
+    assert bigger.shape == (1, 1 + 48, 5)
+    torch.testing.assert_close(bigger[:, :1], pos[:, :1])
+    # a constant field stays constant under bicubic resampling
+    const = torch.full((1, 16, 3), 0.7)
+    torch.testing.assert_close(resample_pos_embed(const, (7, 7)), torch.full((1, 49, 3), 0.7))
+    with pytest.raises(ValueError, match="square"):
+        resample_pos_embed(torch.randn(1, 15, 5), (4, 4))

@@ -1,0 +1,128 @@
+"""Checkpoint reading, strict loading, adaptation and conversion."""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cait
+from cait.cli import main as cli_main
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=5)
+
+
+def tiny(**overrides) -> cait.CaiT:
+    return cait.CaiT(cait.CaiTConfig(**{**TINY, **overrides})).eval()
+
+
+def _same_logits(a, b, size=16):
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        return torch.allclose(a(x), b(x), atol=1e-6)
+
+
+def test_official_wrapper_and_prefixes_are_removed():
+    src = tiny()
+    wrapped = {"model": {"module." + k: v for k, v in src.state_dict().items()}, "epoch": 3}
+    dst = tiny()
+    report = cait.load_pretrained(dst, wrapped)
+    assert report == cait.LoadReport()
+    assert _same_logits(src, dst)
+
+
+def test_another_variant_raises_naming_expected_and_actual(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(tiny(embed_dim=32, depth=3).state_dict(), path)
+    with pytest.raises(ValueError) as info:
+        cait.load_pretrained(tiny(), path)
+    text = str(info.value)
+    assert "model:      embed_dim=24" in text and "depth=2" in text
+    assert "checkpoint: embed_dim=32" in text and "depth=3" in text
+    assert "unexpected keys: blocks.2." in text
+    assert "mis-shaped keys:" in text and "blocks.0.gamma_1: checkpoint (32,), model (24,)" in text
+
+
+def test_missing_keys_are_named_and_non_strict_loads_the_rest():
+    src = tiny()
+    sd = src.state_dict()
+    del sd["blocks.1.attn.proj_l.weight"]
+    with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.attn\.proj_l\.weight"):
+        cait.load_pretrained(tiny(), sd)
+    dst = tiny()
+    report = cait.load_pretrained(dst, sd, strict=False)
+    assert report.missing == ["blocks.1.attn.proj_l.weight"]
+    torch.testing.assert_close(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+
+def test_other_class_count_reinitialises_the_head(caplog):
+    src = tiny(num_classes=1000)
+    dst = tiny(num_classes=10)
+    with caplog.at_level(logging.INFO, logger="cait.weights"):
+        report = cait.load_pretrained(dst, src.state_dict())
+    assert report.reset_head
+    assert "checkpoint head has 1000 classes, model has 10: head re-initialised" in caplog.text
+    assert dst.head.weight.shape == (10, 24)
+    torch.testing.assert_close(dst.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    assert torch.all(dst.head.bias == 0)
+
+
+def test_pos_embed_resized_at_load():
+    src = tiny()
+    dst = tiny(img_size=24)
+    report = cait.load_pretrained(dst, src.state_dict())
+    assert report.resized_pos_embed == (4, 6)
+    assert dst.pos_embed.shape == (1, 36, 24)
+    # the model at 24 after load equals the 16 model fed a 24 input (resized on the fly)
+    x = torch.randn(1, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x))
+
+
+class NotATensor:
+    pass
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"x": NotATensor()}}, path)
+    with pytest.raises(ValueError, match="refusing to load"):
+        cait.load_pretrained(tiny(), path)
+
+
+def test_missing_file_and_non_tensor_entries(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        cait.load_pretrained(tiny(), tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="not a tensor"):
+        cait.load_pretrained(tiny(), collections.OrderedDict(a=1))
+
+
+def test_convert_cli_round_trip(tmp_path):
+    src = cait.create_model("cait_tiny_32", depth=2).eval()
+    official = tmp_path / "TINY.pth"
+    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}}, official)
+    out = tmp_path / "tiny.safetensors"
+    assert cli_main(["convert", str(official), str(out)]) == 0
+    tensors = load_file(str(out))
+    assert "blocks.0.gamma_1" in tensors and not any(k.startswith("module.") for k in tensors)
+    dst = cait.create_model("cait_tiny_32", depth=2).eval()
+    cait.load_pretrained(dst, out)
+    assert _same_logits(src, dst, size=32)
+
+
+def test_convert_cli_refuses_weights_of_another_model(tmp_path, capsys):
+    official = tmp_path / "TINY.pth"
+    torch.save({"model": cait.create_model("cait_tiny_32").state_dict()}, official)
+    out = tmp_path / "x.safetensors"
+    assert cli_main(["convert", str(official), str(out), "--model", "cait_small_32"]) == 2
+    assert "does not match the model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_models_cli_lists_the_table(capsys):
+    assert cli_main(["models", "cait_xxs*"]) == 0
+    out = capsys.readouterr().out
+    assert "cait_xxs24_224" in out and "78.40" in out and "cait_s24_224" not in out
