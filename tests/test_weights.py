@@ -126,3 +126,52 @@ def test_models_cli_lists_the_table(capsys):
     assert cli_main(["models", "cait_xxs*"]) == 0
     out = capsys.readouterr().out
     assert "cait_xxs24_224" in out and "78.40" in out and "cait_s24_224" not in out
+
+
+def test_url_and_hub_sources_are_routed_without_network(tmp_path, monkeypatch):
+    """URLs go through torch.hub's cache (weights_only), Hub ids through hf_hub_download."""
+    src = tiny()
+    official = tmp_path / "official.pth"
+    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}}, official)
+    seen = {}
+
+    def fake_from_url(url, map_location=None, weights_only=False, check_hash=False):
+        seen["url"], seen["weights_only"] = url, weights_only
+        return torch.load(official, map_location=map_location, weights_only=True)
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_from_url)
+    dst = tiny()
+    cait.load_pretrained(dst, "https://example.org/TINY.pth")
+    assert seen == {"url": "https://example.org/TINY.pth", "weights_only": True}
+    assert _same_logits(src, dst)
+
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    hub_file = tmp_path / "model.safetensors"
+    save_file(src.state_dict(), str(hub_file))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "hf_hub_download",
+        lambda repo_id, filename: seen.update(repo=repo_id, file=filename) or str(hub_file),
+    )
+    dst = tiny()
+    cait.load_pretrained(dst, "hf-hub:timm/tiny.test")
+    assert seen["repo"] == "timm/tiny.test" and seen["file"] == "model.safetensors"
+    assert _same_logits(src, dst)
+
+
+def test_create_model_pretrained_uses_the_variant_url(monkeypatch):
+    src = cait.create_model("cait_xxs24_224", depth=1)
+    urls = []
+
+    def fake_from_url(url, **kwargs):
+        urls.append(url)
+        return {"model": {"module." + k: v for k, v in src.state_dict().items()}}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_from_url)
+    model = cait.create_model("cait_xxs24_224", pretrained=True, depth=1)
+    assert urls == ["https://dl.fbaipublicfiles.com/deit/XXS24_224.pth"]
+    torch.testing.assert_close(model.pos_embed, src.pos_embed)
+    with pytest.raises(ValueError, match="no released weights"):
+        cait.create_model("cait_tiny_32", pretrained=True)

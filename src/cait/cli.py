@@ -58,6 +58,94 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# train flags -> config keys; a flag given on the command line overrides the recipe
+_TRAIN_FLAGS = {
+    "model": "model",
+    "data": "data.path",
+    "output": "output",
+    "epochs": "epochs",
+    "batch_size": "data.batch_size",
+    "resume": "resume",
+    "init_from": "init_from",
+    "seed": "seed",
+    "device": "device",
+    "amp": "amp",
+    "workers": "data.workers",
+}
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """Recipe, then explicit flags, then ``--set`` overrides, validated."""
+    from cait.train_config import apply_overrides, config_from_dict, load_recipe
+
+    data = load_recipe(args.recipe) if args.recipe else {}
+    flags = [
+        f"{key}={json.dumps(getattr(args, name))}"
+        for name, key in _TRAIN_FLAGS.items()
+        if getattr(args, name) is not None
+    ]
+    if args.no_progress:
+        flags.append("progress=false")
+    return config_from_dict(apply_overrides(data, flags + list(args.set)))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cait.train import train
+
+    config = train_config_from_args(args)
+    result = train(config)
+    last = result.history[-1] if result.history else {}
+    print(
+        f"outputs in {result.output}: last.pt, best.pt, metrics.jsonl, curves.png"
+        + (", model.safetensors" if result.completed else "")
+    )
+    if last:
+        print(f"final val top-1 {last['val_top1']:.2f}% (best {result.best_top1:.2f}%)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from cait.inference import evaluate_checkpoint
+
+    r = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        model_name=args.model,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        crop_pct=args.crop_pct,
+    )
+    summary = {k: r[k] for k in ("top1", "top5", "loss", "images")}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
+            f"on {r['images']} images  ({r['images_per_s']:.0f} images/s)"
+        )
+        if r["skipped"]:
+            print(f"skipped {len(r['skipped'])} unreadable file(s)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cait.inference import predict
+
+    results = predict(
+        args.checkpoint, args.images, topk=args.topk, model_name=args.model, device=args.device
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(r["image"])
+        for p in r["predictions"]:
+            print(f"  {p['probability']:7.2%}  {p['name']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cait", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -73,10 +161,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output .safetensors path")
     p.add_argument("--model", help="variant to validate the weights against (strict load)")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("train", help="train or fine-tune a model")
+    p.add_argument("--model", help="variant name (see `cait models`)")
+    p.add_argument("--data", help="ImageFolder root (train/ and val/) or 'digits'")
+    p.add_argument("--output", help="run folder for checkpoints and records")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per-process batch size")
+    p.add_argument("--recipe", help="YAML recipe (see recipes/)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. optim.lr=1e-3 (repeatable)",
+    )
+    p.add_argument("--resume", help="continue a run from its last.pt")
+    p.add_argument("--init-from", help="fine-tune from a checkpoint, weights file, URL or Hub id")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    p.add_argument("--workers", type=int, help="data-loading processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a validation split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="ImageFolder root (uses val/) or 'digits'")
+    p.add_argument("--model", help="variant, for official/timm weights without a config")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--crop-pct", type=float, help="override the variant's eval crop ratio")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes for image files")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--model", help="variant, for official/timm weights without a config")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cait.engine import NonFiniteLossError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -85,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
         print(f"cait {args.command}: error: {err}", file=sys.stderr)
         return 2
 

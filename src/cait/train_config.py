@@ -1,0 +1,309 @@
+"""The training config tree: frozen, validated dataclasses; recipes are YAML files of them.
+
+A recipe (``recipes/*.yaml``) holds any subset of the fields; ``--set section.field=value``
+overrides one field (values are parsed as YAML). Derived values such as the scaled learning
+rate are computed by properties and functions, never written back into the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "AugmentConfig",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "load_recipe",
+    "scaled_lr",
+]
+
+# Learning rates in the recipes are given for a global batch of 512 and scaled linearly
+# (DeiT main.py: ``lr * batch_size * world_size / 512``).
+LR_BASE_BATCH = 512
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are batched.
+
+    ``path`` is ``digits`` (scikit-learn's bundled handwritten digits) or an ImageFolder root
+    with ``train/<class>/*`` and ``val/<class>/*``. ``img_size``, ``crop_pct``,
+    ``interpolation``, ``mean`` and ``std`` default to the model variant's.
+    """
+
+    path: str = "digits"
+    batch_size: int = 64
+    workers: int = 0
+    img_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation, DeiT/CaiT recipe defaults (DeiT main.py), via timm's utilities."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float = 0.3
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    re_mode: str = "pixel"
+    re_count: int = 1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    label_smoothing: float = 0.1
+    repeated_aug: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"augment.{name} must be in [0, 1], got {v}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(
+                f"augment.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
+        if self.repeated_aug < 1:
+            raise ValueError(
+                f"augment.repeated_aug must be >= 1 (1 = off), got {self.repeated_aug}"
+            )
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError("augment.mixup and augment.cutmix must be >= 0")
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup and a cosine (or step) schedule, stepped per iteration.
+
+    ``lr`` is for a global batch of 512 (see :func:`scaled_lr`). Defaults: the DeiT/CaiT
+    ImageNet recipe (lr 5e-4, weight decay 0.05, 5 warmup epochs from 1e-6, min lr 1e-5).
+    """
+
+    lr: float = 5e-4
+    scale_lr: bool = True
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    decay_epochs: float = 10.0
+    decay_rate: float = 0.5
+    clip_grad: float | None = None
+    accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ValueError(
+                f"optim.schedule must be cosine, step or constant, got {self.schedule!r}"
+            )
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.accum_steps < 1:
+            raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"optim.clip_grad must be positive, got {self.clip_grad}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run. ``model_args`` override fields of the variant's CaiTConfig."""
+
+    model: str = "cait_digits_16"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    output: str = "runs/train"
+    epochs: int = 100
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    grad_checkpointing: bool = False
+    ema: bool = True
+    ema_decay: float = 0.99996
+    init_from: str | None = None
+    resume: str | None = None
+    stop_after: int | None = None
+    log_interval: int = 20
+    progress: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "cait"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    threads: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
+        if self.log_interval < 1:
+            raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
+        if self.augment.mixes and self.data.batch_size % 2:
+            raise ValueError(
+                f"mixup/cutmix pair samples within a batch: data.batch_size must be even, "
+                f"got {self.data.batch_size}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def scaled_lr(config: TrainConfig, world_size: int = 1) -> float:
+    """Peak learning rate: ``optim.lr * global_batch / 512`` unless scaling is off."""
+    if not config.optim.scale_lr:
+        return config.optim.lr
+    global_batch = config.data.batch_size * config.optim.accum_steps * world_size
+    return config.optim.lr * global_batch / LR_BASE_BATCH
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value to a field's declared type, or raise ``ValueError``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, where) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{where} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, where)
+    return value
+
+
+def _build(cls: type, data: Any, where: str = "") -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a plain (YAML or checkpoint) dict."""
+    return _build(TrainConfig, data)
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe as a plain dict (validated when the config is built)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must be a mapping of config keys, got {type(data)}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings to a config dict (values parsed as YAML)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        value = yaml.safe_load(raw) if raw else None
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ValueError(f"--set {key}: {part!r} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return out

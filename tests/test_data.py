@@ -1,0 +1,77 @@
+"""Datasets and samplers: the fixed digits split, unreadable files met during loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cait.data import (
+    DigitsDataset,
+    ImageFolderDataset,
+    ShuffleSampler,
+    collate_samples,
+    load_image,
+)
+
+
+def test_digits_split_is_fixed_and_stratified():
+    train, val = DigitsDataset("train"), DigitsDataset("val")
+    assert (len(train), len(val)) == (1437, 360)
+    assert np.bincount(val.targets).min() >= 35  # every digit in the test split
+    again = DigitsDataset("val")
+    assert np.array_equal(val.images, again.images) and val.targets == again.targets
+    img, target, skipped = train[0]
+    assert img.mode == "RGB" and img.size == (8, 8) and skipped == ()
+    with pytest.raises(ValueError, match="split must be"):
+        DigitsDataset("test")
+
+
+def _folder(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "a" / "1.png").write_text("not an image")  # replaces a/1.png
+    return tmp_path
+
+
+def test_lazy_skipping_substitutes_in_training_and_drops_in_eval(tmp_path):
+    root = _folder(tmp_path)
+    train = ImageFolderDataset(root, transform=None, substitute=True, verify=False)
+    img, target, skipped = train[1]  # a/1.png is broken: b/0.png takes its place
+    assert isinstance(img, Image.Image) and target == 1
+    assert len(skipped) == 1 and skipped[0].startswith(str(root / "a" / "1.png"))
+
+    val = ImageFolderDataset(root, transform=lambda im: torch.zeros(3, 8, 8), verify=False)
+    batch = [val[i] for i in range(len(val))]
+    images, targets, bad = collate_samples(batch)
+    assert images.shape == (3, 3, 8, 8) and targets.tolist() == [0, 1, 1]
+    assert len(bad) == 1
+
+
+def test_verification_up_front_leaves_out_and_lists(tmp_path):
+    ds = ImageFolderDataset(_folder(tmp_path), verify=True)
+    assert len(ds) == 3 and len(ds.skipped) == 1 and "1.png" in ds.skipped[0]
+
+
+def test_odd_modes_become_rgb(tmp_path):
+    base = Image.new("RGB", (8, 8), (10, 200, 30))
+    for mode in ("L", "RGBA", "P", "I;16", "CMYK"):
+        path = tmp_path / f"{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
+        base.convert(mode).save(path)
+        assert load_image(path).mode == "RGB", mode
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        load_image(empty)
+
+
+def test_shuffle_sampler_depends_on_seed_and_epoch_only():
+    a, b = ShuffleSampler(50, seed=1), ShuffleSampler(50, seed=1)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first and sorted(a) == list(range(50))
+    assert list(ShuffleSampler(50, seed=2)) != first
