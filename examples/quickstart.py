@@ -1,6 +1,6 @@
 """A short tour of the model library: build a variant, run it, look inside.
 
-Run with ``make demo`` (until training lands) or ``.venv/bin/python examples/quickstart.py``.
+Run with ``.venv/bin/python examples/quickstart.py``.
 """
 
 import numpy as np

@@ -33,6 +33,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
+def _seed():
+    """Every test starts from the same global RNG state."""
     torch.manual_seed(0)
     yield

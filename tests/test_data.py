@@ -75,3 +75,27 @@ def test_shuffle_sampler_depends_on_seed_and_epoch_only():
     a.set_epoch(1)
     assert list(a) != first and sorted(a) == list(range(50))
     assert list(ShuffleSampler(50, seed=2)) != first
+
+
+def test_randaugment_survives_zero_bit_posterize():
+    """rand-m9-mstd0.5-inc1 draws magnitude 10 at times: 0-bit posterize, which Pillow 13
+    rejects; our training transform keeps timm's meaning (a black image) instead."""
+    import random
+
+    from cait.data import DataSettings, train_transform
+    from cait.train_config import AugmentConfig
+
+    settings = DataSettings(16, 1.0, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    transform = train_transform(settings, AugmentConfig(auto_augment="rand-m10-mstd0-inc1"))
+    ops = [op for t in transform.transforms for op in getattr(t, "ops", [])]
+    posterize = [op for op in ops if "Posterize" in op.name]
+    assert posterize, "the policy has a posterize op"
+    img = Image.new("RGB", (16, 16), (200, 100, 50))
+    for op in posterize:
+        op.prob = 1.0
+        random.seed(0)
+        out = op(img)
+        assert out.getextrema() == ((0, 0), (0, 0), (0, 0))
+    random.seed(0)
+    for _ in range(50):
+        assert transform(img).shape == (3, 16, 16)

@@ -88,7 +88,7 @@ def test_class_attention_equals_formula():
     assert probs.shape == (B, H, 1, 1 + N)
 
 
-def test_class_attention_block_leaves_patches_and_updates_token():
+def test_class_attention_block_updates_the_class_token_only():
     torch.manual_seed(0)
     block = ClassAttentionBlock(8, 2, init_scale=0.5).eval()
     x, cls = torch.randn(2, 4, 8), torch.randn(2, 1, 8)

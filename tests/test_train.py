@@ -17,6 +17,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 import cait.engine
+import cait.inference
 from cait.checkpoint import load_checkpoint
 from cait.cli import main as cli_main
 from cait.train import TIMING_KEYS, train
@@ -86,10 +87,15 @@ def _run_in_two_parts(tmp_path, *overrides):
 def test_resume_is_exact(tmp_path):
     """Stopped after epoch 1 of 3 and resumed: bit-identical weights, EMA and metrics.
 
-    The recipe's augmentations are random (crops, RandAugment), and mixup, random erasing
-    and dropout are switched on here too, so this also proves the RNG states resume.
+    Random crops, colour jitter, RandAugment, mixup/cutmix, random erasing and drop-path
+    are all on, so this also proves that every RNG state resumes.
     """
-    extra = ("augment.mixup=0.8", "augment.re_prob=0.25", "model_args.drop_path_rate=0.1")
+    extra = (
+        "augment.auto_augment=rand-m9-mstd0.5-inc1",
+        "augment.mixup=0.8",
+        "augment.re_prob=0.25",
+        "model_args.drop_path_rate=0.1",
+    )
     full, resumed = _run_in_two_parts(tmp_path, *extra)
     a, b = load_checkpoint(full.output / "last.pt"), load_checkpoint(resumed.output / "last.pt")
     for key in a["model"]:
@@ -128,7 +134,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         return out
 
     monkeypatch.setattr(cait.engine, "classification_loss", poisoned)
-    with pytest.raises(cait.engine.NonFiniteLossError, match="loss became nan at epoch 1"):
+    with pytest.raises(cait.engine.NonFiniteLossError, match="loss became nan in epoch 2"):
         train(config)
     state = load_checkpoint(config.output + "/last.pt")
     assert state["epoch"] == 0
@@ -323,3 +329,51 @@ def test_digits_reach_97_percent_with_a_short_schedule(tmp_path):
     config = digits_config(tmp_path, "model_args.depth=6", "epochs=30")
     result = train(config)
     assert result.history[-1]["val_top1"] >= 97.0, result.history[-1]
+
+
+def test_eval_and_predict_official_weights_on_an_imagenet_folder(tmp_path, capsys):
+    """Official-format 1000-class weights: synset folders match, predictions get names."""
+    model = cait.create_model("cait_xxs24_224")
+    weights = tmp_path / "XXS24_224.pth"
+    torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}}, weights)
+    china, flower = load_sample_images().images
+    for synset, photo in (("n01440764", china), ("n01443537", flower)):
+        folder = tmp_path / "imagenet" / "val" / synset
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(photo[50 * i : 50 * i + 300, 0:300]).save(folder / f"{i}.JPEG")
+    args = [
+        "eval",
+        "--checkpoint",
+        str(weights),
+        "--model",
+        "cait_xxs24_224",
+        "--data",
+        str(tmp_path / "imagenet"),
+        "--json",
+    ]
+    assert cli_main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 4
+    assert (
+        cli_main(
+            [
+                "predict",
+                "--checkpoint",
+                str(weights),
+                "--model",
+                "cait_xxs24_224",
+                str(folder / "0.JPEG"),
+                "--topk",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    preds = json.loads(capsys.readouterr().out)[0]["predictions"]
+    names = cait.inference._imagenet_names()[1]
+    assert preds[0]["name"] == names[preds[0]["class"]]
+    assert names[0].startswith("tench")
+    assert cli_main(["eval", "--checkpoint", str(weights), "--data", "digits"]) == 2
+    assert "pass --model NAME" in capsys.readouterr().err

@@ -175,3 +175,11 @@ def test_create_model_pretrained_uses_the_variant_url(monkeypatch):
     torch.testing.assert_close(model.pos_embed, src.pos_embed)
     with pytest.raises(ValueError, match="no released weights"):
         cait.create_model("cait_tiny_32", pretrained=True)
+
+
+def test_a_missing_file_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("hub"))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        cait.load_pretrained(tiny(), "weights/XXS24_224.pth")

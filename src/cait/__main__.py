@@ -1,4 +1,4 @@
-"""``python -m cait`` runs the command line (also what ``torchrun -m cait`` uses)."""
+"""``python -m cait`` runs the command line."""
 
 import sys
 

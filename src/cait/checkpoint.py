@@ -28,10 +28,16 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A training checkpoint as saved by :func:`save_checkpoint` (tensors and plain data)."""
+    from cait.weights import load_file_safely
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".safetensors":
+        raise ValueError(
+            f"{path} holds weights only; resuming needs a training checkpoint (last.pt)"
+        )
+    state = load_file_safely(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a cait training checkpoint (no 'model'/'config' entries)")
     return state

@@ -92,6 +92,7 @@ class CaiTConfig:
     fused_attn: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -133,6 +134,17 @@ class CaiTConfig:
                 "pooling='avg' ignores the class token, so a late class-attention stage would "
                 f"be unused: ca_depth must be 0, got {self.ca_depth}"
             )
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{f.name} must be an integer, got {value!r}")
+            if kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"{f.name} must be a number, got {value!r}")
+            if kind == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {value!r}")
 
     @property
     def grid_size(self) -> int:

@@ -18,20 +18,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import Mixup, create_transform
-from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import Dataset, Sampler
+
+from cait.train_config import AugmentConfig
 
 __all__ = [
     "DIGITS",
     "DataSettings",
     "DigitsDataset",
     "ImageFolderDataset",
+    "RepeatedAugSampler",
+    "UNREADABLE_IMAGE_ERRORS",
     "ShuffleSampler",
     "build_datasets",
     "build_mixup",
     "build_train_sampler",
+    "build_val_dataset",
     "collate_samples",
     "eval_transform",
     "export_digits",
@@ -51,7 +55,7 @@ DIGITS_SPLIT_SEED = 0
 VERIFY_UP_TO = 20_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # Errors PIL raises for files that are not (complete) images.
-_UNREADABLE = (
+UNREADABLE_IMAGE_ERRORS = (
     OSError,
     ValueError,
     SyntaxError,
@@ -191,7 +195,7 @@ class ImageFolderDataset(Dataset):
             try:
                 load_image(path)
                 readable.append((path, label))
-            except _UNREADABLE as err:
+            except UNREADABLE_IMAGE_ERRORS as err:
                 self.skipped.append(f"{path}: {err}")
         self.samples = readable
         if not self.samples:
@@ -208,7 +212,7 @@ class ImageFolderDataset(Dataset):
         path, _ = self.samples[index]
         try:
             return load_image(path), ""
-        except _UNREADABLE as err:
+        except UNREADABLE_IMAGE_ERRORS as err:
             return None, f"{path}: {err}"
 
     def __getitem__(self, index: int) -> Sample:
@@ -238,9 +242,27 @@ def collate_samples(batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, li
     return images, targets, skipped
 
 
-def train_transform(settings: DataSettings, augment) -> Callable:
+def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """Posterize that accepts 0 bits (a black image), as Pillow did before version 13."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _allow_zero_bit_posterize(transform: Callable) -> None:
+    """timm's RandAugment ``inc1`` policy asks for 0-bit posterize at magnitude 10, which
+    Pillow >= 13 rejects with ``ValueError``; swap the op in this transform only."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _posterize
+
+
+def train_transform(settings: DataSettings, augment: AugmentConfig) -> Callable:
     """The recipe's training transform: RandomResizedCrop, flip, RandAugment, erasing."""
-    return create_transform(
+    transform = create_transform(
         settings.img_size,
         is_training=True,
         scale=tuple(augment.scale),
@@ -255,6 +277,8 @@ def train_transform(settings: DataSettings, augment) -> Callable:
         re_mode=augment.re_mode,
         re_count=augment.re_count,
     )
+    _allow_zero_bit_posterize(transform)
+    return transform
 
 
 def eval_transform(settings: DataSettings) -> Callable:
@@ -305,6 +329,15 @@ def build_val_dataset(
     return ImageFolderDataset(val_root, eval_tf, classes=classes, substitute=False)
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # one stream per (seed, epoch); the multiplier is any odd constant larger than the
+    # number of epochs, so that no two (seed, epoch) pairs share a stream
+    return torch.Generator().manual_seed(seed * _EPOCH_STRIDE + epoch)
+
+
+_EPOCH_STRIDE = 100_003
+
+
 class ShuffleSampler(Sampler[int]):
     """A random order that depends only on ``(seed, epoch)``, so a resumed run sees the
     same order as an uninterrupted one."""
@@ -318,22 +351,60 @@ class ShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
+        order = torch.randperm(self.size, generator=_epoch_generator(self.seed, self.epoch))
+        return iter(order.tolist())
 
     def __len__(self) -> int:
         return self.size
 
 
+class RepeatedAugSampler(Sampler[int]):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT's ``RASampler``).
+
+    Each epoch the shuffled indices are repeated ``repeats`` times in a row
+    (``[i, i, i, j, j, j, ...]``) and dealt to the ranks in turn, so the copies of an image
+    get different augmentations on different ranks (or, on one process, sit in the same
+    batch). Each rank keeps ``ceil(size / num_replicas)`` samples, the epoch length of plain
+    shuffling, so an epoch covers about ``1 / repeats`` of the distinct images. The order
+    depends only on ``(seed, epoch)``.
+    """
+
+    def __init__(
+        self, size: int, repeats: int, seed: int, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.size = size
+        self.repeats = repeats
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.num_samples = math.ceil(size / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=_epoch_generator(self.seed, self.epoch))
+        repeated = order.repeat_interleave(self.repeats).tolist()
+        mine = repeated[self.rank :: self.num_replicas]
+        return iter(mine[: self.num_samples])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 def build_train_sampler(dataset: Dataset, repeats: int, seed: int) -> Sampler[int]:
-    """Plain shuffling, or DeiT's repeated augmentation (each image ``repeats`` times per
-    epoch on different ranks/steps, same number of steps as plain shuffling)."""
+    """Plain shuffling, or repeated augmentation when ``repeats > 1``."""
     if repeats > 1:
-        return RepeatAugSampler(dataset, num_replicas=1, rank=0, shuffle=True, num_repeats=repeats)
+        return RepeatedAugSampler(len(dataset), repeats, seed)
     return ShuffleSampler(len(dataset), seed)
 
 
-def build_mixup(augment, num_classes: int) -> Mixup | None:
+def build_mixup(augment: AugmentConfig, num_classes: int) -> Mixup | None:
     """timm's Mixup/CutMix with label smoothing folded into the soft targets (or None)."""
     if not augment.mixes:
         return None
@@ -346,11 +417,6 @@ def build_mixup(augment, num_classes: int) -> Mixup | None:
         label_smoothing=augment.label_smoothing,
         num_classes=num_classes,
     )
-
-
-def steps_per_epoch(num_samples: int, batch_size: int) -> int:
-    """Optimiser micro-batches per epoch with ``drop_last`` (at least one)."""
-    return max(1, math.floor(num_samples / batch_size))
 
 
 def export_digits(folder: str | Path, split: str = "val", count: int = 5) -> list[Path]:

@@ -40,11 +40,13 @@ class EpochStats:
 
 
 def _check_finite(value: float, epoch: int, step: int) -> None:
+    """``epoch`` is 0-based here and reported 1-based, as in the logs and metrics."""
     if not math.isfinite(value):
         raise NonFiniteLossError(
-            f"training loss became {value} at epoch {epoch}, step {step}; stopping. The last "
-            "checkpoint written before this epoch is intact. Lower the learning rate, enable "
-            "gradient clipping (optim.clip_grad) or use bf16 instead of fp16."
+            f"training loss became {value} in epoch {epoch + 1} (detected by optimiser step "
+            f"{step}; the loss is checked every log_interval steps); stopping. The last "
+            "checkpoint, written before this epoch, is intact. Lower the learning rate, "
+            "enable gradient clipping (optim.clip_grad) or use bf16 instead of fp16."
         )
 
 

@@ -13,11 +13,18 @@ from torch.utils.data import DataLoader
 
 from cait import runtime
 from cait.config import CaiTConfig
-from cait.data import DataSettings, build_val_dataset, collate_samples, eval_transform, load_image
+from cait.data import (
+    UNREADABLE_IMAGE_ERRORS,
+    DataSettings,
+    build_val_dataset,
+    collate_samples,
+    eval_transform,
+    load_image,
+)
 from cait.engine import evaluate
 from cait.model import CaiT
 from cait.variants import create_model, get_variant
-from cait.weights import load_pretrained, read_state_dict
+from cait.weights import load_file_safely, load_pretrained, read_state_dict
 
 __all__ = ["LoadedModel", "evaluate_checkpoint", "load_for_inference", "predict"]
 
@@ -26,15 +33,25 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
+    """A model in eval mode with its eval settings.
+
+    ``class_names`` are for display; ``folder_names`` are the class folder names the model's
+    indices correspond to (the same for our checkpoints; WordNet synsets such as
+    ``n01440764`` for ImageNet weights, whose display names are the synset lemmas).
+    """
+
     model: CaiT
     settings: DataSettings
     class_names: list[str] | None
+    folder_names: list[str] | None
 
 
-def _imagenet_names() -> list[str]:
+def _imagenet_names() -> tuple[list[str], list[str]]:
+    """ImageNet-1k synsets (sorted, the index order of the released weights) and names."""
     from timm.data import ImageNetInfo
 
-    return list(ImageNetInfo().label_descriptions())
+    info = ImageNetInfo()
+    return list(info.label_names()), list(info.label_descriptions())
 
 
 def load_for_inference(checkpoint: str, model_name: str | None = None) -> LoadedModel:
@@ -51,7 +68,7 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
         if "model_config" in raw:
             meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
     elif path.is_file():
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_file_safely(path)
         if isinstance(obj, dict) and "model_config" in obj:
             meta = obj
     if meta is not None:
@@ -63,7 +80,7 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
                 for k, v in meta["data_settings"].items()
             }
         )
-        names = list(meta["class_names"])
+        names = folders = list(meta["class_names"])
     else:
         if model_name is None:
             raise ValueError(
@@ -79,8 +96,8 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
         settings = DataSettings(
             variant.img_size, variant.crop_pct, variant.interpolation, variant.mean, variant.std
         )
-        names = _imagenet_names() if num_classes == 1000 else None
-    return LoadedModel(model.eval(), settings, names)
+        folders, names = _imagenet_names() if num_classes == 1000 else (None, None)
+    return LoadedModel(model.eval(), settings, names, folders)
 
 
 def evaluate_checkpoint(
@@ -94,14 +111,14 @@ def evaluate_checkpoint(
     crop_pct: float | None = None,
 ) -> dict:
     """Top-1, top-5, loss and image count on the validation split (fp32 by default)."""
-    dev = runtime.setup(0, device, amp)
+    dev = runtime.inference_device(device, amp)
     loaded = load_for_inference(checkpoint, model_name)
     settings = loaded.settings
     if crop_pct is not None:
         settings = DataSettings(
             settings.img_size, crop_pct, settings.interpolation, settings.mean, settings.std
         )
-    dataset = build_val_dataset(data, eval_transform(settings), loaded.class_names)
+    dataset = build_val_dataset(data, eval_transform(settings), loaded.folder_names)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -128,7 +145,7 @@ def predict(
     device: str = "auto",
 ) -> list[dict]:
     """Top-k classes with names and probabilities for each image file."""
-    dev = runtime.setup(0, device, "none")
+    dev = runtime.inference_device(device, "none")
     loaded = load_for_inference(checkpoint, model_name)
     model = loaded.model.to(dev)
     transform = eval_transform(loaded.settings)
@@ -138,7 +155,7 @@ def predict(
             img = load_image(image)
         except FileNotFoundError:
             raise
-        except (OSError, ValueError) as err:
+        except UNREADABLE_IMAGE_ERRORS as err:
             raise ValueError(f"cannot read image {image}: {err}") from err
         probs = model(transform(img)[None].to(dev)).float().softmax(-1)[0]
         k = min(topk, probs.numel())

@@ -9,13 +9,14 @@ __all__ = ["plot_curves"]
 
 def plot_curves(history: list[dict], path: str | Path) -> Path:
     """Loss (train and val) and validation top-1 (model and EMA) per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure with its own Agg canvas: no pyplot, so the caller's backend is untouched
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = [m["epoch"] for m in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [m["train_loss"] for m in history], label="train loss")
     ax_loss.plot(epochs, [m["val_loss"] for m in history], label="val loss")
     ax_loss.set_xlabel("epoch")
@@ -32,5 +33,4 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -36,11 +36,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def setup(seed: int, device: str, amp: str, threads: int | None = None) -> torch.device:
-    """Seed every RNG, set threads and matmul precision, check the AMP mode; log it all."""
+def inference_device(device: str, amp: str) -> torch.device:
+    """The device for evaluation or prediction, checking the AMP mode (no reseeding)."""
     dev = resolve_device(device)
     if amp == "fp16" and dev.type != "cuda":
         raise ValueError("amp 'fp16' needs a CUDA device (use 'bf16' on the CPU)")
+    return dev
+
+
+def setup(seed: int, device: str, amp: str, threads: int | None = None) -> torch.device:
+    """Seed every RNG, set threads and matmul precision, check the AMP mode; log it all."""
+    dev = inference_device(device, amp)
     if threads is not None:
         torch.set_num_threads(threads)
     # full fp32 matmuls unless AMP is asked for: results must not depend on TF32 defaults
@@ -48,7 +54,7 @@ def setup(seed: int, device: str, amp: str, threads: int | None = None) -> torch
     torch.backends.cudnn.allow_tf32 = False
     seed_everything(seed)
     logger.info(
-        "runtime: python %s, torch %s, device %s, amp %s, threads %d, seed %d",
+        "runtime: python %s, torch %s, device %s, amp %s, threads %d, seed %d, TF32 off",
         platform.python_version(),
         torch.__version__,
         dev,

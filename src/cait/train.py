@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,12 @@ class TrainResult:
     completed: bool
 
 
-def resolve_data_settings(config: TrainConfig, variant: Variant, model: CaiT) -> DataSettings:
+def resolve_data_settings(config: TrainConfig, variant: Variant) -> DataSettings:
+    """Input settings: the config's ``data`` fields, else the (overridden) variant's."""
     d = config.data
+    model_config = variant.config.replace(**config.model_args)  # validates model_args
     return DataSettings(
-        img_size=d.img_size or model.config.img_size,
+        img_size=d.img_size or model_config.img_size,
         crop_pct=d.crop_pct if d.crop_pct is not None else variant.crop_pct,
         interpolation=d.interpolation or variant.interpolation,
         mean=tuple(d.mean) if d.mean is not None else variant.mean,
@@ -75,6 +77,61 @@ def _build_model(config: TrainConfig, num_classes: int) -> tuple[CaiT, Variant]:
         )
     args["num_classes"] = num_classes
     return create_model(config.model, **args), variant
+
+
+# Settings that may change on resume without changing what is computed.
+_RESUME_FREE = {
+    "resume",
+    "stop_after",
+    "output",
+    "progress",
+    "tensorboard",
+    "wandb",
+    "wandb_project",
+    "wandb_mode",
+    "threads",
+    "log_interval",
+    "data.workers",
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "model_args":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _warn_on_changed_settings(
+    state: dict, config: TrainConfig, steps_per_epoch: int, peak_lr: float
+) -> None:
+    """Resume continues exactly only with the same settings; say which ones changed."""
+    saved = _flatten(state["config"])
+    now = _flatten(config.to_dict())
+    changed = sorted(
+        k
+        for k in set(saved) | set(now)
+        if k not in _RESUME_FREE and _plain(saved.get(k)) != _plain(now.get(k))
+    )
+    if changed:
+        logger.warning(
+            "resuming with changed settings, so the run will not match an uninterrupted one: %s",
+            ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed),
+        )
+    sched = state.get("schedule", {})
+    if sched.get("steps_per_epoch") not in (None, steps_per_epoch):
+        logger.warning(
+            "steps per epoch changed from %s to %d: the schedule's clock shifts",
+            sched["steps_per_epoch"],
+            steps_per_epoch,
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _check_resume(state: dict, config: TrainConfig, model: CaiT, path: str) -> None:
@@ -138,6 +195,11 @@ class _Recorder:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train (or fine-tune, or resume) a model as ``config`` says; see ``docs/TRAINING.md``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "multi-process training is not supported yet: run a single process "
+            f"(WORLD_SIZE={os.environ['WORLD_SIZE']})"
+        )
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     device = runtime.setup(config.seed, config.device, config.amp, config.threads)
@@ -145,10 +207,7 @@ def train(config: TrainConfig) -> TrainResult:
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     # data first: a bad path or an empty class folder fails before anything else is built
-    variant = get_variant(config.model)
-    probe = create_model(config.model, **{**config.model_args, "num_classes": 0})
-    settings = resolve_data_settings(config, variant, probe)
-    del probe
+    settings = resolve_data_settings(config, get_variant(config.model))
     train_ds, val_ds, classes = build_datasets(
         config.data.path, train_transform(settings, config.augment), eval_transform(settings)
     )
@@ -195,7 +254,6 @@ def train(config: TrainConfig) -> TrainResult:
     schedule = LRSchedule(peak_lr, config.optim, steps_per_epoch, config.epochs)
     optimizer = build_optimizer(model, config.optim, schedule(0))
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
-    ema = ModelEma(model, config.ema_decay) if config.ema else None
     mixup = build_mixup(config.augment, len(classes))
     logger.info(
         "optimisation: peak lr %.3g (%.3g x global batch %d / 512), %d steps/epoch",
@@ -207,10 +265,14 @@ def train(config: TrainConfig) -> TrainResult:
 
     start_epoch, step, history, best = 0, 0, [], -1.0
     if resume_state is not None:
+        _warn_on_changed_settings(resume_state, config, steps_per_epoch, peak_lr)
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
+    # the EMA starts from the weights training starts from (initialised, loaded or resumed)
+    ema = ModelEma(model, config.ema_decay) if config.ema else None
+    if resume_state is not None:
         if ema is not None and resume_state.get("ema") is not None:
             ema.load_state_dict(resume_state["ema"])
         start_epoch = resume_state["epoch"] + 1
@@ -328,21 +390,22 @@ def train(config: TrainConfig) -> TrainResult:
         recorder.close()
 
     if completed:
-        save_safetensors(
-            model.state_dict(),
-            out / "model.safetensors",
-            {
-                "model": config.model,
-                "model_config": model.config.to_dict(),
-                "data_settings": settings.__dict__,
-                "class_names": list(classes),
-            },
-        )
+        metadata = {
+            "model": config.model,
+            "model_config": model.config.to_dict(),
+            "data_settings": settings.__dict__,
+            "class_names": list(classes),
+        }
+        save_safetensors(model.state_dict(), out / "model.safetensors", metadata)
+        if ema is not None:
+            save_safetensors(ema.state_dict(), out / "model_ema.safetensors", metadata)
     if history:
         plot_curves(history, out / "curves.png")
+    minutes, seconds = divmod(round(sum(m["epoch_seconds"] for m in history)), 60)
     logger.info(
-        "done in %s: best val top-1 %.2f; outputs in %s",
-        time.strftime("%H:%M:%S", time.gmtime(sum(m["epoch_seconds"] for m in history))),
+        "done: %d min %d s of training, best val top-1 %.2f; outputs in %s",
+        minutes,
+        seconds,
         best,
         out,
     )

@@ -271,9 +271,28 @@ def _build(cls: type, data: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _coerce_model_args(args: dict[str, Any]) -> dict[str, Any]:
+    from cait.config import CaiTConfig
+
+    hints = typing.get_type_hints(CaiTConfig)
+    unknown = sorted(set(args) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown model_args {unknown}; known: {sorted(hints)}")
+    return {k: _coerce(v, hints[k], f"model_args.{k}") for k, v in args.items()}
+
+
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a plain (YAML or checkpoint) dict."""
-    return _build(TrainConfig, data)
+    """A validated :class:`TrainConfig` from a plain (YAML or checkpoint) dict.
+
+    ``model_args`` are typed against :class:`~cait.config.CaiTConfig` and applied to the
+    variant here, so an unknown model or a bad model field fails before anything runs.
+    """
+    from cait.variants import get_variant
+
+    config = _build(TrainConfig, data)
+    config = dataclasses.replace(config, model_args=_coerce_model_args(config.model_args))
+    get_variant(config.model).config.replace(**config.model_args)
+    return config
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

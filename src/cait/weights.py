@@ -29,6 +29,7 @@ __all__ = [
     "adapt_state_dict",
     "convert_checkpoint",
     "describe_state_dict",
+    "load_file_safely",
     "load_pretrained",
     "read_state_dict",
     "unwrap_state_dict",
@@ -41,6 +42,8 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Entries of a checkpoint dict that may hold the state dict (official: "model").
 _STATE_DICT_ENTRIES = ("model", "state_dict")
 _HF_ID = re.compile(r"^(hf-hub:)?[\w.-]+/[\w.-]+$")
+# A name with one of these suffixes is a file, never a Hub id.
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 
 @dataclass
@@ -77,7 +80,10 @@ def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
     return out
 
 
-def _load_file(path: Path) -> Any:
+def load_file_safely(path: str | os.PathLike[str]) -> Any:
+    """A ``.safetensors`` file, or a torch file read with ``weights_only=True``; a file holding
+    other objects raises ``ValueError`` instead of being unpickled."""
+    path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(str(path), device="cpu")
     try:
@@ -99,12 +105,19 @@ def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
         return unwrap_state_dict(obj)
     path = Path(text).expanduser()
     if path.exists():
-        return unwrap_state_dict(_load_file(path))
-    if _HF_ID.match(text):
+        return unwrap_state_dict(load_file_safely(path))
+    if text.startswith("hf-hub:") or (_HF_ID.match(text) and not text.endswith(_FILE_SUFFIXES)):
         from huggingface_hub import hf_hub_download
 
         repo_id = text.removeprefix("hf-hub:")
-        return unwrap_state_dict(_load_file(Path(hf_hub_download(repo_id, "model.safetensors"))))
+        try:
+            downloaded = hf_hub_download(repo_id, "model.safetensors")
+        except Exception as err:  # network, missing repo, offline mode: all end here
+            raise FileNotFoundError(
+                f"checkpoint not found: no local file named {text}, and the Hugging Face Hub "
+                f"could not provide {repo_id}/model.safetensors ({type(err).__name__}: {err})"
+            ) from err
+        return unwrap_state_dict(load_file_safely(downloaded))
     raise FileNotFoundError(f"checkpoint not found: {text} (not a file, URL or Hub id)")
 
 
