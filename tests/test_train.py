@@ -18,6 +18,7 @@ from sklearn.datasets import load_sample_images
 
 import cait.engine
 import cait.inference
+import cait.losses
 from cait.checkpoint import load_checkpoint
 from cait.cli import main as cli_main
 from cait.train import TIMING_KEYS, train
@@ -123,17 +124,17 @@ def test_resume_with_another_model_fails_before_training(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     config = digits_config(tmp_path, "log_interval=5")
-    real = cait.engine.classification_loss
+    real = cait.losses.DistillationLoss.__call__
     calls = {"n": 0}
 
-    def poisoned(logits, target, label_smoothing=0.0):
+    def poisoned(self, outputs, target, teacher_logits=None):
         calls["n"] += 1
-        out = real(logits, target, label_smoothing)
+        out = real(self, outputs, target, teacher_logits)
         if calls["n"] > 30:  # epoch 1 has 22 steps; poison epoch 2
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(cait.engine, "classification_loss", poisoned)
+    monkeypatch.setattr(cait.losses.DistillationLoss, "__call__", poisoned)
     with pytest.raises(cait.engine.NonFiniteLossError, match="loss became nan in epoch 2"):
         train(config)
     state = load_checkpoint(config.output + "/last.pt")

@@ -71,6 +71,11 @@ _TRAIN_FLAGS = {
     "device": "device",
     "amp": "amp",
     "workers": "data.workers",
+    "teacher": "distill.teacher",
+    "teacher_weights": "distill.teacher_weights",
+    "distillation": "distill.kind",
+    "distill_alpha": "distill.alpha",
+    "distill_tau": "distill.tau",
 }
 
 
@@ -163,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("train", help="train or fine-tune a model")
-    p.add_argument("--model", help="variant name (see `cait models`)")
+    p.add_argument("--model", help="variant name (see `cait models`) or timm:NAME")
     p.add_argument("--data", help="ImageFolder root (train/ and val/) or 'digits'")
     p.add_argument("--output", help="run folder for checkpoints and records")
     p.add_argument("--epochs", type=int)
@@ -183,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"])
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--teacher", help="timm:NAME, torchvision:NAME or one of our checkpoints")
+    p.add_argument("--teacher-weights", help="weights file for a timm/torchvision teacher")
+    p.add_argument("--distillation", choices=["none", "soft", "hard"])
+    p.add_argument("--distill-alpha", type=float, help="weight of the distillation term")
+    p.add_argument("--distill-tau", type=float, help="temperature of soft distillation")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a validation split")

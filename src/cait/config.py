@@ -67,6 +67,11 @@ class CaiTConfig:
     - ``pooling``: ``token`` reads the class token; ``avg`` averages the patch tokens. With
       ``class_token="late"`` average pooling means no class token at all, so ``ca_depth``
       must be 0.
+    - ``distilled``: a second learned token, the distillation token, with its own head
+      ``head_dist`` (DeiT). With ``class_token="late"`` it enters the class-attention stage
+      beside the class token: both query ``[cls, dist, patches]`` and both are updated by
+      the CA blocks. This design is ours: the released CaiT code has no distillation token.
+      With ``class_token="early"`` it is DeiT's layout (second position slot).
     """
 
     img_size: int = 224
@@ -90,6 +95,7 @@ class CaiTConfig:
     drop_path_rate: float = 0.0
     drop_path_schedule: DropPathSchedule = "uniform"
     fused_attn: bool = True
+    distilled: bool = False
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -129,6 +135,11 @@ class CaiTConfig:
                 "class_token='late' with pooling='token' needs a class-attention stage: "
                 f"ca_depth must be >= 1, got {self.ca_depth}"
             )
+        if self.distilled and self.pooling != "token":
+            raise ValueError(
+                "distilled=True reads the class and distillation tokens: pooling must be "
+                f"'token', got {self.pooling!r}"
+            )
         if self.class_token == "late" and self.pooling == "avg" and self.ca_depth:
             raise ValueError(
                 "pooling='avg' ignores the class token, so a late class-attention stage would "
@@ -147,6 +158,11 @@ class CaiTConfig:
                 raise ValueError(f"{f.name} must be true or false, got {value!r}")
 
     @property
+    def num_class_tokens(self) -> int:
+        """Class token plus distillation token (0 without class token)."""
+        return (1 + int(self.distilled)) if self.has_class_token else 0
+
+    @property
     def grid_size(self) -> int:
         """Patches per side at the configured resolution."""
         return self.img_size // self.patch_size
@@ -162,7 +178,7 @@ class CaiTConfig:
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens before the patch tokens in the SA stage (they also own a pos-embed slot)."""
-        return 1 if self.class_token == "early" else 0
+        return self.num_class_tokens if self.class_token == "early" else 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

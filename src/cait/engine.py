@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cait.losses import classification_loss
+from cait.losses import DistillationLoss
 from cait.optim import LRSchedule, ModelEma
 from cait.runtime import autocast
 
@@ -62,7 +62,8 @@ def train_one_epoch(
     amp: str = "none",
     scaler: torch.amp.GradScaler | None = None,
     mixup: Callable | None = None,
-    label_smoothing: float = 0.0,
+    criterion: DistillationLoss | None = None,
+    teacher: nn.Module | None = None,
     accum_steps: int = 1,
     clip_grad: float | None = None,
     ema: ModelEma | None = None,
@@ -73,11 +74,14 @@ def train_one_epoch(
 ) -> tuple[EpochStats, int]:
     """Train for one pass over ``loader``; returns the epoch's stats and the new step.
 
-    ``step`` counts optimiser steps (the schedule's clock). The loss is accumulated on the
+    ``step`` counts optimiser steps (the schedule's clock). ``criterion`` defaults to plain
+    cross-entropy; with a ``teacher``, its logits on the same (mixed) images feed the
+    distillation term. The loss is accumulated on the
     device and read back only every ``log_interval`` steps, so the loop does not wait on
     the device at every step; the NaN/inf check runs at those points and at the end.
     """
     model.train()
+    criterion = criterion if criterion is not None else DistillationLoss("none")
     total = len(loader) // accum_steps  # type: ignore[arg-type]
     bar = tqdm(total=total, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     loss_sum = torch.zeros((), device=device)
@@ -96,8 +100,9 @@ def train_one_epoch(
         if mixup is not None:
             x, target = mixup(x, target)
         with autocast(device, amp):
-            logits = model(x)
-        out = classification_loss(logits, target, label_smoothing if mixup is None else 0.0)
+            outputs = model(x)
+            teacher_logits = teacher(x) if teacher is not None else None
+        out = criterion(outputs, target, teacher_logits)
         loss = out.loss / accum_steps
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -167,6 +172,8 @@ def evaluate(
         target = target.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
+        if isinstance(logits, tuple):  # a distilled model left in training mode
+            logits = (logits[0] + logits[1]) / 2
         logits = logits.float()
         loss_sum += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double()
         k = min(5, logits.shape[-1])

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from torch.utils.data import DataLoader
 
 from cait import runtime
-from cait.config import CaiTConfig
 from cait.data import (
     UNREADABLE_IMAGE_ERRORS,
     DataSettings,
@@ -22,6 +22,7 @@ from cait.data import (
     load_image,
 )
 from cait.engine import evaluate
+from cait.factory import model_from_spec
 from cait.model import CaiT
 from cait.variants import create_model, get_variant
 from cait.weights import load_file_safely, load_pretrained, read_state_dict
@@ -40,7 +41,7 @@ class LoadedModel:
     ``n01440764`` for ImageNet weights, whose display names are the synset lemmas).
     """
 
-    model: CaiT
+    model: nn.Module
     settings: DataSettings
     class_names: list[str] | None
     folder_names: list[str] | None
@@ -72,8 +73,13 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
         if isinstance(obj, dict) and "model_config" in obj:
             meta = obj
     if meta is not None:
-        model = CaiT(CaiTConfig.from_dict(meta["model_config"]))
-        load_pretrained(model, checkpoint)
+        # a training checkpoint keeps the name in its config ("model" holds the weights)
+        name = meta["config"]["model"] if "config" in meta else meta["model"]
+        model = model_from_spec({"model": name, "model_config": meta["model_config"]})
+        if isinstance(model, CaiT):
+            load_pretrained(model, checkpoint)
+        else:
+            model.load_state_dict(read_state_dict(checkpoint), strict=True)
         settings = DataSettings(
             **{
                 k: (tuple(v) if isinstance(v, list) else v)

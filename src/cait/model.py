@@ -37,7 +37,8 @@ class Intermediates:
 
     ``sa`` has one :class:`~cait.layers.BlockTrace` per self-attention block (attention
     ``(B, H, N', N')`` with ``N'`` the tokens of the SA stage), ``ca`` one per class-attention
-    block (attention ``(B, H, 1, 1 + N)``, the class token first). ``features`` are the final
+    block (attention ``(B, H, T, T + N)``, the class token first, then the distillation
+    token when the model has one: ``T = 2``). ``features`` are the final
     normalised tokens ``(B, P + N, C)`` and ``logits`` equal those of ``forward``.
     """
 
@@ -64,6 +65,10 @@ class CaiT(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         else:
             self.register_parameter("cls_token", None)
+        if config.distilled:
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, D))
+        else:
+            self.register_parameter("dist_token", None)
         # CaiT gives the class token no position embedding (it enters after the SA stage);
         # ViT/DeiT ("early") give it the first slot.
         self.pos_embed = nn.Parameter(
@@ -102,6 +107,10 @@ class CaiT(nn.Module):
         )
         self.norm = nn.LayerNorm(D, eps=LAYERNORM_EPS)
         self.head = nn.Linear(D, config.num_classes) if config.num_classes else nn.Identity()
+        if config.distilled:
+            self.head_dist = (
+                nn.Linear(D, config.num_classes) if config.num_classes else nn.Identity()
+            )
         self._init_weights()
 
     def _drop_path_rates(self) -> list[float]:
@@ -116,8 +125,9 @@ class CaiT(nn.Module):
         # pos_embed and cls_token, zero biases, unit LayerNorm; the patch conv keeps
         # PyTorch's default.
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        for token in (self.cls_token, self.dist_token):
+            if token is not None:
+                nn.init.trunc_normal_(token, std=INIT_STD)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=INIT_STD)
@@ -132,13 +142,12 @@ class CaiT(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens before the patch tokens in the output of ``forward_features``."""
-        return 1 if self.cls_token is not None else 0
+        return self.config.num_class_tokens
 
     def no_weight_decay(self) -> set[str]:
         """Parameters the recipe excludes from weight decay (besides every 1-D parameter)."""
         names = {"pos_embed"}
-        if self.cls_token is not None:
-            names.add("cls_token")
+        names.update(n for n in ("cls_token", "dist_token") if getattr(self, n) is not None)
         names.update(n for n, _ in self.named_parameters() if n.endswith(("gamma_1", "gamma_2")))
         return names
 
@@ -171,12 +180,17 @@ class CaiT(nn.Module):
 
     # ------------------------------------------------------------------------- forward
 
+    def _class_tokens(self, batch: int) -> Tensor:
+        """The class token, and the distillation token after it: ``(B, T, C)``."""
+        tokens = [t for t in (self.cls_token, self.dist_token) if t is not None]
+        return torch.cat(tokens, dim=1).expand(batch, -1, -1)
+
     def _stage_input(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         x = self.patch_embed(images)  # (B, N, C); validates the input
         p = self.config.patch_size
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         if self.config.class_token == "early":
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1+N, C)
+            x = torch.cat((self._class_tokens(x.shape[0]), x), dim=1)  # (B, T + N, C)
         x = self.pos_drop(x + self.pos_embed_for(*grid))
         return x, grid
 
@@ -191,21 +205,32 @@ class CaiT(nn.Module):
         for block in self.blocks:  # SA stage: patches only (plus the class token if early)
             x = self._run(block, x)
         if self.config.class_token == "late" and self.cls_token is not None:
-            cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, C)
+            cls = self._class_tokens(x.shape[0])  # (B, T, C): class (and distillation) token
             for block in self.blocks_token_only:  # CA stage: the class token reads patches
                 cls = self._run(block, x, cls)
-            x = torch.cat((cls, x), dim=1)  # (B, 1 + N, C)
+            x = torch.cat((cls, x), dim=1)  # (B, T + N, C)
         return self.norm(x)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Tokens ``(B, P + N, C)`` -> logits ``(B, classes)`` (or pooled features)."""
-        if self.config.pooling == "token":
-            x = x[:, 0]
-        else:
-            x = x[:, self.num_prefix_tokens :].mean(dim=1)
-        return x if pre_logits else self.head(x)
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Tokens ``(B, P + N, C)`` -> logits ``(B, classes)`` (or pooled features).
 
-    def forward(self, x: Tensor) -> Tensor:
+        A distilled model returns ``(cls_logits, dist_logits)`` in training mode and their
+        mean in eval mode (DeiT); ``pre_logits`` gives the class-token features.
+        """
+        if self.config.pooling == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+            return x if pre_logits else self.head(x)
+        if pre_logits:
+            return x[:, 0]
+        logits = self.head(x[:, 0])
+        if not self.config.distilled:
+            return logits
+        dist_logits = self.head_dist(x[:, 1])
+        if self.training:
+            return logits, dist_logits
+        return (logits + dist_logits) / 2
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: Tensor) -> Intermediates:
@@ -222,7 +247,7 @@ class CaiT(nn.Module):
             x, trace = block.forward_trace(x)
             sa.append(trace)
         if self.config.class_token == "late" and self.cls_token is not None:
-            cls = self.cls_token.expand(x.shape[0], -1, -1)
+            cls = self._class_tokens(x.shape[0])
             for block in self.blocks_token_only:
                 cls, trace = block.forward_trace(x, cls)
                 ca.append(trace)

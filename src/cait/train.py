@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from torch import nn
 from torch.utils.data import DataLoader
 
 from cait import runtime
@@ -26,11 +27,13 @@ from cait.data import (
     train_transform,
 )
 from cait.engine import evaluate, train_one_epoch
+from cait.factory import build_model, default_settings, model_spec
+from cait.losses import DistillationLoss
 from cait.model import CaiT
 from cait.optim import LRSchedule, ModelEma, build_optimizer
 from cait.plots import plot_curves
-from cait.train_config import TrainConfig, scaled_lr
-from cait.variants import Variant, create_model, get_variant
+from cait.teacher import load_teacher
+from cait.train_config import LR_BASE_BATCH, TrainConfig, scaled_lr
 from cait.weights import load_pretrained
 
 __all__ = ["TrainResult", "resolve_data_settings", "train"]
@@ -49,16 +52,16 @@ class TrainResult:
     completed: bool
 
 
-def resolve_data_settings(config: TrainConfig, variant: Variant) -> DataSettings:
-    """Input settings: the config's ``data`` fields, else the (overridden) variant's."""
+def resolve_data_settings(config: TrainConfig) -> DataSettings:
+    """Input settings: the config's ``data`` fields, else the model's defaults."""
     d = config.data
-    model_config = variant.config.replace(**config.model_args)  # validates model_args
+    base = default_settings(config.model, config.model_args)
     return DataSettings(
-        img_size=d.img_size or model_config.img_size,
-        crop_pct=d.crop_pct if d.crop_pct is not None else variant.crop_pct,
-        interpolation=d.interpolation or variant.interpolation,
-        mean=tuple(d.mean) if d.mean is not None else variant.mean,
-        std=tuple(d.std) if d.std is not None else variant.std,
+        img_size=d.img_size or base.img_size,
+        crop_pct=d.crop_pct if d.crop_pct is not None else base.crop_pct,
+        interpolation=d.interpolation or base.interpolation,
+        mean=tuple(d.mean) if d.mean is not None else base.mean,
+        std=tuple(d.std) if d.std is not None else base.std,
     )
 
 
@@ -68,15 +71,14 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def _build_model(config: TrainConfig, num_classes: int) -> tuple[CaiT, Variant]:
-    variant = get_variant(config.model)
+def _build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     args = dict(config.model_args)
     if args.get("num_classes", num_classes) != num_classes:
         raise ValueError(
             f"model_args.num_classes={args['num_classes']} but the data has {num_classes} classes"
         )
-    args["num_classes"] = num_classes
-    return create_model(config.model, **args), variant
+    args.pop("num_classes", None)
+    return build_model(config.model, args, num_classes)
 
 
 # Settings that may change on resume without changing what is computed.
@@ -134,11 +136,11 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _check_resume(state: dict, config: TrainConfig, model: CaiT, path: str) -> None:
+def _check_resume(state: dict, spec: dict, path: str) -> None:
     saved = state["config"]
-    if saved.get("model") != config.model or state.get("model_config") != model.config.to_dict():
+    if saved.get("model") != spec["model"] or state.get("model_config") != spec["model_config"]:
         theirs = f"{saved.get('model')} {state.get('model_config')}"
-        ours = f"{config.model} {model.config.to_dict()}"
+        ours = f"{spec['model']} {spec['model_config']}"
         raise ValueError(
             f"--resume {path} holds a checkpoint of another model:\n"
             f"  checkpoint: {theirs}\n  this run:   {ours}"
@@ -207,7 +209,7 @@ def train(config: TrainConfig) -> TrainResult:
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     # data first: a bad path or an empty class folder fails before anything else is built
-    settings = resolve_data_settings(config, get_variant(config.model))
+    settings = resolve_data_settings(config)
     train_ds, val_ds, classes = build_datasets(
         config.data.path, train_transform(settings, config.augment), eval_transform(settings)
     )
@@ -219,12 +221,17 @@ def train(config: TrainConfig) -> TrainResult:
         len(classes),
     )
 
-    model, variant = _build_model(config, len(classes))
+    model = _build_model(config, len(classes))
+    spec = model_spec(config.model, model, config.model_args)
     resume_state = None
     if config.resume:
         resume_state = load_checkpoint(config.resume)
-        _check_resume(resume_state, config, model, config.resume)
+        _check_resume(resume_state, spec, config.resume)
     elif config.init_from:
+        if not isinstance(model, CaiT):
+            raise ValueError(
+                "--init-from loads CaiT/DeiT weights; it is not available for timm models"
+            )
         report = load_pretrained(model, config.init_from)
         logger.info("initialised from %s (%s)", config.init_from, report)
     model.to(device)
@@ -255,13 +262,20 @@ def train(config: TrainConfig) -> TrainResult:
     optimizer = build_optimizer(model, config.optim, schedule(0))
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
     mixup = build_mixup(config.augment, len(classes))
-    logger.info(
-        "optimisation: peak lr %.3g (%.3g x global batch %d / 512), %d steps/epoch",
-        peak_lr,
-        config.optim.lr,
-        config.data.batch_size * config.optim.accum_steps,
-        steps_per_epoch,
+    # label smoothing is folded into mixup's soft targets when mixup is on
+    smoothing = 0.0 if mixup is not None else config.augment.label_smoothing
+    d = config.distill
+    criterion = DistillationLoss(d.kind, d.alpha, d.tau, smoothing, d.normalisation)
+    teacher = None
+    if d.kind != "none":
+        teacher = load_teacher(d.teacher, len(classes), settings, d.teacher_weights, device)
+    global_batch = config.data.batch_size * config.optim.accum_steps
+    how = (
+        f"{config.optim.lr:.3g} x global batch {global_batch} / {LR_BASE_BATCH}"
+        if config.optim.scale_lr
+        else "optim.lr as given, not scaled"
     )
+    logger.info("optimisation: peak lr %.3g (%s), %d steps/epoch", peak_lr, how, steps_per_epoch)
 
     start_epoch, step, history, best = 0, 0, [], -1.0
     if resume_state is not None:
@@ -307,7 +321,8 @@ def train(config: TrainConfig) -> TrainResult:
                 amp=config.amp,
                 scaler=scaler,
                 mixup=mixup,
-                label_smoothing=config.augment.label_smoothing,
+                criterion=criterion,
+                teacher=teacher,
                 accum_steps=config.optim.accum_steps,
                 clip_grad=config.optim.clip_grad,
                 ema=ema,
@@ -369,7 +384,7 @@ def train(config: TrainConfig) -> TrainResult:
                 "history": history,
                 "best_top1": best,
                 "config": config.to_dict(),
-                "model_config": model.config.to_dict(),
+                "model_config": spec["model_config"],
                 "data_settings": settings.__dict__,
                 "class_names": list(classes),
             }
@@ -392,7 +407,7 @@ def train(config: TrainConfig) -> TrainResult:
     if completed:
         metadata = {
             "model": config.model,
-            "model_config": model.config.to_dict(),
+            "model_config": spec["model_config"],
             "data_settings": settings.__dict__,
             "class_names": list(classes),
         }

@@ -19,6 +19,7 @@ import yaml
 __all__ = [
     "AugmentConfig",
     "DataConfig",
+    "DistillConfig",
     "OptimConfig",
     "TrainConfig",
     "apply_overrides",
@@ -140,6 +141,37 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distillation from a frozen teacher (DeiT): ``kind`` none, soft or hard.
+
+    ``teacher`` is ``timm:NAME`` or ``torchvision:NAME`` (with ``teacher_weights``, a local
+    file) or one of our checkpoints. The defaults of ``alpha`` and ``tau`` are the CaiT
+    recipe's (hard distillation, alpha 0.5, tau 1.0). ``normalisation`` of the soft loss:
+    ``per_sample`` (KL summed over classes, averaged over the batch) or ``deit_legacy``
+    (DeiT's division by batch x classes).
+    """
+
+    kind: Literal["none", "soft", "hard"] = "none"
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    alpha: float = 0.5
+    tau: float = 1.0
+    normalisation: Literal["per_sample", "deit_legacy"] = "per_sample"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "soft", "hard"):
+            raise ValueError(f"distill.kind must be none, soft or hard, got {self.kind!r}")
+        if self.kind != "none" and not self.teacher:
+            raise ValueError(f"{self.kind} distillation needs a teacher (--teacher SOURCE)")
+        if self.kind == "none" and self.teacher:
+            raise ValueError("a teacher was given without --distillation hard|soft")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+        if self.tau <= 0:
+            raise ValueError(f"distill.tau must be positive, got {self.tau}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole training run. ``model_args`` override fields of the variant's CaiTConfig."""
 
@@ -166,6 +198,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -287,11 +320,12 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     ``model_args`` are typed against :class:`~cait.config.CaiTConfig` and applied to the
     variant here, so an unknown model or a bad model field fails before anything runs.
     """
-    from cait.variants import get_variant
+    from cait.factory import default_settings, is_timm
 
     config = _build(TrainConfig, data)
-    config = dataclasses.replace(config, model_args=_coerce_model_args(config.model_args))
-    get_variant(config.model).config.replace(**config.model_args)
+    if not is_timm(config.model):
+        config = dataclasses.replace(config, model_args=_coerce_model_args(config.model_args))
+    default_settings(config.model, config.model_args)  # unknown model or bad model_args
     return config
 
 

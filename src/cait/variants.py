@@ -125,11 +125,32 @@ for _name, _dim, _depth, _heads, _img, _eps, _file, _top1, _params, _gmacs in _R
 
 # DeiT (Touvron et al. 2021) as a row of knobs: class token at the input with its own
 # position slot, plain pre-norm residuals, no talking heads, no class-attention stage.
+# name, embed dim, heads, official file, top-1, params (M), GMACs, distillation token
 _DEIT = [
-    ("deit_tiny_patch16_224", 192, 3, "deit_tiny_patch16_224-a1311bcf", 72.2, 5.72, 1.26),
-    ("deit_small_patch16_224", 384, 6, "deit_small_patch16_224-cd65a155", 79.9, 22.05, 4.61),
+    ("deit_tiny_patch16_224", 192, 3, "deit_tiny_patch16_224-a1311bcf", 72.2, 5.72, 1.26, False),
+    ("deit_small_patch16_224", 384, 6, "deit_small_patch16_224-cd65a155", 79.9, 22.05, 4.61, False),
+    (
+        "deit_tiny_distilled_patch16_224",
+        192,
+        3,
+        "deit_tiny_distilled_patch16_224-b40b3cf7",
+        74.5,
+        5.91,
+        1.27,
+        True,
+    ),
+    (
+        "deit_small_distilled_patch16_224",
+        384,
+        6,
+        "deit_small_distilled_patch16_224-649709d9",
+        81.2,
+        22.44,
+        4.63,
+        True,
+    ),
 ]
-for _name, _dim, _heads, _file, _top1, _params, _gmacs in _DEIT:
+for _name, _dim, _heads, _file, _top1, _params, _gmacs, _distilled in _DEIT:
     register_variant(
         Variant(
             name=_name,
@@ -143,6 +164,7 @@ for _name, _dim, _heads, _file, _top1, _params, _gmacs in _DEIT:
                 branch_scale="none",
                 talking_heads=False,
                 class_token="early",
+                distilled=_distilled,
             ),
             url=_OFFICIAL_URL.format(_file),
             hf_hub_id=f"timm/{_name}.fb_in1k",
@@ -150,7 +172,8 @@ for _name, _dim, _heads, _file, _top1, _params, _gmacs in _DEIT:
             params_m=_params,
             gmacs=_gmacs,
             crop_pct=DEIT_CROP_PCT,
-            description="DeiT expressed with the ablation knobs (no distillation token)",
+            description="DeiT expressed with the ablation knobs"
+            + (", with DeiT's distillation token" if _distilled else ""),
         )
     )
 

@@ -55,6 +55,7 @@ class LoadReport:
     mis_shaped: list[str] = field(default_factory=list)
     resized_pos_embed: tuple[int, int] | None = None
     reset_head: bool = False
+    initialised_dist_token: bool = False
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
@@ -156,6 +157,18 @@ def adapt_state_dict(
     """
     report = LoadReport()
     sd = dict(state_dict)
+    if model.dist_token is not None and "dist_token" not in sd and "cls_token" in sd:
+        # A checkpoint without a distillation token (every released CaiT): start the token
+        # from the class token and its head from the class head.
+        sd["dist_token"] = sd["cls_token"].clone()
+        report.initialised_dist_token = True
+        if model.config.class_token == "early" and "pos_embed" in sd:
+            pos = sd["pos_embed"]  # DeiT layout: give the new token a copy of the class slot
+            sd["pos_embed"] = torch.cat((pos[:, :1], pos), dim=1)
+        logger.info(
+            "checkpoint has no distillation token: dist_token initialised from "
+            "cls_token and head_dist from head"
+        )
     pos = sd.get("pos_embed")
     target = model.pos_embed
     if pos is not None and pos.ndim == 3 and pos.shape[-1] == target.shape[-1]:
@@ -173,8 +186,8 @@ def adapt_state_dict(
     head_w = sd.get("head.weight")
     if head_w is not None:
         if model.num_classes == 0:
-            sd.pop("head.weight")
-            sd.pop("head.bias", None)
+            for key in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+                sd.pop(key, None)
             report.reset_head = True
             logger.info(
                 "dropped the checkpoint's %d-class head: the model has none", head_w.shape[0]
@@ -188,12 +201,19 @@ def adapt_state_dict(
             sd.pop("head.bias", None)
             model.reset_classifier(model.num_classes)
             sd["head.weight"], sd["head.bias"] = model.head.weight.data, model.head.bias.data
+            if model.config.distilled:
+                sd["head_dist.weight"] = model.head_dist.weight.data
+                sd["head_dist.bias"] = model.head_dist.bias.data
             report.reset_head = True
             logger.info(
                 "checkpoint head has %d classes, model has %d: head re-initialised",
                 head_w.shape[0],
                 model.num_classes,
             )
+    if report.initialised_dist_token and "head.weight" in sd and "head_dist.weight" not in sd:
+        sd["head_dist.weight"] = sd["head.weight"].clone()
+        if "head.bias" in sd:
+            sd["head_dist.bias"] = sd["head.bias"].clone()
     return sd, report
 
 

@@ -1,0 +1,141 @@
+"""A frozen teacher for distillation: from timm, torchvision, or one of our checkpoints.
+
+The teacher runs in eval mode without gradients and sees the student's batch re-normalised
+with its own mean/std (and resized when its input size differs).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cait.data import DataSettings
+from cait.variants import IMAGENET_MEAN, IMAGENET_STD
+from cait.weights import read_state_dict
+
+__all__ = ["Teacher", "load_teacher"]
+
+logger = logging.getLogger(__name__)
+
+
+class Teacher(nn.Module):
+    """Wraps a frozen classifier; ``forward`` takes student-normalised images."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        student_mean: tuple[float, ...],
+        student_std: tuple[float, ...],
+        img_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.img_size = img_size
+        # x_teacher = (x_student * s_std + s_mean - t_mean) / t_std = x_student * scale + shift
+        s_mean, s_std = torch.tensor(student_mean), torch.tensor(student_std)
+        t_mean, t_std = torch.tensor(mean), torch.tensor(std)
+        self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False
+        )
+
+    def train(self, mode: bool = True) -> Teacher:
+        # the teacher stays in eval mode whatever the student does
+        super().train(False)
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * self.scale + self.shift
+        if self.img_size is not None and x.shape[-1] != self.img_size:
+            x = F.interpolate(
+                x,
+                size=(self.img_size, self.img_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
+        out = self.model(x)
+        if isinstance(out, tuple):  # a distilled model of ours in eval mode never is, but be safe
+            out = sum(out) / len(out)
+        return out.float()
+
+
+def _load_weights(model: nn.Module, weights: str | None, source: str) -> None:
+    if weights is None:
+        raise ValueError(
+            f"teacher {source} needs a weights file (--teacher-weights PATH); training from "
+            "an untrained teacher would distil noise"
+        )
+    state_dict = read_state_dict(weights)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"teacher weights {weights} do not fit {source}: {err}") from err
+
+
+def load_teacher(
+    source: str,
+    num_classes: int,
+    student: DataSettings,
+    weights: str | None = None,
+    device: torch.device | str = "cpu",
+) -> Teacher:
+    """Build a frozen teacher and check that it predicts ``num_classes`` classes."""
+    if source.startswith("timm:"):
+        import timm
+
+        name = source[len("timm:") :]
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm model {name!r} for the teacher")
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        _load_weights(model, weights, source)
+        cfg = model.pretrained_cfg or {}
+        mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+        size = None
+    elif source.startswith("torchvision:"):
+        import torchvision
+
+        name = source[len("torchvision:") :]
+        try:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        except ValueError as err:
+            raise ValueError(f"unknown torchvision model {name!r} for the teacher") from err
+        _load_weights(model, weights, source)
+        mean, std, size = IMAGENET_MEAN, IMAGENET_STD, None
+    else:
+        from cait.inference import load_for_inference
+
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"teacher checkpoint not found: {source}")
+        loaded = load_for_inference(source)
+        model = loaded.model
+        names = loaded.class_names or []
+        if len(names) != num_classes:
+            raise ValueError(
+                f"the teacher {source} predicts {len(names)} classes, the data has {num_classes}"
+            )
+        s = loaded.settings
+        mean, std, size = s.mean, s.std, s.img_size
+    teacher = Teacher(model, mean, std, student.mean, student.std, img_size=size).to(device)
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, student.img_size, student.img_size, device=device)
+        out_classes = teacher(probe).shape[-1]
+    if out_classes != num_classes:
+        raise ValueError(
+            f"the teacher {source} predicts {out_classes} classes, the data has {num_classes}"
+        )
+    logger.info(
+        "teacher %s: %.2fM parameters, frozen",
+        source,
+        sum(p.numel() for p in teacher.model.parameters()) / 1e6,
+    )
+    return teacher
