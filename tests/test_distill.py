@@ -238,3 +238,15 @@ def test_teacher_then_distilled_student_through_the_cli(tmp_path, capsys):
     )
     assert "do not fit timm:resnet10t" in capsys.readouterr().err
     assert not (tmp_path / "x" / "last.pt").exists()
+
+
+def test_torchvision_teacher(tmp_path):
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    settings = DataSettings(32, 1.0, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    teacher = load_teacher("torchvision:resnet18", 10, settings, str(weights))
+    assert teacher(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown torchvision model"):
+        load_teacher("torchvision:resnet_nope", 10, settings, str(weights))
