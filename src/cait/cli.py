@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -151,6 +152,72 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from cait.analysis.attention import save_attention_maps
+
+    results = save_attention_maps(
+        args.checkpoint,
+        args.images,
+        args.output,
+        model_name=args.model,
+        sa_block=args.sa_block,
+        img_size=args.img_size,
+        device=args.device,
+    )
+    for r in results:
+        written = [r[k] for k in ("class_attention_png", "self_attention_png") if k in r]
+        print(f"{r['image']}: predicted {r['name']} -> {', '.join(written)}")
+    return 0
+
+
+def _cmd_residuals(args: argparse.Namespace) -> int:
+    from cait.analysis.residuals import save_residual_report
+
+    results = save_residual_report(
+        args.checkpoint,
+        args.data,
+        args.output,
+        labels=args.label,
+        model_name=args.model,
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    for r in results:
+        print(
+            f"{r.label}: {len(r.attn)} blocks on {r.images} images, attention ratio "
+            f"{min(r.attn):.3g}..{max(r.attn):.3g}, MLP ratio {min(r.mlp):.3g}..{max(r.mlp):.3g}"
+        )
+    print(f"wrote {args.output}/residuals.csv and {args.output}/residuals.png")
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from cait.analysis.ablation import GRIDS, run_ablation
+
+    if args.list:
+        for g in GRIDS.values():
+            print(
+                f"{g.name:<9}{len(g.configs)} configurations x {len(g.seeds)} seed(s), "
+                f"{g.epochs} epochs: {g.description}"
+            )
+        return 0
+    if args.output is None:
+        raise ValueError("--output is required (the folder for runs and results)")
+    run_ablation(
+        args.grid,
+        args.data,
+        args.output,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print((Path(args.output) / "results.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cait", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -215,6 +282,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("attention", help="class-attention maps of images, drawn over them")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--output", required=True, help="folder for the PNG grids and .npy maps")
+    p.add_argument("--model", help="variant, for official/timm weights without a config")
+    p.add_argument("--sa-block", type=int, help="also draw this self-attention block (from 0)")
+    p.add_argument("--img-size", type=int, help="evaluate at this resolution instead")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.set_defaults(func=_cmd_attention)
+
+    p = sub.add_parser("residuals", help="residual-branch / stream norm ratios per block")
+    p.add_argument("--checkpoint", required=True, nargs="+", help="one or more checkpoints")
+    p.add_argument("--label", nargs="+", help="a name per checkpoint for the plot")
+    p.add_argument("--data", required=True, help="ImageFolder root (uses val/) or 'digits'")
+    p.add_argument("--output", required=True, help="folder for residuals.csv/.png")
+    p.add_argument("--model", help="variant, for official/timm weights without a config")
+    p.add_argument("--num-images", type=int, default=256, help="validation images to average")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_residuals)
+
+    p = sub.add_parser("ablate", help="train a grid of ablation configurations, tabulate")
+    p.add_argument("--grid", default="default", help="tiny, default or paper (see --list)")
+    p.add_argument("--data", help="ImageFolder root or 'digits' (default: the grid's)")
+    p.add_argument("--output", help="folder for the runs, results.md and results.png")
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the grid's)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: the grid's)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--list", action="store_true", help="list the grids and exit")
+    p.set_defaults(func=_cmd_ablate)
     return parser
 
 

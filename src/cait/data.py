@@ -40,6 +40,7 @@ __all__ = [
     "eval_transform",
     "export_digits",
     "load_image",
+    "read_image",
     "train_transform",
 ]
 
@@ -80,6 +81,17 @@ def load_image(path: str | Path) -> Image.Image:
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
         return img.convert("RGB")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """:func:`load_image` for files a user named: a missing file raises
+    ``FileNotFoundError``, an unreadable one ``ValueError`` naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        return load_image(path)
+    except UNREADABLE_IMAGE_ERRORS as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
 
 
 @dataclass(frozen=True)

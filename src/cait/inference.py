@@ -14,12 +14,11 @@ from torch.utils.data import DataLoader
 
 from cait import runtime
 from cait.data import (
-    UNREADABLE_IMAGE_ERRORS,
     DataSettings,
     build_val_dataset,
     collate_samples,
     eval_transform,
-    load_image,
+    read_image,
 )
 from cait.engine import evaluate
 from cait.factory import model_from_spec
@@ -157,12 +156,7 @@ def predict(
     transform = eval_transform(loaded.settings)
     results = []
     for image in images:
-        try:
-            img = load_image(image)
-        except FileNotFoundError:
-            raise
-        except UNREADABLE_IMAGE_ERRORS as err:
-            raise ValueError(f"cannot read image {image}: {err}") from err
+        img = read_image(image)
         probs = model(transform(img)[None].to(dev)).float().softmax(-1)[0]
         k = min(topk, probs.numel())
         values, indices = probs.topk(k)

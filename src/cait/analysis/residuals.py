@@ -1,0 +1,193 @@
+"""How much each residual branch adds to the stream (paper Section 2, Figure 4 style).
+
+For every block and both branches, the ratio ``||branch|| / ||stream||`` of the norm of the
+scaled branch output (after LayerScale, ReZero's or SkipInit's factor, none for pre-norm)
+to the norm of the residual stream it is added to. The norms are the L2 norms over the
+channels of each token; the ratio is taken per token and averaged over the tokens and the
+images. The attention branch is compared with the stream entering the block, the MLP
+branch with the stream entering the MLP (after the attention branch was added). In a
+class-attention block the stream is the class token (and the distillation token).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from cait.data import build_val_dataset, collate_samples, eval_transform
+from cait.inference import LoadedModel, load_for_inference
+from cait.layers import BlockTrace
+from cait.model import CaiT
+
+__all__ = ["ResidualRatios", "branch_ratios", "residual_ratios", "save_residual_report"]
+
+logger = logging.getLogger(__name__)
+
+CSV_FIELDS = ("label", "stage", "block", "layer", "attn_ratio", "mlp_ratio")
+
+
+@dataclass
+class ResidualRatios:
+    """Mean ratios for one model: one entry per block, SA blocks first, then CA blocks."""
+
+    label: str
+    stages: list[str]  # "sa" or "ca", per block
+    attn: list[float]
+    mlp: list[float]
+    images: int
+
+    def rows(self) -> list[dict]:
+        """The CSV rows: ``layer`` counts all blocks from 1, ``block`` within its stage."""
+        out, seen = [], {"sa": 0, "ca": 0}
+        for layer, (stage, a, m) in enumerate(zip(self.stages, self.attn, self.mlp, strict=True)):
+            seen[stage] += 1
+            out.append(
+                {
+                    "label": self.label,
+                    "stage": stage,
+                    "block": seen[stage],
+                    "layer": layer + 1,
+                    "attn_ratio": a,
+                    "mlp_ratio": m,
+                }
+            )
+        return out
+
+
+def _token_ratio_sum(branch: Tensor, stream: Tensor) -> Tensor:
+    """Sum over images and tokens of ``||branch|| / ||stream||`` (norms over channels)."""
+    ratio = branch.float().norm(dim=-1) / stream.float().norm(dim=-1).clamp_min(1e-12)
+    return ratio.sum()
+
+
+def branch_ratios(traces: list[BlockTrace]) -> tuple[Tensor, Tensor, int]:
+    """Per-block sums of the attention and MLP ratios over a batch, and the tokens counted
+    per block (for the mean, divide the sums by the count).
+
+    Returns ``(attn_sums (L,), mlp_sums (L,), tokens (L,))``.
+    """
+    attn = torch.stack([_token_ratio_sum(t.attn_branch, t.stream) for t in traces])
+    mlp = torch.stack([_token_ratio_sum(t.mlp_branch, t.mid_stream) for t in traces])
+    tokens = torch.tensor([t.stream.shape[0] * t.stream.shape[1] for t in traces])
+    return attn, mlp, tokens
+
+
+@torch.no_grad()
+def residual_ratios(
+    model: CaiT,
+    loader: DataLoader,
+    label: str = "model",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> ResidualRatios:
+    """Mean branch/stream norm ratios of every block over the images of ``loader``."""
+    if not isinstance(model, CaiT):
+        raise ValueError(f"residual ratios need a cait model, got {type(model)}")
+    model.eval().to(device)
+    attn_sum = mlp_sum = count = None
+    images = 0
+    stages: list[str] = []
+    for batch, *_ in tqdm(loader, desc=f"residuals {label}", disable=not progress, leave=False):
+        out = model.forward_intermediates(batch.to(device))
+        traces = out.sa + out.ca
+        stages = ["sa"] * len(out.sa) + ["ca"] * len(out.ca)
+        a, m, n = branch_ratios(traces)
+        attn_sum = a if attn_sum is None else attn_sum + a
+        mlp_sum = m if mlp_sum is None else mlp_sum + m
+        count = n if count is None else count + n
+        images += batch.shape[0]
+    if not images:
+        raise ValueError("no images to measure the residual ratios on")
+    return ResidualRatios(
+        label=label,
+        stages=stages,
+        attn=(attn_sum / count).tolist(),
+        mlp=(mlp_sum / count).tolist(),
+        images=images,
+    )
+
+
+def plot_residual_ratios(results: list[ResidualRatios], path: str | Path) -> Path:
+    """Attention and MLP ratios per layer, one line per model, log scale."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, branch in zip(axes, ("attn", "mlp"), strict=True):
+        for r in results:
+            values = getattr(r, branch)
+            layers = range(1, len(values) + 1)
+            (line,) = ax.plot(layers, values, marker=".", label=r.label)
+            ca = [i for i, s in enumerate(r.stages) if s == "ca"]
+            if ca:  # the class-attention blocks, marked with squares
+                ax.plot([i + 1 for i in ca], [values[i] for i in ca], "s", color=line.get_color())
+        ax.set_yscale("log")
+        ax.set_xlabel("block (self-attention, then class-attention as squares)")
+        ax.set_title("attention branch" if branch == "attn" else "MLP branch")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("||branch|| / ||residual stream||")
+    axes[0].legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def _label_for(checkpoint: str) -> str:
+    path = Path(checkpoint)
+    # runs/NAME/model.safetensors -> NAME; a bare weights file -> its stem
+    return path.parent.name if path.stem in ("model", "model_ema", "best", "last") else path.stem
+
+
+def save_residual_report(
+    checkpoints: list[str | LoadedModel],
+    data: str,
+    output: str | Path,
+    labels: list[str] | None = None,
+    model_name: str | None = None,
+    num_images: int = 256,
+    batch_size: int = 64,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[ResidualRatios]:
+    """Measure every checkpoint on the first ``num_images`` validation images of ``data``
+    (``digits`` or an ImageFolder root) and write ``residuals.csv`` and ``residuals.png``.
+    """
+    if not checkpoints:
+        raise ValueError("give at least one checkpoint")
+    if labels is not None and len(labels) != len(checkpoints):
+        raise ValueError(f"got {len(labels)} labels for {len(checkpoints)} checkpoints")
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    # load every model first, so that a bad checkpoint fails before any measuring
+    loaded = [
+        c if isinstance(c, LoadedModel) else load_for_inference(c, model_name) for c in checkpoints
+    ]
+    results = []
+    for i, (ckpt, model) in enumerate(zip(checkpoints, loaded, strict=True)):
+        label = labels[i] if labels else (_label_for(ckpt) if isinstance(ckpt, str) else str(i))
+        if not isinstance(model.model, CaiT):
+            raise ValueError(f"{label}: residual ratios need a cait model, not a timm: model")
+        dataset = build_val_dataset(data, eval_transform(model.settings), model.folder_names)
+        subset = Subset(dataset, range(min(num_images, len(dataset))))
+        loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_samples)
+        results.append(residual_ratios(model.model, loader, label, device, progress))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "residuals.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in results:
+            writer.writerows(r.rows())
+    plot_residual_ratios(results, out / "residuals.png")
+    logger.info("wrote %s and %s", out / "residuals.csv", out / "residuals.png")
+    return results
