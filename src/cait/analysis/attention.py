@@ -265,7 +265,7 @@ def save_attention_maps(
             picture_out = render_attention_grid(
                 shown,
                 grid,
-                [f"SA block {sa_block}"],
+                [f"SA block {sa_block}: attention received"],
                 [f"head {h}" for h in range(sa.shape[0])] + ["mean of heads"],
             )
             png = out_dir / f"{stem}_sa{sa_block}.png"
