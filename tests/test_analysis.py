@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import randomize_
 from PIL import Image
 from sklearn.datasets import load_sample_images
@@ -238,22 +239,22 @@ def test_tiny_grid_runs_tabulates_and_resumes(tmp_path, capsys, monkeypatch):
     # an interrupted grid: the first run stopped after one of its two epochs
     first = grid.configs[0]
     run_dir = out / "runs" / first.name / "seed0"
-    settings = ablation._merge(
-        grid.train,
-        {
-            "model": grid.model,
-            "model_args": first.model_args,
-            "epochs": grid.epochs,
-            "seed": 0,
-            "output": str(run_dir),
-            "stop_after": 1,
-            "progress": False,
-        },
+    overrides = ["optim.warmup_epochs=1"]
+    settings = ablation._run_settings(
+        grid,
+        first,
+        overrides,
+        epochs=grid.epochs,
+        seed=0,
+        output=str(run_dir),
+        stop_after=1,
+        progress=False,
     )
     train(config_from_dict(settings))
     assert not (run_dir / "result.json").exists()
 
-    assert cli_main(["ablate", "--grid", "tiny", "--output", str(out), "--no-progress"]) == 0
+    args = ["ablate", "--grid", "tiny", "--output", str(out), "--no-progress"]
+    assert cli_main(args + ["--set", overrides[0]]) == 0
     table = (out / "results.md").read_text()
     assert table == capsys.readouterr().out.rstrip("\n") + "\n"
     body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
@@ -263,6 +264,8 @@ def test_tiny_grid_runs_tabulates_and_resumes(tmp_path, capsys, monkeypatch):
     assert all(r["epochs"] == grid.epochs and 0 <= r["top1"] <= 100 for r in results)
     resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in resumed] == [1, 2]  # the second epoch came from the resume
+    saved = yaml.safe_load((out / "runs" / "rezero_d2" / "seed1" / "config.yaml").read_text())
+    assert saved["optim"]["warmup_epochs"] == 1 and saved["model_args"]["branch_scale"] == "rezero"
     with Image.open(out / "results.png") as png:
         width, height = png.size  # matplotlib rounds inches x dpi to whole pixels
         assert width == 800 and abs(height - 100 * (0.45 * len(grid.configs) + 1.2)) <= 1
@@ -272,7 +275,7 @@ def test_tiny_grid_runs_tabulates_and_resumes(tmp_path, capsys, monkeypatch):
         raise AssertionError(f"trained {config.output} again")
 
     monkeypatch.setattr(ablation, "train", no_training)
-    assert ablation.run_ablation("tiny", None, out, progress=False) == [
+    assert ablation.run_ablation("tiny", None, out, progress=False, overrides=overrides) == [
         ablation.RunResult(**r) for r in results
     ]
 

@@ -213,6 +213,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         device=args.device,
         progress=not args.no_progress,
+        overrides=args.set,
     )
     print((Path(args.output) / "results.md").read_text())
     return 0
@@ -313,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs per run (default: the grid's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a training setting for every run, e.g. data.batch_size=256 (repeatable)",
+    )
     p.add_argument("--list", action="store_true", help="list the grids and exit")
     p.set_defaults(func=_cmd_ablate)
     return parser

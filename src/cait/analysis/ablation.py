@@ -22,7 +22,7 @@ from typing import Any
 
 from cait.engine import NonFiniteLossError
 from cait.train import TIMING_KEYS, train
-from cait.train_config import config_from_dict
+from cait.train_config import apply_overrides, config_from_dict
 from cait.variants import layerscale_init_for_depth
 
 __all__ = ["GRIDS", "AblationConfig", "Grid", "RunResult", "get_grid", "run_ablation"]
@@ -241,26 +241,39 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _run_settings(
+    grid: Grid, cfg: AblationConfig, overrides: list[str], **fields: Any
+) -> dict[str, Any]:
+    """TrainConfig fields of one run: the grid's, the run's, then the user's overrides."""
+    base = _merge(grid.train, {"model": grid.model, "model_args": cfg.model_args, **fields})
+    return apply_overrides(base, overrides)
+
+
 def _run_one(
-    grid: Grid, cfg: AblationConfig, seed: int, epochs: int, data: str, run_dir: Path, **kw: Any
+    grid: Grid,
+    cfg: AblationConfig,
+    seed: int,
+    epochs: int,
+    data: str,
+    run_dir: Path,
+    overrides: list[str],
+    **kw: Any,
 ) -> RunResult:
     done = run_dir / "result.json"
     if done.is_file():
         logger.info("%s seed %d: done before, kept", cfg.name, seed)
         return RunResult(**json.loads(done.read_text()))
     resume = run_dir / "last.pt"
-    settings = _merge(
-        grid.train,
-        {
-            "model": grid.model,
-            "model_args": cfg.model_args,
-            "epochs": epochs,
-            "seed": seed,
-            "output": str(run_dir),
-            "resume": str(resume) if resume.is_file() else None,
-            "data": {"path": data},
-            **kw,
-        },
+    settings = _run_settings(
+        grid,
+        cfg,
+        overrides,
+        epochs=epochs,
+        seed=seed,
+        output=str(run_dir),
+        resume=str(resume) if resume.is_file() else None,
+        data={"path": data},
+        **kw,
     )
     config = config_from_dict(settings)
     logger.info(
@@ -293,13 +306,17 @@ def run_ablation(
     epochs: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    overrides: list[str] | None = None,
 ) -> list[RunResult]:
     """Train every configuration of ``grid`` with every seed, then write ``results.md``,
     ``results.json`` and ``results.png`` to ``output``.
 
     ``seeds`` (a count) and ``epochs`` shrink or grow the grid's budget; ``data`` defaults to
     the grid's (the digits for ``tiny`` and ``default``; ``paper`` needs a folder).
+    ``overrides`` are ``KEY=VALUE`` training settings applied to every run (as ``--set``),
+    e.g. ``data.batch_size=256`` or ``amp=bf16``.
     """
+    overrides = list(overrides or [])
     grid = get_grid(grid) if isinstance(grid, str) else grid
     data = data or grid.data
     if not data:
@@ -314,7 +331,7 @@ def run_ablation(
     out.mkdir(parents=True, exist_ok=True)
     # validate every configuration before the first (possibly long) run starts
     for cfg in grid.configs:
-        config_from_dict(_merge(grid.train, {"model": grid.model, "model_args": cfg.model_args}))
+        config_from_dict(_run_settings(grid, cfg, overrides))
     start = time.perf_counter()
     results = []
     total = len(grid.configs) * len(seed_list)
@@ -323,7 +340,17 @@ def run_ablation(
             logger.info("run %d/%d", len(results) + 1, total)
             run_dir = out / "runs" / cfg.name / f"seed{seed}"
             results.append(
-                _run_one(grid, cfg, seed, epochs, data, run_dir, device=device, progress=progress)
+                _run_one(
+                    grid,
+                    cfg,
+                    seed,
+                    epochs,
+                    data,
+                    run_dir,
+                    overrides,
+                    device=device,
+                    progress=progress,
+                )
             )
     elapsed = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps([r.to_dict() for r in results], indent=2))
