@@ -144,8 +144,12 @@ def plot_residual_ratios(results: list[ResidualRatios], path: str | Path) -> Pat
 
 def _label_for(checkpoint: str) -> str:
     path = Path(checkpoint)
-    # runs/NAME/model.safetensors -> NAME; a bare weights file -> its stem
-    return path.parent.name if path.stem in ("model", "model_ema", "best", "last") else path.stem
+    # runs/NAME/model.safetensors -> NAME; an ablation run's runs/CONFIG/seedS/... ->
+    # CONFIG/seedS; a bare weights file -> its stem
+    if path.stem not in ("model", "model_ema", "best", "last"):
+        return path.stem
+    run = path.parent
+    return f"{run.parent.name}/{run.name}" if run.name.startswith("seed") else run.name
 
 
 def save_residual_report(
