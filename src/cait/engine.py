@@ -179,15 +179,18 @@ def evaluate(
 
     Under ``torchrun`` each rank evaluates its own shard (``ShardSampler``: no padding, no
     image twice) and the sums of losses, hits and images are added over the ranks, so the
-    result is the single-process one. Every rank runs the same number of forward passes (a
-    rank with fewer batches repeats its last one and discards it), because an FSDP model
-    gathers its weights from all ranks in each forward.
+    result is the single-process one. Every rank runs as many forward passes as the rank
+    with the most batches (one with fewer repeats its last batch and discards the result),
+    because an FSDP model gathers its weights from all ranks in each forward pass.
     """
     model.eval()
     # loss sum, top-1 hits, top-5 hits, images: float64 holds the counts exactly
     sums = torch.zeros(4, device=device, dtype=torch.float64)
     skipped: list[str] = []
     start = time.perf_counter()
+    # agreed before the first forward pass: a collective between two forward passes of an
+    # FSDP model would be matched with the other ranks' weight gathers and hang
+    most = _most_batches(loader, device)
     passes, last = 0, None
     for x, target, bad in tqdm(loader, desc=description, disable=not progress, leave=False):
         skipped += bad
@@ -211,7 +214,11 @@ def evaluate(
                 torch.tensor(float(x.shape[0]), device=device, dtype=torch.float64),
             ]
         )
-    _match_forward_passes(model, passes, last, device, amp)
+    if passes < most and last is None:
+        raise ValueError("this rank has no readable evaluation batch to keep step with")
+    for _ in range(most - passes):  # results discarded
+        with autocast(device, amp):
+            model(last)
     all_reduce_sum(sums)
     skipped = [s for rank in all_gather_objects(skipped) for s in rank]
     seconds = time.perf_counter() - start
@@ -228,16 +235,8 @@ def evaluate(
     }
 
 
-def _match_forward_passes(
-    model: nn.Module, passes: int, last: torch.Tensor | None, device: torch.device, amp: str
-) -> None:
-    """Repeat the last batch (results discarded) until this rank has run as many forward
-    passes as the rank with the most."""
+def _most_batches(loader: Iterable, device: torch.device) -> int:
+    """The largest number of batches any rank's ``loader`` has (0 on one process)."""
     if dist_info().world_size == 1:
-        return
-    most = int(all_reduce_max(torch.tensor(passes, device=device)).item())
-    if most > passes and last is None:
-        raise ValueError("a rank without a readable evaluation batch cannot keep step")
-    for _ in range(most - passes):
-        with autocast(device, amp):
-            model(last)
+        return 0
+    return int(all_reduce_max(torch.tensor(len(loader), device=device)).item())
