@@ -353,3 +353,53 @@ def test_fsdp_run_checkpoints_and_reloads_in_one_process(tmp_path):
     assert state["epoch"] == 1 and isinstance(next(iter(state["optimizer"]["state"])), int)
     rows = _metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["val_images"] == 360
+
+
+_FAILURE_SCRIPT = textwrap.dedent(
+    """
+    # Under torchrun: `cait train` where rank 1 alone meets a NaN loss (mode "nan") or an
+    # error of its own (mode "error") at its 3rd batch.
+    import os
+    import sys
+    import cait.losses
+    from cait.cli import main
+
+    mode, args = sys.argv[1], sys.argv[2:]
+    real = cait.losses.DistillationLoss.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, outputs, target, teacher_logits=None):
+        calls["n"] += 1
+        out = real(self, outputs, target, teacher_logits)
+        if os.environ["RANK"] == "1" and calls["n"] >= 3:
+            if mode == "error":
+                raise RuntimeError("rank 1 broke down")
+            out.loss = out.loss * float("nan")
+        return out
+
+    cait.losses.DistillationLoss.__call__ = poisoned
+    sys.exit(main(args))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["nan", "error"])
+def test_a_failure_on_one_rank_ends_the_job_with_the_error(tmp_path, mode):
+    """A NaN on rank 1 stops both ranks (the check is all-reduced); an exception on rank 1
+    ends the job through torchrun, with the error in the output, not a hang."""
+    script = tmp_path / "fail.py"
+    script.write_text(_FAILURE_SCRIPT)
+    args = ["train", "--recipe", str(ROOT / "recipes" / "digits.yaml"), "--output", str(tmp_path)]
+    args += ["--epochs", "1", "--batch-size", "64", "--no-progress"]
+    args += ["--set", "model_args.depth=1", "--set", "log_interval=1", "--set", "tensorboard=false"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={WORLD}", str(script), mode, *args]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    if mode == "nan":
+        for rank in range(WORLD):
+            assert f"[rank {rank}] cait train: error: training loss became nan" in output
+    else:
+        assert "RuntimeError: rank 1 broke down" in output
+    assert not (tmp_path / "last.pt").exists()
