@@ -403,3 +403,21 @@ def test_a_failure_on_one_rank_ends_the_job_with_the_error(tmp_path, mode):
     else:
         assert "RuntimeError: rank 1 broke down" in output
     assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("nproc", [["--nproc", "3"], ["--nproc=3"]])
+def test_cli_nproc_relaunches_itself_under_torchrun(tmp_path, monkeypatch, nproc):
+    import cait.cli
+
+    calls = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cait.cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    args = ["train", "--data", "digits", "--output", str(tmp_path), "--epochs", "1"]
+    assert cait.cli.main([*args[:3], *nproc, *args[3:]]) == 0
+    (cmd,) = calls
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"] + [
+        "-m",
+        "cait",
+        *args,
+    ]
+    assert not (tmp_path / "config.yaml").exists()  # the launcher itself trains nothing
