@@ -106,6 +106,7 @@ _RESUME_FREE = {
     "log_interval",
     "data.workers",
     "dist_timeout",
+    "parallel",  # DDP and FSDP compute the same steps (up to float rounding)
 }
 
 
