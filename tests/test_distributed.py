@@ -211,12 +211,13 @@ def test_distributed_evaluation_counts_every_image_once(tmp_path):
 EQUIVALENCE = [*DETERMINISTIC, "optim.clip_grad=1.0"]
 
 
-def _train_two(output: Path, *extra: str) -> None:
+def _train_two(output: Path, *extra: str) -> str:
     """``torchrun -m cait train`` on 2 processes x batch 64, the equivalence settings."""
     sets = ["model_args.depth=1", "tensorboard=false", *EQUIVALENCE]
     args = ["--recipe", str(ROOT / "recipes" / "digits.yaml"), "--output", str(output)]
     args += ["--no-progress", "--data", "digits", "--epochs", "2", "--batch-size", "64"]
-    _torchrun("-m", "cait", "train", *args, *extra, *[a for s in sets for a in ("--set", s)])
+    proc = _torchrun("-m", "cait", "train", *args, *extra, *[a for s in sets for a in ("--set", s)])
+    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -224,12 +225,13 @@ def equivalence_runs(tmp_path_factory) -> dict[str, Path]:
     """A 2-process run, and the 1-process run with the same global batch (128), stopped
     after epoch 1 (its checkpoint kept) and resumed."""
     tmp = tmp_path_factory.mktemp("equivalence")
-    _train_two(tmp / "two")
+    log = _train_two(tmp / "two")
     one = tmp / "one"
     train(_config(one, "data.batch_size=128", "stop_after=1", *EQUIVALENCE))
     shutil.copy(one / "last.pt", tmp / "one_epoch1.pt")
     train(_config(one, "data.batch_size=128", f"resume={tmp / 'one_epoch1.pt'}", *EQUIVALENCE))
-    return {"two": tmp / "two", "one": one, "one_epoch1": tmp / "one_epoch1.pt", "tmp": tmp}
+    runs = {"two": tmp / "two", "one": one, "one_epoch1": tmp / "one_epoch1.pt", "tmp": tmp}
+    return {**runs, "log": log}
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(equivalence_runs):
@@ -240,6 +242,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(equivalence_
     two, one = equivalence_runs["two"], equivalence_runs["one"]
     rows_two, rows_one = _metrics(two), _metrics(one)
     assert [r["epoch"] for r in rows_two] == [1, 2]  # one writer only
+    assert "[rank 0] INFO cait.train: epoch 2/2" in equivalence_runs["log"]
+    assert "[rank 1] INFO" not in equivalence_runs["log"]  # rank 1 logs warnings only
     for a, b in zip(rows_two, rows_one, strict=True):
         for key in ("train_loss", "val_loss", "lr"):
             assert a[key] == pytest.approx(b[key], abs=TOLERANCE, rel=0), key
