@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,10 +98,17 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from cait.runtime import torchrun_command
     from cait.train import train
 
     config = train_config_from_args(args)
+    if args.nproc and "WORLD_SIZE" not in os.environ:  # relaunch under torchrun, without --nproc
+        i = next(i for i, a in enumerate(args.argv) if a.split("=")[0] == "--nproc")
+        rest = args.argv[:i] + args.argv[i + (1 if "=" in args.argv[i] else 2) :]
+        return subprocess.call(torchrun_command(args.nproc, rest))
     result = train(config)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     last = result.history[-1] if result.history else {}
     print(
         f"outputs in {result.output}: last.pt, best.pt, metrics.jsonl, curves.png"
@@ -261,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distillation", choices=["none", "soft", "hard"])
     p.add_argument("--distill-alpha", type=float, help="weight of the distillation term")
     p.add_argument("--distill-tau", type=float, help="temperature of soft distillation")
+    p.add_argument("--nproc", type=int, help="N processes on this machine, via torchrun")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a validation split")
@@ -330,15 +340,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cait.engine import NonFiniteLossError
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
+    rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # set by torchrun
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s",
     )
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"cait {args.command}: error: {err}", file=sys.stderr)
+        print(f"{rank}cait {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

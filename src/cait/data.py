@@ -11,7 +11,6 @@ silently: each sample carries the files it had to skip, the loop collects and re
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,9 @@ __all__ = [
     "DigitsDataset",
     "ImageFolderDataset",
     "RepeatedAugSampler",
-    "UNREADABLE_IMAGE_ERRORS",
+    "ShardSampler",
     "ShuffleSampler",
+    "UNREADABLE_IMAGE_ERRORS",
     "build_datasets",
     "build_mixup",
     "build_train_sampler",
@@ -350,24 +350,40 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 _EPOCH_STRIDE = 100_003
 
 
+def _check_rank(num_replicas: int, rank: int) -> None:
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+
+
 class ShuffleSampler(Sampler[int]):
     """A random order that depends only on ``(seed, epoch)``, so a resumed run sees the
-    same order as an uninterrupted one."""
+    same order as an uninterrupted one.
 
-    def __init__(self, size: int, seed: int) -> None:
+    With ``num_replicas`` processes, rank ``r`` takes ``order[r::num_replicas]``, cut to
+    ``size // num_replicas`` so that every rank has as many samples and none is shared (the
+    last ``size % num_replicas`` of each epoch's order are left out; which ones changes every
+    epoch). Batch ``s`` of every rank together are then the images of batch ``s`` of one
+    process with the global batch.
+    """
+
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        _check_rank(num_replicas, rank)
         self.size = size
         self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
+        self.num_samples = size // num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.size, generator=_epoch_generator(self.seed, self.epoch))
-        return iter(order.tolist())
+        return iter(order[self.rank :: self.num_replicas][: self.num_samples].tolist())
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
 
 class RepeatedAugSampler(Sampler[int]):
@@ -376,9 +392,10 @@ class RepeatedAugSampler(Sampler[int]):
     Each epoch the shuffled indices are repeated ``repeats`` times in a row
     (``[i, i, i, j, j, j, ...]``) and dealt to the ranks in turn, so the copies of an image
     get different augmentations on different ranks (or, on one process, sit in the same
-    batch). Each rank keeps ``ceil(size / num_replicas)`` samples, the epoch length of plain
-    shuffling, so an epoch covers about ``1 / repeats`` of the distinct images. The order
-    depends only on ``(seed, epoch)``.
+    batch). Each rank keeps ``size // num_replicas`` samples, the epoch length of plain
+    shuffling (:class:`ShuffleSampler`), so an epoch has the same number of steps and covers
+    about ``1 / repeats`` of the distinct images. The order depends only on
+    ``(seed, epoch)``.
     """
 
     def __init__(
@@ -386,15 +403,14 @@ class RepeatedAugSampler(Sampler[int]):
     ) -> None:
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        _check_rank(num_replicas, rank)
         self.size = size
         self.repeats = repeats
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
-        self.num_samples = math.ceil(size / num_replicas)
+        self.num_samples = size // num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -409,11 +425,33 @@ class RepeatedAugSampler(Sampler[int]):
         return self.num_samples
 
 
-def build_train_sampler(dataset: Dataset, repeats: int, seed: int) -> Sampler[int]:
-    """Plain shuffling, or repeated augmentation when ``repeats > 1``."""
+class ShardSampler(Sampler[int]):
+    """Evaluation order: rank ``r`` of ``num_replicas`` takes indices ``r, r + n, ...``.
+
+    No padding (unlike ``DistributedSampler``): the shards differ in length by at most one
+    and together hold every index exactly once, so summed counts are exact.
+    """
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        _check_rank(num_replicas, rank)
+        self.size = size
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.num_replicas))
+
+
+def build_train_sampler(
+    dataset: Dataset, repeats: int, seed: int, num_replicas: int = 1, rank: int = 0
+) -> Sampler[int]:
+    """Plain shuffling, or repeated augmentation when ``repeats > 1``; sharded by rank."""
     if repeats > 1:
-        return RepeatedAugSampler(len(dataset), repeats, seed)
-    return ShuffleSampler(len(dataset), seed)
+        return RepeatedAugSampler(len(dataset), repeats, seed, num_replicas, rank)
+    return ShuffleSampler(len(dataset), seed, num_replicas, rank)
 
 
 def build_mixup(augment: AugmentConfig, num_classes: int) -> Mixup | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from cait.losses import DistillationLoss
 from cait.optim import LRSchedule, ModelEma
-from cait.runtime import autocast
+from cait.runtime import all_gather_objects, all_reduce_max, all_reduce_sum, autocast, dist_info
 
 __all__ = ["EpochStats", "NonFiniteLossError", "evaluate", "train_one_epoch"]
 
@@ -79,6 +80,12 @@ def train_one_epoch(
     distillation term. The loss is accumulated on the
     device and read back only every ``log_interval`` steps, so the loop does not wait on
     the device at every step; the NaN/inf check runs at those points and at the end.
+
+    Under ``torchrun`` every rank runs this on its shard of the data with the same number of
+    batches. The loss is averaged over all ranks where it is read back (the ranks' batches
+    are equal, so this is the loss of the global batch), so all ranks see the same value and
+    a NaN on any one of them stops every rank at the same step instead of leaving the others
+    waiting. ``images`` in the stats counts all ranks' images.
     """
     model.train()
     criterion = criterion if criterion is not None else DistillationLoss("none")
@@ -88,6 +95,8 @@ def train_one_epoch(
     images = 0
     skipped: list[str] = []
     micro = 0
+    # DDP all-reduces gradients in every backward; between optimiser steps that is wasted
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     lr = schedule(step)
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -99,15 +108,17 @@ def train_one_epoch(
         target = target.to(device, non_blocking=True)
         if mixup is not None:
             x, target = mixup(x, target)
-        with autocast(device, amp):
-            outputs = model(x)
-            teacher_logits = teacher(x) if teacher is not None else None
-        out = criterion(outputs, target, teacher_logits)
-        loss = out.loss / accum_steps
-        if scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        last_micro = (micro + 1) % accum_steps == 0
+        with contextlib.nullcontext() if last_micro else no_sync():
+            with autocast(device, amp):
+                outputs = model(x)
+                teacher_logits = teacher(x) if teacher is not None else None
+            out = criterion(outputs, target, teacher_logits)
+            loss = out.loss / accum_steps
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
         loss_sum += out.loss.detach()
         images += x.shape[0]
         micro += 1
@@ -131,9 +142,9 @@ def train_one_epoch(
         done = micro // accum_steps
         bar.update(1)
         if done % log_interval == 0 or done == total:
-            mean_loss = loss_sum.item() / micro
+            mean_loss = _global_mean(loss_sum, micro)
             _check_finite(mean_loss, epoch, step)
-            rate = images / (time.perf_counter() - start)
+            rate = images * dist_info().world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
             if on_log is not None:
                 on_log(step, mean_loss, lr)
@@ -141,10 +152,18 @@ def train_one_epoch(
             break
     bar.close()
     seconds = time.perf_counter() - start
-    mean_loss = loss_sum.item() / max(1, micro)
+    mean_loss = _global_mean(loss_sum, max(1, micro))
     _check_finite(mean_loss, epoch, step)
+    images *= dist_info().world_size  # every rank ran the same number of equal batches
+    skipped = [s for rank in all_gather_objects(skipped) for s in rank]
     stats = EpochStats(mean_loss, lr, images, seconds, micro // accum_steps, skipped)
     return stats, step
+
+
+def _global_mean(loss_sum: torch.Tensor, count: int) -> float:
+    """The mean over all ranks of ``loss_sum / count`` (every rank has the same count)."""
+    total = all_reduce_sum(loss_sum.detach().clone().double())
+    return total.item() / (count * dist_info().world_size)
 
 
 @torch.no_grad()
@@ -156,39 +175,68 @@ def evaluate(
     progress: bool = False,
     description: str = "eval",
 ) -> dict:
-    """Top-1, top-5 (or top-k for fewer classes), mean loss and image count on ``loader``."""
+    """Top-1, top-5 (or top-k for fewer classes), mean loss and image count on ``loader``.
+
+    Under ``torchrun`` each rank evaluates its own shard (``ShardSampler``: no padding, no
+    image twice) and the sums of losses, hits and images are added over the ranks, so the
+    result is the single-process one. Every rank runs as many forward passes as the rank
+    with the most batches (one with fewer repeats its last batch and discards the result),
+    because an FSDP model gathers its weights from all ranks in each forward pass.
+    """
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct1 = torch.zeros((), device=device, dtype=torch.long)
-    correct5 = torch.zeros((), device=device, dtype=torch.long)
-    images = 0
+    # loss sum, top-1 hits, top-5 hits, images: float64 holds the counts exactly
+    sums = torch.zeros(4, device=device, dtype=torch.float64)
     skipped: list[str] = []
     start = time.perf_counter()
+    # agreed before the first forward pass: a collective between two forward passes of an
+    # FSDP model would be matched with the other ranks' weight gathers and hang
+    most = _most_batches(loader, device)
+    passes, last = 0, None
     for x, target, bad in tqdm(loader, desc=description, disable=not progress, leave=False):
         skipped += bad
         if x.numel() == 0:
             continue
-        x = x.to(device, non_blocking=True)
+        x = last = x.to(device, non_blocking=True)
+        passes += 1
         target = target.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
         if isinstance(logits, tuple):  # a distilled model left in training mode
             logits = (logits[0] + logits[1]) / 2
         logits = logits.float()
-        loss_sum += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double()
         k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        hits = top == target[:, None]
-        correct1 += hits[:, 0].sum()
-        correct5 += hits.any(dim=-1).sum()
-        images += x.shape[0]
+        hits = logits.topk(k, dim=-1).indices == target[:, None]
+        sums += torch.stack(
+            [
+                torch.nn.functional.cross_entropy(logits, target, reduction="sum").double(),
+                hits[:, 0].sum().double(),
+                hits.any(dim=-1).sum().double(),
+                torch.tensor(float(x.shape[0]), device=device, dtype=torch.float64),
+            ]
+        )
+    if passes < most and last is None:
+        raise ValueError("this rank has no readable evaluation batch to keep step with")
+    for _ in range(most - passes):  # results discarded
+        with autocast(device, amp):
+            model(last)
+    all_reduce_sum(sums)
+    skipped = [s for rank in all_gather_objects(skipped) for s in rank]
     seconds = time.perf_counter() - start
+    loss_sum, correct1, correct5, images = sums.tolist()
+    images = int(images)
     n = max(1, images)
     return {
-        "top1": 100.0 * correct1.item() / n,
-        "top5": 100.0 * correct5.item() / n,
-        "loss": loss_sum.item() / n,
+        "top1": 100.0 * correct1 / n,
+        "top5": 100.0 * correct5 / n,
+        "loss": loss_sum / n,
         "images": images,
         "images_per_s": images / seconds if seconds > 0 else 0.0,
         "skipped": skipped,
     }
+
+
+def _most_batches(loader: Iterable, device: torch.device) -> int:
+    """The largest number of batches any rank's ``loader`` has (0 on one process)."""
+    if dist_info().world_size == 1:
+        return 0
+    return int(all_reduce_max(torch.tensor(len(loader), device=device)).item())

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from cait.train_config import OptimConfig
 
@@ -82,6 +83,9 @@ class ModelEma:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """Move towards ``model``'s weights (the model itself, or inside DDP)."""
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
         ema = self.module.state_dict()
         for name, value in model.state_dict().items():
             if value.is_floating_point():

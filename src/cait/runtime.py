@@ -1,21 +1,39 @@
-"""Process-wide settings in one place: seeds, threads, device, precision. Logged at start."""
+"""Process-wide settings in one place: seeds, threads, device, precision and the
+distributed process group (from the environment ``torchrun`` sets). Logged at start."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
+import os
 import platform
 import random
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 __all__ = [
+    "DistInfo",
+    "all_gather_objects",
+    "all_reduce_max",
+    "all_reduce_sum",
     "autocast",
+    "dist_info",
+    "distributed",
     "get_rng_state",
+    "init_distributed",
     "resolve_device",
     "seed_everything",
     "set_rng_state",
     "setup",
+    "shutdown_distributed",
+    "torchrun_command",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,9 +62,17 @@ def inference_device(device: str, amp: str) -> torch.device:
     return dev
 
 
-def setup(seed: int, device: str, amp: str, threads: int | None = None) -> torch.device:
-    """Seed every RNG, set threads and matmul precision, check the AMP mode; log it all."""
+def setup(
+    seed: int, device: str, amp: str, threads: int | None = None, local_rank: int = 0
+) -> torch.device:
+    """Seed every RNG, set threads and matmul precision, check the AMP mode; log it all.
+
+    Under ``torchrun`` a CUDA process takes the GPU of its ``local_rank``.
+    """
     dev = inference_device(device, amp)
+    if dev.type == "cuda" and dist_info().world_size > 1:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
     if threads is not None:
         torch.set_num_threads(threads)
     # full fp32 matmuls unless AMP is asked for: results must not depend on TF32 defaults
@@ -99,3 +125,104 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job: one process is rank 0 of a world of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """The initialised process group's rank and size (rank 0 of 1 when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(device: str, timeout_s: float) -> DistInfo:
+    """Join the process group ``torchrun`` describes in the environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``...): NCCL for CUDA, gloo on the CPU. Without
+    ``WORLD_SIZE > 1`` nothing happens. ``timeout_s`` bounds every collective, so a rank that
+    waits for a dead peer fails instead of hanging. Ranks other than 0 log warnings only.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    info = dist_info()
+    if not info.is_main:
+        logging.getLogger("cait").setLevel(logging.WARNING)
+    logger.info(
+        "distributed: %d processes, backend %s, collective timeout %.0f s",
+        info.world_size,
+        dist.get_backend(),
+        timeout_s,
+    )
+    return info
+
+
+@contextlib.contextmanager
+def distributed(device: str, timeout_s: float) -> Iterator[DistInfo]:
+    """:func:`init_distributed` for the length of a ``with`` block; the process group is
+    destroyed at the end only if this block created it."""
+    joins = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    info = init_distributed(device, timeout_s)
+    try:
+        yield info
+    finally:
+        if joins:
+            shutdown_distributed()
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (a no-op on one process); returns it."""
+    if dist_info().world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of ``tensor`` over all ranks, in place; returns it."""
+    if dist_info().world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` on one process."""
+    info = dist_info()
+    if info.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def torchrun_command(nproc: int, module_args: Sequence[str]) -> list[str]:
+    """The single-machine ``torchrun`` command that runs ``python -m cait ARGS`` on
+    ``nproc`` processes (``--standalone``: a local rendezvous on a free port)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "cait",
+        *module_args,
+    ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from cait import runtime
 from cait.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
 from cait.data import (
     DataSettings,
+    ShardSampler,
     build_datasets,
     build_mixup,
     build_train_sampler,
@@ -31,6 +31,13 @@ from cait.factory import build_model, default_settings, model_spec
 from cait.losses import DistillationLoss
 from cait.model import CaiT
 from cait.optim import LRSchedule, ModelEma, build_optimizer
+from cait.parallel import (
+    load_optimizer_state,
+    model_state_dict,
+    optimizer_state_dict,
+    unwrap,
+    wrap_model,
+)
 from cait.plots import plot_curves
 from cait.teacher import load_teacher
 from cait.train_config import LR_BASE_BATCH, TrainConfig, scaled_lr
@@ -46,10 +53,14 @@ TIMING_KEYS = ("images_per_s", "epoch_seconds")
 
 @dataclass
 class TrainResult:
+    """``model`` is the trained model as it was trained: inside DDP or sharded by FSDP
+    under ``torchrun`` (then calling it is a collective: every rank must call it)."""
+
     output: Path
     history: list[dict[str, Any]]
     best_top1: float
     completed: bool
+    model: nn.Module | None = None
 
 
 def resolve_data_settings(config: TrainConfig) -> DataSettings:
@@ -94,6 +105,8 @@ _RESUME_FREE = {
     "threads",
     "log_interval",
     "data.workers",
+    "dist_timeout",
+    "parallel",  # DDP and FSDP compute the same steps (up to float rounding)
 }
 
 
@@ -108,7 +121,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _warn_on_changed_settings(
-    state: dict, config: TrainConfig, steps_per_epoch: int, peak_lr: float
+    state: dict, config: TrainConfig, steps_per_epoch: int, world_size: int
 ) -> None:
     """Resume continues exactly only with the same settings; say which ones changed."""
     saved = _flatten(state["config"])
@@ -124,6 +137,14 @@ def _warn_on_changed_settings(
             ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed),
         )
     sched = state.get("schedule", {})
+    saved_world = sched.get("world_size", 1)
+    if saved_world != world_size:
+        logger.warning(
+            "resuming a run of %d process(es) on %d: the global batch and the order of "
+            "the images change, so the run will not match an uninterrupted one",
+            saved_world,
+            world_size,
+        )
     if sched.get("steps_per_epoch") not in (None, steps_per_epoch):
         logger.warning(
             "steps per epoch changed from %s to %d: the schedule's clock shifts",
@@ -196,17 +217,24 @@ class _Recorder:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train (or fine-tune, or resume) a model as ``config`` says; see ``docs/TRAINING.md``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(
-            "multi-process training is not supported yet: run a single process "
-            f"(WORLD_SIZE={os.environ['WORLD_SIZE']})"
-        )
+    """Train (or fine-tune, or resume) a model as ``config`` says; see ``docs/TRAINING.md``.
+
+    Under ``torchrun`` every process calls this: data-parallel training over all of them
+    (``docs/DISTRIBUTED.md``); only rank 0 writes files.
+    """
+    with runtime.distributed(config.device, config.dist_timeout) as info:
+        return _train(config, info)
+
+
+def _train(config: TrainConfig, info: runtime.DistInfo) -> TrainResult:
     out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
-    device = runtime.setup(config.seed, config.device, config.amp, config.threads)
+    main = info.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    device = runtime.setup(config.seed, config.device, config.amp, config.threads, info.local_rank)
     logger.info("config:\n%s", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     # data first: a bad path or an empty class folder fails before anything else is built
     settings = resolve_data_settings(config)
@@ -234,14 +262,27 @@ def train(config: TrainConfig) -> TrainResult:
             )
         report = load_pretrained(model, config.init_from)
         logger.info("initialised from %s (%s)", config.init_from, report)
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
     model.to(device)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     logger.info(
         "model %s: %.2fM parameters", config.model, sum(p.numel() for p in model.parameters()) / 1e6
     )
+    # the EMA starts from the weights training starts from (initialised, loaded or resumed)
+    ema = ModelEma(model, config.ema_decay) if config.ema else None
+    if info.world_size > 1 and not info.is_main:
+        # Every rank built the same weights from the same seed (FSDP needs that; DDP
+        # broadcasts rank 0's anyway); from here on each rank draws its own augmentations.
+        # Rank 0 keeps the single-process stream.
+        runtime.seed_everything(config.seed + info.rank)
+    model = wrap_model(model, config.parallel, info, device)
+    plain = unwrap(model)  # the model itself: for evaluation, the EMA and the optimiser
 
-    sampler = build_train_sampler(train_ds, config.augment.repeated_aug, config.seed)
+    sampler = build_train_sampler(
+        train_ds, config.augment.repeated_aug, config.seed, info.world_size, info.rank
+    )
     loader_args = dict(
         batch_size=config.data.batch_size,
         num_workers=config.data.workers,
@@ -250,16 +291,18 @@ def train(config: TrainConfig) -> TrainResult:
         worker_init_fn=_seed_worker,
     )
     train_loader = DataLoader(train_ds, sampler=sampler, drop_last=True, **loader_args)
-    val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
+    val_loader = DataLoader(
+        val_ds, sampler=ShardSampler(len(val_ds), info.world_size, info.rank), **loader_args
+    )
     if len(train_loader) < config.optim.accum_steps:
         raise ValueError(
             f"{len(train_ds)} training images give {len(train_loader)} batches of "
             f"{config.data.batch_size}: fewer than optim.accum_steps={config.optim.accum_steps}"
         )
     steps_per_epoch = len(train_loader) // config.optim.accum_steps
-    peak_lr = scaled_lr(config)
+    peak_lr = scaled_lr(config, info.world_size)
     schedule = LRSchedule(peak_lr, config.optim, steps_per_epoch, config.epochs)
-    optimizer = build_optimizer(model, config.optim, schedule(0))
+    optimizer = build_optimizer(plain, config.optim, schedule(0))
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
     mixup = build_mixup(config.augment, len(classes))
     # label smoothing is folded into mixup's soft targets when mixup is on
@@ -269,7 +312,7 @@ def train(config: TrainConfig) -> TrainResult:
     teacher = None
     if d.kind != "none":
         teacher = load_teacher(d.teacher, len(classes), settings, d.teacher_weights, device)
-    global_batch = config.data.batch_size * config.optim.accum_steps
+    global_batch = config.data.batch_size * config.optim.accum_steps * info.world_size
     how = (
         f"{config.optim.lr:.3g} x global batch {global_batch} / {LR_BASE_BATCH}"
         if config.optim.scale_lr
@@ -279,29 +322,25 @@ def train(config: TrainConfig) -> TrainResult:
 
     start_epoch, step, history, best = 0, 0, [], -1.0
     if resume_state is not None:
-        _warn_on_changed_settings(resume_state, config, steps_per_epoch, peak_lr)
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
+        _warn_on_changed_settings(resume_state, config, steps_per_epoch, info.world_size)
+        load_optimizer_state(model, optimizer, resume_state["optimizer"])
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
-    # the EMA starts from the weights training starts from (initialised, loaded or resumed)
-    ema = ModelEma(model, config.ema_decay) if config.ema else None
-    if resume_state is not None:
         if ema is not None and resume_state.get("ema") is not None:
             ema.load_state_dict(resume_state["ema"])
         start_epoch = resume_state["epoch"] + 1
         step = resume_state["step"]
         history = list(resume_state["history"])
         best = resume_state["best_top1"]
-        runtime.set_rng_state(resume_state["rng"])
+        _restore_rng(resume_state, info)
         logger.info("resumed from %s at epoch %d (step %d)", config.resume, start_epoch, step)
 
-    recorder = _Recorder(config, out, history)
+    recorder = _Recorder(config, out, history) if main else None
     skipped_seen: set[str] = set()
     upfront = getattr(train_ds, "skipped", []) + getattr(val_ds, "skipped", [])
-    if resume_state is None:
+    if main and resume_state is None:
         (out / "skipped_files.txt").unlink(missing_ok=True)
-    if upfront and not (out / "skipped_files.txt").exists():
+    if main and upfront and not (out / "skipped_files.txt").exists():
         with open(out / "skipped_files.txt", "w") as f:
             f.writelines(s + "\n" for s in upfront)
     skipped_seen.update(upfront)
@@ -327,11 +366,11 @@ def train(config: TrainConfig) -> TrainResult:
                 clip_grad=config.optim.clip_grad,
                 ema=ema,
                 log_interval=config.log_interval,
-                progress=config.progress,
+                progress=config.progress and main,
                 description=f"epoch {epoch + 1}/{config.epochs}",
-                on_log=recorder.step,
+                on_log=recorder.step if recorder is not None else None,
             )
-            val = evaluate(model, val_loader, device, config.amp)
+            val = evaluate(plain, val_loader, device, config.amp)
             metrics = {
                 "epoch": epoch + 1,
                 "train_loss": stats.loss,
@@ -354,6 +393,7 @@ def train(config: TrainConfig) -> TrainResult:
                 logger.warning(
                     "skipped %d unreadable file(s):\n  %s", len(new_skips), "\n  ".join(new_skips)
                 )
+            if new_skips and main:
                 with open(out / "skipped_files.txt", "a") as f:
                     f.writelines(s + "\n" for s in new_skips)
             history.append(metrics)
@@ -372,13 +412,25 @@ def train(config: TrainConfig) -> TrainResult:
             )
             is_best = val["top1"] > best
             best = max(best, val["top1"])
+            # gathering the sharded state and the ranks' RNG states are collectives
+            model_state = model_state_dict(model)
+            optim_state = optimizer_state_dict(model, optimizer)
+            rng_ranks = runtime.all_gather_objects(runtime.get_rng_state())
             state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": {"step": step, "peak_lr": peak_lr, "steps_per_epoch": steps_per_epoch},
+                "model": model_state,
+                "optimizer": optim_state,
+                "schedule": {
+                    "step": step,
+                    "peak_lr": peak_lr,
+                    "steps_per_epoch": steps_per_epoch,
+                    "world_size": info.world_size,
+                },
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "ema": ema.state_dict() if ema is not None else None,
-                "rng": runtime.get_rng_state(),
+                "rng": rng_ranks[0],
+                # every rank's RNG streams (rank 0's is "rng"), so a resumed run draws the
+                # same augmentations on every rank
+                "rng_ranks": rng_ranks if info.world_size > 1 else None,
                 "epoch": epoch,
                 "step": step,
                 "history": history,
@@ -388,10 +440,11 @@ def train(config: TrainConfig) -> TrainResult:
                 "data_settings": settings.__dict__,
                 "class_names": list(classes),
             }
-            save_checkpoint(state, out / "last.pt")
-            if is_best:
-                save_checkpoint(state, out / "best.pt")
-            recorder.epoch(metrics)
+            if main:
+                save_checkpoint(state, out / "last.pt")
+                if is_best:
+                    save_checkpoint(state, out / "best.pt")
+                recorder.epoch(metrics)
             if config.stop_after is not None and epoch + 1 - start_epoch >= config.stop_after:
                 completed = epoch + 1 == config.epochs
                 if not completed:
@@ -402,7 +455,8 @@ def train(config: TrainConfig) -> TrainResult:
                     )
                 break
     finally:
-        recorder.close()
+        if recorder is not None:
+            recorder.close()
 
     if completed:
         metadata = {
@@ -411,10 +465,12 @@ def train(config: TrainConfig) -> TrainResult:
             "data_settings": settings.__dict__,
             "class_names": list(classes),
         }
-        save_safetensors(model.state_dict(), out / "model.safetensors", metadata)
-        if ema is not None:
-            save_safetensors(ema.state_dict(), out / "model_ema.safetensors", metadata)
-    if history:
+        weights = model_state_dict(model)  # a collective under FSDP
+        if main:
+            save_safetensors(weights, out / "model.safetensors", metadata)
+            if ema is not None:
+                save_safetensors(ema.state_dict(), out / "model_ema.safetensors", metadata)
+    if history and main:
         plot_curves(history, out / "curves.png")
     minutes, seconds = divmod(round(sum(m["epoch_seconds"] for m in history)), 60)
     logger.info(
@@ -424,4 +480,14 @@ def train(config: TrainConfig) -> TrainResult:
         best,
         out,
     )
-    return TrainResult(output=out, history=history, best_top1=best, completed=completed)
+    return TrainResult(out, history, best, completed, model)
+
+
+def _restore_rng(state: dict, info: runtime.DistInfo) -> None:
+    """Each rank takes back its own RNG streams; from a checkpoint of another number of
+    processes only rank 0 can (the others keep the streams seeded for them)."""
+    ranks = state.get("rng_ranks")
+    if ranks is not None and len(ranks) == info.world_size:
+        runtime.set_rng_state(ranks[info.rank])
+    elif info.is_main:
+        runtime.set_rng_state(state["rng"])

@@ -28,6 +28,10 @@ __all__ = [
     "scaled_lr",
 ]
 
+# Seconds a collective may wait for the other ranks before the job fails (PyTorch's own
+# default is 10 min for NCCL and 30 min for gloo; 10 min covers a slow checkpoint write).
+DIST_TIMEOUT_S = 600.0
+
 # Learning rates in the recipes are given for a global batch of 512 and scaled linearly
 # (DeiT main.py: ``lr * batch_size * world_size / 512``).
 LR_BASE_BATCH = 512
@@ -37,6 +41,7 @@ LR_BASE_BATCH = 512
 class DataConfig:
     """Where the images come from and how they are batched.
 
+    ``batch_size`` is per process: the global batch is ``batch_size x processes``.
     ``path`` is ``digits`` (scikit-learn's bundled handwritten digits) or an ImageFolder root
     with ``train/<class>/*`` and ``val/<class>/*``. ``img_size``, ``crop_pct``,
     ``interpolation``, ``mean`` and ``std`` default to the model variant's.
@@ -173,7 +178,13 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A whole training run. ``model_args`` override fields of the variant's CaiTConfig."""
+    """A whole training run. ``model_args`` override fields of the variant's CaiTConfig.
+
+    Under ``torchrun`` the run is data-parallel over all processes: ``parallel: ddp``
+    (DistributedDataParallel) or ``fsdp`` (PyTorch's ``fully_shard`` of every block and the
+    root, for models whose weights and optimiser state do not fit one device).
+    ``dist_timeout`` (seconds) bounds the wait of any collective for the other ranks.
+    """
 
     model: str = "cait_digits_16"
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -195,6 +206,8 @@ class TrainConfig:
     wandb_project: str = "cait"
     wandb_mode: Literal["offline", "online"] = "offline"
     threads: int | None = None
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    dist_timeout: float = DIST_TIMEOUT_S
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -213,6 +226,17 @@ class TrainConfig:
             raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
         if self.log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be positive, got {self.dist_timeout}")
+        if self.parallel == "fsdp" and self.ema:
+            raise ValueError(
+                "parallel=fsdp does not keep an EMA (it would hold the full weights on every "
+                "rank): set ema=false"
+            )
+        if self.parallel == "fsdp" and self.amp == "fp16":
+            raise ValueError("parallel=fsdp supports amp none or bf16, not fp16 loss scaling")
         if self.augment.mixes and self.data.batch_size % 2:
             raise ValueError(
                 f"mixup/cutmix pair samples within a batch: data.batch_size must be even, "
@@ -224,7 +248,8 @@ class TrainConfig:
 
 
 def scaled_lr(config: TrainConfig, world_size: int = 1) -> float:
-    """Peak learning rate: ``optim.lr * global_batch / 512`` unless scaling is off."""
+    """Peak learning rate: ``optim.lr * global_batch / 512`` unless scaling is off; the
+    global batch is ``batch_size x accum_steps x world_size``."""
     if not config.optim.scale_lr:
         return config.optim.lr
     global_batch = config.data.batch_size * config.optim.accum_steps * world_size
