@@ -210,13 +210,15 @@ def benchmark(
     steps: int = 2,
     warmup: int = 2,
     seed: int = 0,
+    threads: int | None = None,
     **overrides: object,
 ) -> BenchResult:
     """Images/s and peak memory of ``model_name``, alternated with timm's when ``compare``.
 
     ``compare="timm"`` builds timm's model of the same name with the same weights, checks
     in fp32 that the logits agree, then times both (timm in ``compare_dtype``, by default
-    ``dtype``). ``overrides`` are config fields for our model (e.g. ``attn_impl``).
+    ``dtype``). ``overrides`` are config fields for our model (e.g. ``attn_impl``);
+    ``threads`` sets torch's intra-op threads (default: leave as is).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -229,6 +231,8 @@ def benchmark(
         raise ValueError("batch size, rounds and steps must be >= 1 and warmup >= 0")
     dev = runtime.inference_device(device, "fp16" if "fp16" in (dtype, compare_dtype) else "none")
     runtime.seed_everything(seed)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     ours = create_model(model_name, **overrides)
     _set_layerscale(ours, CHECK_LAYERSCALE)

@@ -168,6 +168,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         steps=args.steps,
         warmup=args.warmup,
+        threads=args.threads,
         **overrides,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--steps", type=int, default=2, help="steps per timed round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
     return parser

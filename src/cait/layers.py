@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cait.config import ATTN_IMPLS, BRANCH_SCALES
-from cait.talking_heads import talking_heads_attention, talking_heads_attention_recompute
+from cait.talking_heads import talking_heads_attention
 
 __all__ = [
     "LAYERNORM_EPS",
@@ -169,10 +169,11 @@ class TalkingHeadAttention(nn.Module):
 
     - ``plain``: the reference structure, head mixing as an einsum (always used when the
       attention map is requested);
-    - ``fast``: head mixing as batched products on the contiguous ``(B, H, N, N)`` layout
-      (:func:`cait.talking_heads.talking_heads_attention`);
-    - ``recompute``: ``fast`` maths, but only the softmax probabilities are kept for the
-      backward pass, which recomputes the rest (one ``(B, H, N, N)`` tensor per block
+    - ``fast``: head-major attention with the head mixing as one matrix product each and
+      a written-out backward pass (:func:`cait.talking_heads.talking_heads_attention`);
+      with attention dropout in training it falls back to ``plain``;
+    - ``recompute``: ``fast``, but only the softmax probabilities are kept for the
+      backward pass, which recomputes the logits (one ``(B, H, N, N)`` tensor per block
       instead of three); needs ``attn_drop == 0``.
     """
 
@@ -217,28 +218,31 @@ class TalkingHeadAttention(nn.Module):
         """
         B, N, C = x.shape
         H = self.num_heads
-        qkv = self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
-        q, k, v = qkv.unbind(0)
-        attn = None
+        qkv = self.qkv(x)  # (B, N, 3C)
         p = self.attn_drop.p if self.training else 0.0
-        if return_attn or (self.talking_heads and self.impl == "plain"):
+        if self.talking_heads and self.impl != "plain" and not return_attn and p == 0.0:
+            x = talking_heads_attention(
+                qkv,
+                H,
+                self.proj_l.weight,
+                self.proj_l.bias,
+                self.proj_w.weight,
+                self.proj_w.bias,
+                self.scale,
+                recompute=self.impl == "recompute",
+            )  # (B, N, C)
+            return self.proj_drop(self.proj(x)), None
+        q, k, v = qkv.reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,N,hd)
+        attn = None
+        if self.fused and not self.talking_heads and not return_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, N, hd)
+        else:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
             if self.talking_heads:
                 logits = _mix_heads(logits, self.proj_l)
             attn = logits.softmax(dim=-1)
             weights = _mix_heads(attn, self.proj_w) if self.talking_heads else attn
             x = self.attn_drop(weights) @ v  # (B, H, N, hd)
-        elif not self.talking_heads:
-            if self.fused:
-                x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, N, hd)
-            else:
-                x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)) @ v
-        else:
-            mixing = (self.proj_l.weight, self.proj_l.bias, self.proj_w.weight, self.proj_w.bias)
-            if self.impl == "recompute":
-                x = talking_heads_attention_recompute(q, k, v, *mixing, self.scale)
-            else:
-                x = talking_heads_attention(q, k, v, *mixing, self.scale, dropout_p=p)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x)), attn
 

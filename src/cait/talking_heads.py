@@ -1,24 +1,29 @@
 """Fast kernels for talking-heads attention (paper Section 3; Shazeer et al. 2020).
 
-The reference computation (``TalkingHeadAttention`` with ``impl="plain"``, and timm) mixes
-heads with ``Linear(H, H)`` applied on a ``(B, N, N, H)`` permuted view: every mixing step
-copies the ``(B, H, N, N)`` tensor twice and runs a matrix product whose inner size is ``H``
-(4 in the XXS models) over ``B * N * N`` rows, which is slow on every BLAS.
+The reference computation (``TalkingHeadAttention`` with ``impl="plain"``, and timm) lays
+the attention out as ``(B, H, N, N)`` and mixes heads with ``Linear(H, H)`` on a
+``(B, N, N, H)`` permuted view: every mixing step copies the attention tensor twice and
+runs a matrix product whose inner size is ``H`` (4 in the XXS models) over ``B * N * N``
+rows; ``q``, ``k`` and ``v`` are also copied out of the ``qkv`` output to make them
+contiguous per head.
 
-Here the attention tensor stays in its contiguous ``(B, H, N, N)`` layout and each mixing
-step is one batched product ``(H, H) @ (H, N * N)`` per image: the long ``N * N`` dimension
-is the output width, the bias is added by the same call (``baddbmm``) and no permute copy
-is made. The softmax scale is folded into the (tiny) ``proj_l`` weight.
+Here the attention lives head-major, ``(H, B, N, N)``:
 
-:func:`talking_heads_attention` is that forward, differentiated by autograd (it keeps the
-raw logits, the probabilities and the mixed weights for the backward pass, as the reference
-does). :func:`talking_heads_attention_recompute` computes the same result but keeps only the
-softmax probabilities: the backward pass recomputes the raw logits (``q k^T``) and the
-mixed weights from them, so a block holds one ``(B, H, N, N)`` tensor between forward and
-backward instead of three.
+- ``q k^T`` is computed per head by one batched product over the images, reading ``q`` and
+  ``k`` in place from the ``qkv`` output ``(B, N, 3, H, hd)`` (a strided operand, no copy);
+- each mixing step is a single product ``(H, H) @ (H, B * N * N)`` with the long
+  dimension as the output width; the softmax scale is folded into ``proj_l``'s weight;
+- ``proj_l``'s bias adds a constant per head to every logit of a row, which the softmax
+  removes exactly, so it is left out (its gradient is exactly zero);
+- ``proj_w``'s bias adds ``b_g`` to every weight of head ``g``, which contributes
+  ``b_g * sum_j v_g[j]`` to each output row: a ``(B, H, hd)`` term instead of a pass over
+  the attention tensor.
 
-Shapes: ``q, k, v (B, H, N, hd)``; ``w_l, w_w (H, H)``; ``b_l, b_w (H,)``; output
-``(B, H, N, hd)``.
+The backward pass is written out (:class:`_TalkingHeads`): it keeps the ``qkv`` output, the
+softmax probabilities and, unless ``recompute``, the raw logits; the mixed weights (and with
+``recompute`` the logits) are recomputed, so a block holds two, or one, ``(B, H, N, N)``
+tensors between forward and backward instead of the reference's three (plus the copies
+autograd keeps of the permuted views).
 """
 
 from __future__ import annotations
@@ -27,130 +32,144 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-__all__ = ["mix_heads", "talking_heads_attention", "talking_heads_attention_recompute"]
+__all__ = ["CPU_CHUNK_BYTES", "talking_heads_attention"]
+
+# On the CPU the images are processed in chunks whose attention tensor (H x b x N x N) takes
+# about this many bytes, so that the logits, probabilities and mixed weights of a chunk stay
+# in cache between the steps that read them. Chosen by measurement on this project's 2-core
+# AMD EPYC (1 MiB L2 per core, 32 MiB L3): for cait_xxs24_224 (0.6 MB per image) chunks of
+# 4 images ran the forward pass 2.4x and forward plus backward 1.9x faster than the whole
+# batch of 32 at once (docs/BENCHMARKS.md). On a GPU the whole batch is one chunk.
+CPU_CHUNK_BYTES = 5 * 2**19
 
 
-def mix_heads(t: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``out[b, g] = sum_h weight[g, h] * t[b, h] + bias[g]`` on a contiguous ``(B, H, N, M)``.
+def _heads_bmm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """``out[h] = a[h] @ b[h]`` for every head of head-major ``(H, B, X, Y)`` operands.
 
-    One batched matrix product ``(H, H) @ (H, N * M)`` per image, with the bias added by the
-    product itself (``beta = 1``): no permuted copies.
+    Each ``a[h]`` and ``b[h]`` is a batch of matrices with one batch stride, which the
+    batched product reads in place even when it is a strided view into ``qkv``.
     """
-    B, H, N, M = t.shape
-    flat = t.reshape(B, H, N * M)  # (B, H, N*M), a view when t is contiguous
-    w = weight.expand(B, H, H)
-    if bias is None:
-        out = torch.bmm(w, flat)
-    else:
-        out = torch.baddbmm(bias.view(1, H, 1), w, flat)
-    return out.view(B, H, N, M)
+    for h in range(out.shape[0]):
+        torch.bmm(a[h], b[h], out=out[h])
+    return out
+
+
+def _mix(weight: Tensor, t: Tensor) -> Tensor:
+    """Head mixing on a head-major tensor: ``out[g] = sum_h weight[g, h] t[h]``."""
+    H = t.shape[0]
+    return torch.mm(weight, t.view(H, -1)).view(t.shape)
 
 
 def _softmax(z: Tensor) -> Tensor:
-    """Softmax over keys, accumulated in fp32 for half inputs and returned in their dtype."""
+    """Softmax over keys, accumulated in fp32 for fp16/bf16 and returned in their dtype."""
     if z.dtype in (torch.float16, torch.bfloat16):
         return z.softmax(dim=-1, dtype=torch.float32).to(z.dtype)
     return z.softmax(dim=-1)
 
 
-def talking_heads_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    w_l: Tensor,
-    b_l: Tensor,
-    w_w: Tensor,
-    b_w: Tensor,
-    scale: float,
-    dropout_p: float = 0.0,
-) -> Tensor:
-    """Talking-heads attention on contiguous heads, differentiated by autograd.
-
-    ``softmax(proj_l(scale * q k^T))`` mixed by ``proj_w``, then dropout, then ``@ v``; the
-    ``proj_l`` bias enters as the reference adds it, although a per-head constant does not
-    change the softmax.
-    """
-    logits = q @ k.transpose(-2, -1)  # (B, H, N, N), contiguous
-    attn = mix_heads(logits, w_l * scale, b_l).softmax(dim=-1)  # (B, H, N, N)
-    weights = mix_heads(attn, w_w, b_w)
-    if dropout_p > 0.0:
-        weights = torch.nn.functional.dropout(weights, dropout_p)
-    return weights @ v  # (B, H, N, hd)
+def _split(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(B, N, 3C)`` -> ``q, k, v``, each a head-major ``(H, B, N, hd)`` view (no copy)."""
+    B, N, C3 = qkv.shape
+    qkv = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads))  # (B, N, 3, H, hd)
+    return qkv.permute(2, 3, 0, 1, 4).unbind(0)
 
 
-class _TalkingHeadsRecompute(torch.autograd.Function):
-    """Forward as :func:`talking_heads_attention`; backward from the saved probabilities."""
+class _TalkingHeads(torch.autograd.Function):
+    """``qkv (B, N, 3C) -> (B, N, C)``: talking-heads attention before the output projection."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
+        qkv: Tensor,
         w_l: Tensor,
         b_l: Tensor,
         w_w: Tensor,
         b_w: Tensor,
+        num_heads: int,
+        recompute: bool,
     ) -> Tensor:
-        dtype = q.dtype
-        with torch.autocast(q.device.type, enabled=False):
-            w_l_, b_l_, w_w_, b_w_ = (t.to(dtype) for t in (w_l, b_l, w_w, b_w))
-            k, v = k.to(dtype), v.to(dtype)
-            attn = _softmax(mix_heads(q @ k.transpose(-2, -1), w_l_, b_l_))  # (B, H, N, N)
-            out = mix_heads(attn, w_w_, b_w_) @ v  # (B, H, N, hd)
-        ctx.save_for_backward(q, k, v, w_l_, w_w_, b_w_, attn)
+        dtype, H = qkv.dtype, num_heads
+        with torch.autocast(qkv.device.type, enabled=False):
+            w_l_, w_w_, b_w_ = w_l.to(dtype), w_w.to(dtype), b_w.to(dtype)
+            q, k, v = _split(qkv, H)  # (H, B, N, hd) views
+            _, B, N, hd = q.shape
+            logits = _heads_bmm(q, k.transpose(2, 3), qkv.new_empty(H, B, N, N))
+            attn = _softmax(_mix(w_l_, logits))  # (H, B, N, N)
+            weights = _mix(w_w_, attn)
+            ctx_heads = _heads_bmm(weights, v, qkv.new_empty(H, B, N, hd))  # (H, B, N, hd)
+            del weights
+            bias = b_w_[:, None, None] * v.sum(dim=2)  # (H, B, hd): proj_w's bias term
+            out = qkv.new_empty(B, N, H, hd)
+            torch.add(ctx_heads.permute(1, 2, 0, 3), bias.permute(1, 0, 2)[:, None], out=out)
+        ctx.num_heads = H
         ctx.param_dtypes = (w_l.dtype, b_l.dtype, w_w.dtype, b_w.dtype)
-        return out
+        ctx.save_for_backward(qkv, w_l_, w_w_, b_w_, attn, None if recompute else logits)
+        return out.view(B, N, H * hd)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, ...]:
-        q, k, v, w_l, w_w, b_w, attn = ctx.saved_tensors
-        B, H, N, M = attn.shape
-        with torch.autocast(q.device.type, enabled=False):
-            grad_out = grad_out.to(q.dtype)
-            weights = mix_heads(attn, w_w, b_w)  # recomputed (B, H, N, N)
-            grad_v = weights.transpose(-2, -1) @ grad_out
-            del weights
-            grad_weights = grad_out @ v.transpose(-2, -1)  # (B, H, N, N)
-            flat_gw = grad_weights.view(B, H, N * M)
-            grad_w_w = (flat_gw @ attn.view(B, H, N * M).transpose(1, 2)).sum(0)
-            grad_b_w = flat_gw.sum(dim=(0, 2))
-            grad_attn = mix_heads(grad_weights, w_w.t())
-            del grad_weights, flat_gw
-            grad_z = torch.ops.aten._softmax_backward_data(grad_attn, attn, -1, attn.dtype)
-            del grad_attn
-            logits = q @ k.transpose(-2, -1)  # recomputed (B, H, N, N)
-            flat_gz = grad_z.view(B, H, N * M)
-            grad_w_l = (flat_gz @ logits.view(B, H, N * M).transpose(1, 2)).sum(0)
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        qkv, w_l, w_w, b_w, attn, logits = ctx.saved_tensors
+        H = ctx.num_heads
+        with torch.autocast(qkv.device.type, enabled=False):
+            q, k, v = _split(qkv, H)  # (H, B, N, hd) views
+            _, B, N, hd = q.shape
+            g_out = grad_out.to(qkv.dtype).reshape(B, N, H, hd).permute(2, 0, 1, 3)  # (H,B,N,hd)
+            grads = qkv.new_empty(3, H, B, N, hd)  # dq, dk, dv, head-major
+            g_out_sum = g_out.sum(dim=2)  # (H, B, hd)
+            weights = _mix(w_w, attn)  # recomputed, without proj_w's bias
+            _heads_bmm(weights.transpose(2, 3), g_out, grads[2])
+            grads[2] += (b_w[:, None, None] * g_out_sum)[:, :, None]
+            g_b_w = (g_out_sum * v.sum(dim=2)).sum(dim=(1, 2))
+            g_weights = _heads_bmm(g_out, v.transpose(2, 3), weights)  # reuses the buffer
+            g_w_w = torch.mm(g_weights.view(H, -1), attn.view(H, -1).t())
+            g_attn = _mix(w_w.t(), g_weights)
+            del weights, g_weights
+            g_z = torch.ops.aten._softmax_backward_data(g_attn, attn, -1, attn.dtype)
+            del g_attn
+            if logits is None:
+                logits = _heads_bmm(q, k.transpose(2, 3), torch.empty_like(g_z))
+            g_w_l = torch.mm(g_z.view(H, -1), logits.view(H, -1).t())
             del logits
-            grad_b_l = flat_gz.sum(dim=(0, 2))
-            grad_logits = mix_heads(grad_z, w_l.t())
-            del grad_z, flat_gz
-            grad_q = grad_logits @ k
-            grad_k = grad_logits.transpose(-2, -1) @ q
+            g_logits = _mix(w_l.t(), g_z)
+            del g_z
+            _heads_bmm(g_logits, k, grads[0])
+            _heads_bmm(g_logits.transpose(2, 3), q, grads[1])
+            g_qkv = grads.permute(2, 3, 0, 1, 4).reshape(B, N, 3 * H * hd)
         dt_wl, dt_bl, dt_ww, dt_bw = ctx.param_dtypes
-        return (
-            grad_q,
-            grad_k,
-            grad_v,
-            grad_w_l.to(dt_wl),
-            grad_b_l.to(dt_bl),
-            grad_w_w.to(dt_ww),
-            grad_b_w.to(dt_bw),
-        )
+        # proj_l's bias shifts every logit of a row by the same amount: zero gradient
+        g_b_l = torch.zeros(H, dtype=dt_bl, device=qkv.device)
+        return g_qkv, g_w_l.to(dt_wl), g_b_l, g_w_w.to(dt_ww), g_b_w.to(dt_bw), None, None
 
 
-def talking_heads_attention_recompute(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+def talking_heads_attention(
+    qkv: Tensor,
+    num_heads: int,
     w_l: Tensor,
     b_l: Tensor,
     w_w: Tensor,
     b_w: Tensor,
     scale: float,
+    recompute: bool = False,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
-    """Same result as :func:`talking_heads_attention` (no dropout), keeping only the softmax
-    probabilities ``(B, H, N, N)`` for the backward pass."""
-    return _TalkingHeadsRecompute.apply(q, k, v, w_l * scale, b_l, w_w, b_w)
+    """Talking-heads attention from the ``qkv`` projection, ``(B, N, 3C) -> (B, N, C)``.
+
+    ``softmax(proj_l(scale * q k^T))`` mixed by ``proj_w``, then ``@ v``, heads concatenated
+    (the input of the output projection). ``w_l, b_l`` are ``proj_l``'s weight and bias,
+    ``w_w, b_w`` ``proj_w``'s. No attention dropout. With ``recompute`` the backward pass
+    recomputes the raw logits instead of keeping them. The batch is processed in chunks of
+    about ``chunk_bytes`` of attention tensor (default :data:`CPU_CHUNK_BYTES` on the CPU,
+    the whole batch elsewhere; ``0`` for the whole batch).
+    """
+    B, N, _ = qkv.shape
+    if chunk_bytes is None:
+        chunk_bytes = CPU_CHUNK_BYTES if qkv.device.type == "cpu" else 0
+    per_image = num_heads * N * N * qkv.element_size()
+    chunk = max(1, chunk_bytes // per_image) if chunk_bytes > 0 else B
+    w_l = w_l * scale
+    outs = [
+        _TalkingHeads.apply(part, w_l, b_l, w_w, b_w, num_heads, recompute)
+        for part in qkv.split(chunk, dim=0)
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
