@@ -21,6 +21,7 @@ step, including the allocator's and the BLAS library's scratch space.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import logging
@@ -37,7 +38,15 @@ from torch import Tensor, nn
 from cait import runtime
 from cait.variants import create_model, get_variant
 
-__all__ = ["BenchResult", "ModelTiming", "benchmark", "format_table", "DTYPES"]
+__all__ = [
+    "DTYPES",
+    "BenchResult",
+    "ModelTiming",
+    "benchmark",
+    "checkpoint_precision_agreement",
+    "format_table",
+    "precision_agreement",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -324,3 +333,63 @@ def format_table(result: BenchResult) -> str:
             f"{r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.0%}"
         )
     return "\n".join(lines)
+
+
+def precision_agreement(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    dtype: str = "bf16",
+    batch_size: int = 256,
+    autocast: bool = False,
+) -> dict[str, float]:
+    """Top-1 of ``model`` in fp32 and in ``dtype`` on the same images, and their agreement.
+
+    The low-precision model is a cast copy (or, with ``autocast``, the fp32 model under
+    autocast); ``model`` itself is left unchanged. ``agreement`` is the fraction of images
+    whose predicted class is the same in both; ``max_abs_prob_diff`` compares the softmax
+    probabilities.
+    """
+    low_dtype = DTYPES[dtype]
+    device = next(model.parameters()).device
+    low = model if autocast else copy.deepcopy(model).to(low_dtype)
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low_dtype, "none")
+    preds, low_preds, diffs = [], [], []
+    model.eval()
+    low.eval()
+    with torch.inference_mode():
+        for batch in images.split(batch_size):
+            batch = batch.to(device)
+            p = model(batch).float().softmax(-1)
+            if autocast:
+                with runtime.autocast(device, amp):
+                    q = low(batch).float().softmax(-1)
+            else:
+                q = low(batch.to(low_dtype)).float().softmax(-1)
+            preds.append(p.argmax(-1).cpu())
+            low_preds.append(q.argmax(-1).cpu())
+            diffs.append((p - q).abs().max().item())
+    pred, low_pred = torch.cat(preds), torch.cat(low_preds)
+    return {
+        "images": len(pred),
+        "top1_fp32": (pred == targets).float().mean().item(),
+        f"top1_{dtype}": (low_pred == targets).float().mean().item(),
+        "agreement": (pred == low_pred).float().mean().item(),
+        "max_abs_prob_diff": max(diffs),
+    }
+
+
+def checkpoint_precision_agreement(
+    checkpoint: str, data: str = "digits", dtype: str = "bf16", autocast: bool = False
+) -> dict[str, float]:
+    """:func:`precision_agreement` for a checkpoint on its validation split (e.g. the demo
+    model on the digits test split), with the checkpoint's eval transform."""
+    from cait.data import build_val_dataset, eval_transform
+    from cait.inference import load_for_inference
+
+    loaded = load_for_inference(checkpoint)
+    dataset = build_val_dataset(data, eval_transform(loaded.settings), loaded.folder_names)
+    samples = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([s[0] for s in samples])
+    targets = torch.tensor([s[1] for s in samples])
+    return precision_agreement(loaded.model, images, targets, dtype, autocast=autocast)

@@ -43,12 +43,18 @@ __all__ = ["CPU_CHUNK_BYTES", "talking_heads_attention"]
 CPU_CHUNK_BYTES = 5 * 2**19
 
 
-def _heads_bmm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+def _heads_bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """``out[h] = a[h] @ b[h]`` for every head of head-major ``(H, B, X, Y)`` operands.
 
-    Each ``a[h]`` and ``b[h]`` is a batch of matrices with one batch stride, which the
-    batched product reads in place even when it is a strided view into ``qkv``.
+    In eager mode each ``a[h]`` and ``b[h]`` is a batch of matrices with one batch stride,
+    which the batched product reads in place even when it is a strided view into ``qkv``,
+    writing into ``out`` (allocated when not given). Under ``torch.compile`` it is a plain
+    ``matmul`` (``out=`` does not survive functionalisation; the compiler picks layouts).
     """
+    if torch.compiler.is_compiling():
+        return torch.matmul(a, b)
+    if out is None:
+        out = a.new_empty(a.shape[:-1] + b.shape[-1:])
     for h in range(out.shape[0]):
         torch.bmm(a[h], b[h], out=out[h])
     return out
@@ -58,6 +64,14 @@ def _mix(weight: Tensor, t: Tensor) -> Tensor:
     """Head mixing on a head-major tensor: ``out[g] = sum_h weight[g, h] t[h]``."""
     H = t.shape[0]
     return torch.mm(weight, t.view(H, -1)).view(t.shape)
+
+
+def _token_major(ctx_heads: Tensor, bias: Tensor) -> Tensor:
+    """``ctx_heads + bias`` as a new contiguous ``(B, N, H, hd)`` tensor, in one pass."""
+    if torch.compiler.is_compiling():
+        return (ctx_heads + bias).contiguous()
+    out = ctx_heads.new_empty(ctx_heads.shape)
+    return torch.add(ctx_heads, bias, out=out)
 
 
 def _softmax(z: Tensor) -> Tensor:
@@ -93,14 +107,13 @@ class _TalkingHeads(torch.autograd.Function):
             w_l_, w_w_, b_w_ = w_l.to(dtype), w_w.to(dtype), b_w.to(dtype)
             q, k, v = _split(qkv, H)  # (H, B, N, hd) views
             _, B, N, hd = q.shape
-            logits = _heads_bmm(q, k.transpose(2, 3), qkv.new_empty(H, B, N, N))
-            attn = _softmax(_mix(w_l_, logits))  # (H, B, N, N)
+            logits = _heads_bmm(q, k.transpose(2, 3))  # (H, B, N, N)
+            attn = _softmax(_mix(w_l_, logits))
             weights = _mix(w_w_, attn)
-            ctx_heads = _heads_bmm(weights, v, qkv.new_empty(H, B, N, hd))  # (H, B, N, hd)
+            ctx_heads = _heads_bmm(weights, v)  # (H, B, N, hd)
             del weights
             bias = b_w_[:, None, None] * v.sum(dim=2)  # (H, B, hd): proj_w's bias term
-            out = qkv.new_empty(B, N, H, hd)
-            torch.add(ctx_heads.permute(1, 2, 0, 3), bias.permute(1, 0, 2)[:, None], out=out)
+            out = _token_major(ctx_heads.permute(1, 2, 0, 3), bias.permute(1, 0, 2)[:, None])
         ctx.num_heads = H
         ctx.param_dtypes = (w_l.dtype, b_l.dtype, w_w.dtype, b_w.dtype)
         ctx.save_for_backward(qkv, w_l_, w_w_, b_w_, attn, None if recompute else logits)
@@ -115,26 +128,29 @@ class _TalkingHeads(torch.autograd.Function):
             q, k, v = _split(qkv, H)  # (H, B, N, hd) views
             _, B, N, hd = q.shape
             g_out = grad_out.to(qkv.dtype).reshape(B, N, H, hd).permute(2, 0, 1, 3)  # (H,B,N,hd)
-            grads = qkv.new_empty(3, H, B, N, hd)  # dq, dk, dv, head-major
+            compiling = torch.compiler.is_compiling()
+            grads = None if compiling else qkv.new_empty(3, H, B, N, hd)  # dq, dk, dv
             g_out_sum = g_out.sum(dim=2)  # (H, B, hd)
             weights = _mix(w_w, attn)  # recomputed, without proj_w's bias
-            _heads_bmm(weights.transpose(2, 3), g_out, grads[2])
-            grads[2] += (b_w[:, None, None] * g_out_sum)[:, :, None]
+            g_v = _heads_bmm(weights.transpose(2, 3), g_out, None if compiling else grads[2])
+            g_v += (b_w[:, None, None] * g_out_sum)[:, :, None]
             g_b_w = (g_out_sum * v.sum(dim=2)).sum(dim=(1, 2))
-            g_weights = _heads_bmm(g_out, v.transpose(2, 3), weights)  # reuses the buffer
+            g_weights = _heads_bmm(g_out, v.transpose(2, 3), None if compiling else weights)
             g_w_w = torch.mm(g_weights.view(H, -1), attn.view(H, -1).t())
             g_attn = _mix(w_w.t(), g_weights)
             del weights, g_weights
             g_z = torch.ops.aten._softmax_backward_data(g_attn, attn, -1, attn.dtype)
             del g_attn
             if logits is None:
-                logits = _heads_bmm(q, k.transpose(2, 3), torch.empty_like(g_z))
+                logits = _heads_bmm(q, k.transpose(2, 3))
             g_w_l = torch.mm(g_z.view(H, -1), logits.view(H, -1).t())
             del logits
             g_logits = _mix(w_l.t(), g_z)
             del g_z
-            _heads_bmm(g_logits, k, grads[0])
-            _heads_bmm(g_logits.transpose(2, 3), q, grads[1])
+            g_q = _heads_bmm(g_logits, k, None if compiling else grads[0])
+            g_k = _heads_bmm(g_logits.transpose(2, 3), q, None if compiling else grads[1])
+            if compiling:
+                grads = torch.stack((g_q, g_k, g_v))  # (3, H, B, N, hd)
             g_qkv = grads.permute(2, 3, 0, 1, 4).reshape(B, N, 3 * H * hd)
         dt_wl, dt_bl, dt_ww, dt_bw = ctx.param_dtypes
         # proj_l's bias shifts every logit of a row by the same amount: zero gradient
