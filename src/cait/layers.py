@@ -173,8 +173,8 @@ class TalkingHeadAttention(nn.Module):
       a written-out backward pass (:func:`cait.talking_heads.talking_heads_attention`);
       with attention dropout in training it falls back to ``plain``;
     - ``recompute``: ``fast``, but only the softmax probabilities are kept for the
-      backward pass, which recomputes the logits (one ``(B, H, N, N)`` tensor per block
-      instead of three); needs ``attn_drop == 0``.
+      backward pass, which recomputes the logits (one ``(B, H, N, N)`` tensor per block,
+      against two for ``fast`` and three or more for ``plain``); needs ``attn_drop == 0``.
     """
 
     def __init__(
