@@ -21,7 +21,7 @@ r = json.load(open(sys.argv[1]))
 for t in r["timings"]:
     print(f"  {t['impl']:<5} {t['dtype']:<5} {t['images_per_s']:7.2f} img/s  peak {t['peak_mem_mib']} MiB")
 if r["ratio"] is not None:
-    print(f"  ratio {r['ratio']:.2f}x  (threads {r['threads']}, max |diff| {r['max_abs_diff']:.1e})")
+    print(f"  ratio {r['ratio']:.2f}x, per-round {r['round_ratio']:.2f}x  (threads {r['threads']}, max |diff| {r['max_abs_diff']:.1e})")
 PYEOF
 }
 

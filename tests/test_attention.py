@@ -235,7 +235,12 @@ def test_bench_compare_timm_json(capsys):
     assert main(argv + ["--rounds", "1", "--steps", "1", "--warmup", "0", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert [t["impl"] for t in r["timings"]] == ["cait", "timm"]
-    assert r["ratio"] > 0 and r["max_abs_diff"] < 1e-3 and r["top1_agreement"] == 1.0
+    assert (
+        r["ratio"] > 0
+        and r["round_ratio"] > 0
+        and r["max_abs_diff"] < 1e-3
+        and r["top1_agreement"] == 1.0
+    )
     for key in ("model", "mode", "batch_size", "device", "threads", "torch_version"):
         assert key in r
     assert all(t["peak_mem_mib"] is None or t["peak_mem_mib"] >= 0 for t in r["timings"])

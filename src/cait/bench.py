@@ -4,7 +4,8 @@ Protocol (so that ratios survive a noisy, shared machine): every model is built 
 process on the same random batch; after ``warmup`` untimed steps each, ``rounds`` timed
 rounds run the models alternately (the order flips every round), each round timing
 ``steps`` consecutive steps. A model's figure is the median over rounds of its images/s;
-the ratio is the ratio of the medians.
+the ratio is the ratio of the medians; ``round_ratio``, the median of the per-round ratios,
+pairs measurements taken seconds apart and so resists slow drifts of the machine's load.
 
 A step is ``model(images)`` under ``torch.inference_mode`` for inference, or forward, cross
 entropy, backward and an AdamW step for training. ``dtype`` bf16/fp16 casts the model and
@@ -86,6 +87,7 @@ class BenchResult:
     warmup: int
     timings: list[ModelTiming] = field(default_factory=list)
     ratio: float | None = None
+    round_ratio: float | None = None
     max_abs_diff: float | None = None
     top1_agreement: float | None = None
 
@@ -309,6 +311,9 @@ def benchmark(
         )
     if compare == "timm":
         result.ratio = result.timings[0].images_per_s / result.timings[1].images_per_s
+        result.round_ratio = statistics.median(
+            a / b for a, b in zip(per_round["cait"], per_round["timm"], strict=True)
+        )
     return result
 
 
@@ -329,7 +334,8 @@ def format_table(result: BenchResult) -> str:
         )
     if r.ratio is not None:
         lines.append(
-            f"cait / timm: {r.ratio:.2f}x (medians); fp32 logits max |diff| "
+            f"cait / timm: {r.ratio:.2f}x (medians), {r.round_ratio:.2f}x (median of per-round "
+            f"ratios); fp32 logits max |diff| "
             f"{r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.0%}"
         )
     return "\n".join(lines)
