@@ -37,9 +37,10 @@ __all__ = ["CPU_CHUNK_BYTES", "talking_heads_attention"]
 # On the CPU the images are processed in chunks whose attention tensor (H x b x N x N) takes
 # about this many bytes, so that the logits, probabilities and mixed weights of a chunk stay
 # in cache between the steps that read them. Chosen by measurement on this project's 2-core
-# AMD EPYC (1 MiB L2 per core, 32 MiB L3): for cait_xxs24_224 (0.6 MB per image) chunks of
-# 4 images ran the forward pass 2.4x and forward plus backward 1.9x faster than the whole
-# batch of 32 at once (docs/BENCHMARKS.md). On a GPU the whole batch is one chunk.
+# AMD EPYC (1 MiB L2 per core, 32 MiB L3): for cait_xxs24_224's attention (0.6 MB per
+# image) chunks of 4 images ran the forward pass 2.4x and forward plus backward 1.9x faster
+# than the whole batch of 32 at once (one thread, shared machine; docs/BENCHMARKS.md).
+# On a GPU the whole batch is one chunk.
 CPU_CHUNK_BYTES = 5 * 2**19
 
 
