@@ -225,6 +225,29 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         overrides=args.set,
     )
     print((Path(args.output) / "results.md").read_text())
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cait.bench import benchmark, format_table
+
+    overrides = {"attn_impl": args.attn_impl} if args.attn_impl else {}
+    result = benchmark(
+        args.model,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        compile=args.compile,
+        train=args.train,
+        compare=args.compare,
+        compare_dtype=args.compare_dtype,
+        autocast=args.autocast,
+        rounds=args.rounds,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
+        **overrides,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
     return 0
 
 
@@ -333,6 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", action="store_true", help="list the grids and exit")
     p.set_defaults(func=_cmd_ablate)
+    p = sub.add_parser("bench", help="images/s and peak memory, optionally beside timm")
+    p.add_argument("--model", required=True, help="variant name (see `cait models`)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--train", action="store_true", help="time a full training step")
+    p.add_argument("--compare", choices=["timm"], help="time timm's model alternately")
+    p.add_argument("--compare-dtype", choices=["fp32", "bf16", "fp16"], help="timm's dtype")
+    p.add_argument("--autocast", action="store_true", help="autocast instead of casting")
+    p.add_argument("--attn-impl", choices=["fast", "plain", "recompute"], help="talking heads")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--steps", type=int, default=2, help="steps per timed round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
+    "ATTN_IMPLS",
     "BRANCH_SCALES",
     "CLASS_TOKEN_POSITIONS",
     "CaiTConfig",
@@ -23,11 +24,14 @@ BranchScale = Literal["layerscale", "none", "rezero", "skipinit", "fixup"]
 ClassTokenPosition = Literal["late", "early"]
 Pooling = Literal["token", "avg"]
 DropPathSchedule = Literal["uniform", "linear"]
+AttnImpl = Literal["fast", "plain", "recompute"]
 
 BRANCH_SCALES: tuple[str, ...] = ("layerscale", "none", "rezero", "skipinit", "fixup")
 CLASS_TOKEN_POSITIONS: tuple[str, ...] = ("late", "early")
 POOLINGS: tuple[str, ...] = ("token", "avg")
 DROP_PATH_SCHEDULES: tuple[str, ...] = ("uniform", "linear")
+# How talking heads are computed (see ``cait.layers.TalkingHeadAttention``); same maths.
+ATTN_IMPLS: tuple[str, ...] = ("fast", "plain", "recompute")
 
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
@@ -72,6 +76,13 @@ class CaiTConfig:
       beside the class token: both query ``[cls, dist, patches]`` and both are updated by
       the CA blocks. This design is ours: the released CaiT code has no distillation token.
       With ``class_token="early"`` it is DeiT's layout (second position slot).
+
+    Implementation choices (same maths, not architecture): ``fused_attn`` uses PyTorch's
+    fused attention where there are no talking heads (class attention, ViT/DeiT);
+    ``attn_impl`` picks the talking-heads computation: ``fast`` (contiguous head mixing),
+    ``plain`` (the reference structure) or ``recompute`` (keeps one ``(B, H, N, N)`` tensor
+    per block for the backward pass, to train at larger batches). Configs saved before
+    ``attn_impl`` existed load with the default.
     """
 
     img_size: int = 224
@@ -96,6 +107,7 @@ class CaiTConfig:
     drop_path_schedule: DropPathSchedule = "uniform"
     fused_attn: bool = True
     distilled: bool = False
+    attn_impl: AttnImpl = "fast"
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -123,6 +135,12 @@ class CaiTConfig:
         _check_choice("class_token", self.class_token, CLASS_TOKEN_POSITIONS)
         _check_choice("pooling", self.pooling, POOLINGS)
         _check_choice("drop_path_schedule", self.drop_path_schedule, DROP_PATH_SCHEDULES)
+        _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
+        if self.attn_impl == "recompute" and self.attn_drop_rate > 0.0:
+            raise ValueError(
+                "attn_impl='recompute' keeps no dropout mask: attn_drop_rate must be 0, "
+                f"got {self.attn_drop_rate}"
+            )
         for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "drop_path_rate"):
             _check_rate(name, getattr(self, name))
         if self.class_token == "early" and self.ca_depth:

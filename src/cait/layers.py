@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cait.config import BRANCH_SCALES
+from cait.config import ATTN_IMPLS, BRANCH_SCALES
+from cait.talking_heads import talking_heads_attention
 
 __all__ = [
     "LAYERNORM_EPS",
@@ -163,6 +164,17 @@ class TalkingHeadAttention(nn.Module):
     ViT/DeiT attention (and has no ``proj_l``/``proj_w``). ``fused`` selects PyTorch's fused
     ``scaled_dot_product_attention`` where the maths allows it (no talking heads, no
     attention map requested).
+
+    ``impl`` chooses how talking heads are computed; all give the same result:
+
+    - ``plain``: the reference structure, head mixing as an einsum (always used when the
+      attention map is requested);
+    - ``fast``: head-major attention with the head mixing as one matrix product each and
+      a written-out backward pass (:func:`cait.talking_heads.talking_heads_attention`);
+      with attention dropout in training it falls back to ``plain``;
+    - ``recompute``: ``fast``, but only the softmax probabilities are kept for the
+      backward pass, which recomputes the logits (one ``(B, H, N, N)`` tensor per block,
+      against two for ``fast`` and three or more for ``plain``); needs ``attn_drop == 0``.
     """
 
     def __init__(
@@ -174,14 +186,22 @@ class TalkingHeadAttention(nn.Module):
         proj_drop: float = 0.0,
         talking_heads: bool = True,
         fused: bool = True,
+        impl: str = "fast",
     ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads={num_heads}, got {dim}")
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"impl must be one of {ATTN_IMPLS}, got {impl!r}")
+        if impl == "recompute" and attn_drop > 0.0:
+            raise ValueError(
+                f"impl='recompute' keeps no dropout mask: attn_drop must be 0, got {attn_drop}"
+            )
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.talking_heads = talking_heads
         self.fused = fused
+        self.impl = impl
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -198,11 +218,23 @@ class TalkingHeadAttention(nn.Module):
         """
         B, N, C = x.shape
         H = self.num_heads
-        qkv = self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
-        q, k, v = qkv.unbind(0)
+        qkv = self.qkv(x)  # (B, N, 3C)
+        p = self.attn_drop.p if self.training else 0.0
+        if self.talking_heads and self.impl != "plain" and not return_attn and p == 0.0:
+            x = talking_heads_attention(
+                qkv,
+                H,
+                self.proj_l.weight,
+                self.proj_l.bias,
+                self.proj_w.weight,
+                self.proj_w.bias,
+                self.scale,
+                recompute=self.impl == "recompute",
+            )  # (B, N, C)
+            return self.proj_drop(self.proj(x)), None
+        q, k, v = qkv.reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,N,hd)
         attn = None
         if self.fused and not self.talking_heads and not return_attn:
-            p = self.attn_drop.p if self.training else 0.0
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, N, hd)
         else:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
@@ -331,10 +363,18 @@ class SelfAttentionBlock(_ResidualBlock):
         init_scale: float = 1e-5,
         talking_heads: bool = True,
         fused: bool = True,
+        attn_impl: str = "fast",
     ) -> None:
         super().__init__(dim, mlp_ratio, drop, drop_path, branch_scale, init_scale)
         self.attn = TalkingHeadAttention(
-            dim, num_heads, qkv_bias, attn_drop, drop, talking_heads=talking_heads, fused=fused
+            dim,
+            num_heads,
+            qkv_bias,
+            attn_drop,
+            drop,
+            talking_heads=talking_heads,
+            fused=fused,
+            impl=attn_impl,
         )
 
     def forward(self, x: Tensor) -> Tensor:

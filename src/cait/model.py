@@ -89,6 +89,7 @@ class CaiT(nn.Module):
                 init_scale=config.init_scale,
                 talking_heads=config.talking_heads,
                 fused=config.fused_attn,
+                attn_impl=config.attn_impl,
             )
             for rate in self._drop_path_rates()
         )
@@ -238,7 +239,7 @@ class CaiT(nn.Module):
 
         Call ``model.eval()`` first for deterministic traces, and wrap the call in
         ``torch.no_grad()`` unless gradients are wanted. The logits equal those of
-        ``forward`` (up to the float rounding of the unfused attention path it uses).
+        ``forward`` (up to the float rounding of the plain attention path it uses).
         """
         x, grid = self._stage_input(x)
         sa: list[BlockTrace] = []

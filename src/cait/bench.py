@@ -1,0 +1,401 @@
+"""Throughput and peak memory of a model, alone or side by side with timm: ``cait bench``.
+
+Protocol (so that ratios survive a noisy, shared machine): every model is built in the same
+process on the same random batch; after ``warmup`` untimed steps each, ``rounds`` timed
+rounds run the models alternately (the order flips every round), each round timing
+``steps`` consecutive steps. A model's figure is the median over rounds of its images/s;
+the ratio is the ratio of the medians; ``round_ratio``, the median of the per-round ratios,
+pairs measurements taken seconds apart and so resists slow drifts of the machine's load.
+
+A step is ``model(images)`` under ``torch.inference_mode`` for inference, or forward, cross
+entropy, backward and an AdamW step for training. ``dtype`` bf16/fp16 casts the model and
+the images for inference (``autocast=True`` keeps fp32 weights and autocasts instead) and
+always autocasts for training, which keeps fp32 master weights.
+
+Peak memory is measured once per model, in a separate step after warm-up: on CUDA,
+``torch.cuda.max_memory_allocated`` above what was allocated before the step; on the CPU,
+the process's resident-set high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) above the resident set before the step, after returning freed
+heap to the system (``malloc_trim``). CPU figures therefore count every allocation of the
+step, including the allocator's and the BLAS library's scratch space.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cait import runtime
+from cait.variants import create_model, get_variant
+
+__all__ = [
+    "DTYPES",
+    "BenchResult",
+    "ModelTiming",
+    "benchmark",
+    "checkpoint_precision_agreement",
+    "format_table",
+    "precision_agreement",
+]
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# LayerScale factor used for the output check: the released init (1e-5) would make every
+# residual branch invisible in the logits, so that any two models would "agree".
+CHECK_LAYERSCALE = 0.1
+# Outputs of the two fp32 models must agree to this, relative to the largest logit.
+FP32_TOLERANCE = 1e-4
+
+
+@dataclass
+class ModelTiming:
+    """One model's figures: median and per-round images/s, peak memory in MiB."""
+
+    impl: str
+    dtype: str
+    images_per_s: float
+    rounds: list[float]
+    peak_mem_mib: float | None
+
+
+@dataclass
+class BenchResult:
+    """Everything ``cait bench`` reports (``asdict`` gives the JSON)."""
+
+    model: str
+    mode: str
+    batch_size: int
+    device: str
+    compile: bool
+    autocast: bool
+    threads: int
+    torch_version: str
+    rounds: int
+    steps: int
+    warmup: int
+    timings: list[ModelTiming] = field(default_factory=list)
+    ratio: float | None = None
+    round_ratio: float | None = None
+    max_abs_diff: float | None = None
+    top1_agreement: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _set_layerscale(model: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma_1", "gamma_2")):
+                p.fill_(value)
+
+
+def _build_timm(name: str, state_dict: dict[str, Tensor]) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"timm has no model named {name!r} to compare with")
+    ref = timm.create_model(name, pretrained=False)
+    ref.load_state_dict(state_dict, strict=True)
+    return ref
+
+
+def _logits(out: Tensor | tuple[Tensor, ...]) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _make_step(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    train: bool,
+    dtype: torch.dtype,
+    autocast: bool,
+    device: torch.device,
+) -> Callable[[], None]:
+    """A closure running one timed step of ``model``, prepared for the mode and dtype."""
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "none")
+    if train:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            with runtime.autocast(device, amp):
+                loss = F.cross_entropy(_logits(model(images)).float(), targets)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    model.eval()
+    if not autocast:
+        model.to(dtype)
+        images = images.to(dtype)
+
+    def step() -> None:
+        with torch.inference_mode(), runtime.autocast(device, amp if autocast else "none"):
+            model(images)
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _peak_memory_mib(step: Callable[[], None], device: torch.device) -> float | None:
+    """Memory one step needs above what is held before it (see the module docstring)."""
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        _trim_heap()
+        before = _rss_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        step()
+        return (_rss_kib("VmHWM") - before) / 1024
+    except (OSError, RuntimeError) as err:
+        logger.warning("peak memory not measured: %s", err)
+        return None
+
+
+def _agreement(ours: nn.Module, ref: nn.Module, images: Tensor) -> tuple[float, float]:
+    """Max |logit difference| and top-1 agreement of two models on the same batch (eval)."""
+    with torch.inference_mode():
+        a = _logits(ours.eval()(images)).float()
+        b = _logits(ref.eval()(images)).float()
+    diff = (a - b).abs().max().item()
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    if diff > FP32_TOLERANCE * max(b.abs().max().item(), 1.0):
+        raise RuntimeError(
+            f"outputs of cait and timm disagree: max abs difference {diff:.3g} "
+            f"(tolerance {FP32_TOLERANCE:g} relative to the largest logit)"
+        )
+    return diff, agree
+
+
+def benchmark(
+    model_name: str,
+    batch_size: int = 32,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    compile: bool = False,
+    train: bool = False,
+    compare: str | None = None,
+    compare_dtype: str | None = None,
+    autocast: bool = False,
+    rounds: int = 5,
+    steps: int = 2,
+    warmup: int = 2,
+    seed: int = 0,
+    threads: int | None = None,
+    **overrides: object,
+) -> BenchResult:
+    """Images/s and peak memory of ``model_name``, alternated with timm's when ``compare``.
+
+    ``compare="timm"`` builds timm's model of the same name with the same weights, checks
+    in fp32 that the logits agree, then times both (timm in ``compare_dtype``, by default
+    ``dtype``). ``overrides`` are config fields for our model (e.g. ``attn_impl``);
+    ``threads`` sets torch's intra-op threads (default: leave as is).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    compare_dtype = compare_dtype or dtype
+    if compare_dtype not in DTYPES:
+        raise ValueError(f"compare dtype must be one of {sorted(DTYPES)}, got {compare_dtype!r}")
+    if compare not in (None, "timm"):
+        raise ValueError(f"can only compare with 'timm', got {compare!r}")
+    if min(batch_size, rounds, steps) < 1 or warmup < 0:
+        raise ValueError("batch size, rounds and steps must be >= 1 and warmup >= 0")
+    dev = runtime.inference_device(device, "fp16" if "fp16" in (dtype, compare_dtype) else "none")
+    runtime.seed_everything(seed)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    ours = create_model(model_name, **overrides)
+    _set_layerscale(ours, CHECK_LAYERSCALE)
+    size = get_variant(model_name).img_size
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, ours.config.in_chans, size, size, generator=gen)
+    targets = torch.randint(0, max(ours.num_classes, 1), (batch_size,), generator=gen)
+    models: dict[str, tuple[nn.Module, str]] = {"cait": (ours, dtype)}
+    result = BenchResult(
+        model=model_name,
+        mode="train" if train else "inference",
+        batch_size=batch_size,
+        device=str(dev),
+        compile=compile,
+        autocast=autocast or train,
+        threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        rounds=rounds,
+        steps=steps,
+        warmup=warmup,
+    )
+    if compare == "timm":
+        ref = _build_timm(model_name, ours.state_dict())
+        result.max_abs_diff, result.top1_agreement = _agreement(ours, ref, images)
+        models["timm"] = (ref, compare_dtype)
+
+    images, targets = images.to(dev), targets.to(dev)
+    step_fns = {}
+    for name, (model, dt) in models.items():
+        model.to(dev)
+        if compile:
+            model = torch.compile(model)
+        step_fns[name] = _make_step(model, images, targets, train, DTYPES[dt], autocast, dev)
+        logger.info("warming up %s (%s, %d steps)", name, dt, warmup)
+        for _ in range(max(warmup, 1 if compile else 0)):
+            step_fns[name]()
+        _sync(dev)
+
+    peaks = {name: _peak_memory_mib(fn, dev) for name, fn in step_fns.items()}
+    per_round: dict[str, list[float]] = {name: [] for name in step_fns}
+    order = list(step_fns)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            _sync(dev)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step_fns[name]()
+            _sync(dev)
+            per_round[name].append(steps * batch_size / (time.perf_counter() - start))
+        logger.info(
+            "round %d/%d: %s",
+            r + 1,
+            rounds,
+            ", ".join(f"{n} {v[-1]:.2f} img/s" for n, v in per_round.items()),
+        )
+    for name, (_, dt) in models.items():
+        result.timings.append(
+            ModelTiming(
+                impl=name,
+                dtype=dt,
+                images_per_s=statistics.median(per_round[name]),
+                rounds=per_round[name],
+                peak_mem_mib=peaks[name],
+            )
+        )
+    if compare == "timm":
+        result.ratio = result.timings[0].images_per_s / result.timings[1].images_per_s
+        result.round_ratio = statistics.median(
+            a / b for a, b in zip(per_round["cait"], per_round["timm"], strict=True)
+        )
+    return result
+
+
+def format_table(result: BenchResult) -> str:
+    """The result as a small text table (what ``cait bench`` prints without ``--json``)."""
+    r = result
+    lines = [
+        f"{r.model}  {r.mode}  batch {r.batch_size}  device {r.device}  threads {r.threads}  "
+        f"compile {r.compile}  torch {r.torch_version}  "
+        f"({r.rounds} rounds x {r.steps} steps, {r.warmup} warm-up)",
+        f"{'impl':<6}{'dtype':>6}{'images/s':>11}{'min':>9}{'max':>9}{'peak MiB':>10}",
+    ]
+    for t in r.timings:
+        peak = f"{t.peak_mem_mib:.0f}" if t.peak_mem_mib is not None else "-"
+        lines.append(
+            f"{t.impl:<6}{t.dtype:>6}{t.images_per_s:>11.2f}{min(t.rounds):>9.2f}"
+            f"{max(t.rounds):>9.2f}{peak:>10}"
+        )
+    if r.ratio is not None:
+        lines.append(
+            f"cait / timm: {r.ratio:.2f}x (medians), {r.round_ratio:.2f}x (median of per-round "
+            f"ratios); fp32 logits max |diff| "
+            f"{r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.0%}"
+        )
+    return "\n".join(lines)
+
+
+def precision_agreement(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    dtype: str = "bf16",
+    batch_size: int = 256,
+    autocast: bool = False,
+) -> dict[str, float]:
+    """Top-1 of ``model`` in fp32 and in ``dtype`` on the same images, and their agreement.
+
+    The low-precision model is a cast copy (or, with ``autocast``, the fp32 model under
+    autocast); ``model`` itself is left unchanged. ``agreement`` is the fraction of images
+    whose predicted class is the same in both; ``max_abs_prob_diff`` compares the softmax
+    probabilities.
+    """
+    low_dtype = DTYPES[dtype]
+    device = next(model.parameters()).device
+    low = model if autocast else copy.deepcopy(model).to(low_dtype)
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low_dtype, "none")
+    preds, low_preds, diffs = [], [], []
+    model.eval()
+    low.eval()
+    with torch.inference_mode():
+        for batch in images.split(batch_size):
+            batch = batch.to(device)
+            p = model(batch).float().softmax(-1)
+            if autocast:
+                with runtime.autocast(device, amp):
+                    q = low(batch).float().softmax(-1)
+            else:
+                q = low(batch.to(low_dtype)).float().softmax(-1)
+            preds.append(p.argmax(-1).cpu())
+            low_preds.append(q.argmax(-1).cpu())
+            diffs.append((p - q).abs().max().item())
+    pred, low_pred = torch.cat(preds), torch.cat(low_preds)
+    return {
+        "images": len(pred),
+        "top1_fp32": (pred == targets).float().mean().item(),
+        f"top1_{dtype}": (low_pred == targets).float().mean().item(),
+        "agreement": (pred == low_pred).float().mean().item(),
+        "max_abs_prob_diff": max(diffs),
+    }
+
+
+def checkpoint_precision_agreement(
+    checkpoint: str, data: str = "digits", dtype: str = "bf16", autocast: bool = False
+) -> dict[str, float]:
+    """:func:`precision_agreement` for a checkpoint on its validation split (e.g. the demo
+    model on the digits test split), with the checkpoint's eval transform."""
+    from cait.data import build_val_dataset, eval_transform
+    from cait.inference import load_for_inference
+
+    loaded = load_for_inference(checkpoint)
+    dataset = build_val_dataset(data, eval_transform(loaded.settings), loaded.folder_names)
+    samples = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([s[0] for s in samples])
+    targets = torch.tensor([s[1] for s in samples])
+    return precision_agreement(loaded.model, images, targets, dtype, autocast=autocast)

@@ -1,0 +1,246 @@
+"""Fast attention paths against the plain one: outputs and gradients in fp32, saved memory,
+bf16 agreement, torch.compile without graph breaks, and the ``cait bench`` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import randomize_
+
+import cait
+from cait.bench import benchmark, format_table, precision_agreement
+from cait.cli import main
+from cait.layers import TalkingHeadAttention
+from cait.talking_heads import talking_heads_attention
+
+FAST_IMPLS = ["fast", "recompute"]
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _attention_pair(impl: str, dim: int = 24, heads: int = 3) -> tuple:
+    plain = TalkingHeadAttention(dim, heads, impl="plain")
+    randomize_(plain)
+    with torch.no_grad():  # biases large enough that a mishandled one shows
+        plain.proj_l.bias.normal_(0, 1.0)
+        plain.proj_w.bias.normal_(0, 0.5)
+    fast = TalkingHeadAttention(dim, heads, impl=impl)
+    fast.load_state_dict(plain.state_dict())
+    return plain, fast
+
+
+def _grads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    module.zero_grad()
+    x = x.clone().requires_grad_()
+    out = module(x)[0]
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)))
+    return out, {"input": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("chunk_bytes", [0, 1, None], ids=["whole", "per-image", "default"])
+def test_fast_talking_heads_equal_plain(impl, chunk_bytes, monkeypatch):
+    import cait.layers
+
+    if chunk_bytes is not None:  # whole batch at once, or one image per chunk
+
+        def chunked(*args, **kwargs):
+            return talking_heads_attention(*args, **kwargs, chunk_bytes=chunk_bytes)
+
+        monkeypatch.setattr(cait.layers, "talking_heads_attention", chunked)
+    plain, fast = _attention_pair(impl)
+    x = torch.randn(3, 7, 24)
+    ref_out, ref_grads = _grads(plain, x)
+    out, grads = _grads(fast, x)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    for name, g in ref_grads.items():
+        if name == "proj_l.bias":
+            # exactly 0 in the fast paths; rounding noise in the plain one
+            assert torch.all(grads[name] == 0) and g.abs().max() < 1e-6
+            continue
+        torch.testing.assert_close(grads[name], g, **TOL, msg=name)
+
+
+def test_attention_map_requests_use_the_plain_path():
+    plain, fast = _attention_pair("fast")
+    x = torch.randn(2, 5, 24)
+    out, attn = fast(x, return_attn=True)
+    ref_out, ref_attn = plain(x, return_attn=True)
+    assert attn is not None and attn.shape == (2, 3, 5, 5)
+    torch.testing.assert_close(attn, ref_attn)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    assert fast(x)[1] is None
+
+
+def test_attention_dropout_falls_back_to_plain_and_recompute_refuses_it():
+    attn = TalkingHeadAttention(24, 3, attn_drop=0.5, impl="fast").train()
+    x = torch.randn(2, 5, 24)
+    assert not torch.equal(attn(x)[0], attn(x)[0])  # dropout is applied
+    with pytest.raises(ValueError, match="attn_drop"):
+        TalkingHeadAttention(24, 3, attn_drop=0.1, impl="recompute")
+    with pytest.raises(ValueError, match="attn_drop_rate"):
+        cait.CaiTConfig(attn_impl="recompute", attn_drop_rate=0.1)
+    with pytest.raises(ValueError, match="attn_impl"):
+        cait.CaiTConfig(attn_impl="flash")
+
+
+def _saved_attention_tensors(impl: str) -> int:
+    """How many (B, H, N, N)-sized tensors one block keeps for its backward pass."""
+    B, N, C, H = 2, 9, 24, 3
+    _, block = _attention_pair(impl, C, H)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(torch.randn(B, N, C, requires_grad=True))
+    return sum(1 for s in sizes if s == B * H * N * N)
+
+
+def test_recompute_keeps_one_attention_tensor_per_block():
+    assert _saved_attention_tensors("plain") >= 3
+    assert _saved_attention_tensors("fast") == 2
+    assert _saved_attention_tensors("recompute") == 1
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_released_config_fast_equals_plain(impl):
+    """cait_xxs24_224 with random weights: logits and gradients of the fast paths."""
+    torch.manual_seed(0)
+    plain = randomize_(cait.create_model("cait_xxs24_224", attn_impl="plain", depth=4))
+    fast = cait.create_model("cait_xxs24_224", attn_impl=impl, depth=4)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    grads = []
+    for model in (plain, fast):
+        model.train()
+        out = model(x)
+        out.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    with torch.no_grad():
+        scale = plain.eval()(x).abs().max()
+        torch.testing.assert_close(fast.eval()(x) / scale, plain(x) / scale, **TOL)
+    for name, g in grads[0].items():
+        if not name.endswith("proj_l.bias"):
+            g_scale = g.abs().max().clamp_min(1e-3)
+            torch.testing.assert_close(grads[1][name] / g_scale, g / g_scale, **TOL, msg=name)
+
+
+def test_intermediates_match_fast_forward():
+    model = randomize_(cait.create_model("cait_digits_16")).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_intermediates(x).logits, model(x), **TOL)
+
+
+def test_old_config_dicts_load_with_the_default_impl():
+    data = cait.get_variant("cait_digits_16").config.to_dict()
+    del data["attn_impl"]
+    assert cait.CaiTConfig.from_dict(data).attn_impl == "fast"
+
+
+def _train_digits(steps: int = 150) -> tuple[cait.CaiT, torch.Tensor, torch.Tensor]:
+    """cait_digits_16 trained briefly on the digits; returns it with the val images."""
+    from cait.data import DigitsDataset
+
+    def tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = DigitsDataset(split)
+        x = torch.tensor(ds.images, dtype=torch.float32)[:, None] / 255.0  # (M, 1, 8, 8)
+        x = torch.nn.functional.interpolate(x, size=16, mode="bilinear").expand(-1, 3, -1, -1)
+        return (x - 0.5) / 0.5, torch.tensor(ds.targets)
+
+    torch.manual_seed(0)
+    model = cait.create_model("cait_digits_16")
+    x, y = tensors("train")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), *tensors("val")
+
+
+def test_bf16_inference_is_close_to_fp32_with_random_weights():
+    """Every branch counts (randomised weights); random models have near-tied classes, so
+    the bound on agreement is looser than for a trained model (below, and the demo model
+    in docs/BENCHMARKS.md)."""
+    model = randomize_(cait.create_model("cait_digits_16")).eval()
+    x, y = torch.randn(256, 3, 16, 16), torch.randint(0, 10, (256,))
+    for autocast in (False, True):
+        r = precision_agreement(model, x, y, "bf16", autocast=autocast)
+        assert r["max_abs_prob_diff"] < 0.05 and r["agreement"] >= 0.95, r
+    assert next(model.parameters()).dtype == torch.float32  # the model is left as it was
+
+
+@pytest.mark.slow
+def test_bf16_inference_agrees_with_fp32_on_a_trained_model():
+    model, x, y = _train_digits()
+    r = precision_agreement(model, x, y, "bf16", batch_size=128)
+    assert r["top1_fp32"] > 0.8, "the briefly trained model should have learned something"
+    assert r["agreement"] >= 0.99, r
+    assert next(model.parameters()).dtype == torch.float32  # the model is left as it was
+
+
+def test_forward_and_training_trace_without_graph_breaks():
+    model = cait.create_model("cait_digits_16")
+    x = torch.randn(2, 3, 16, 16)
+    for train in (False, True):
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model.train(train))(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_compiled_training_step_equals_eager(impl):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = randomize_(cait.create_model("cait_digits_16", attn_impl="plain"))
+    model = cait.create_model("cait_digits_16", attn_impl=impl)
+    model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(model, fullgraph=True)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    for m in (eager, compiled):
+        torch.nn.functional.cross_entropy(m.train()(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), eager.eval()(x), **TOL)
+
+
+def test_bench_reports_throughput_and_memory():
+    r = benchmark("cait_digits_16", batch_size=2, rounds=2, steps=1, warmup=1)
+    assert r.mode == "inference" and len(r.timings) == 1 and r.ratio is None
+    t = r.timings[0]
+    assert t.impl == "cait" and t.images_per_s > 0 and len(t.rounds) == 2
+    assert "cait_digits_16" in format_table(r)
+    r = benchmark("cait_digits_16", batch_size=2, rounds=1, steps=1, warmup=0, train=True)
+    assert r.mode == "train" and r.timings[0].images_per_s > 0
+
+
+def test_bench_compare_timm_needs_a_timm_model():
+    with pytest.raises(ValueError, match="timm has no model named 'cait_digits_16'"):
+        benchmark("cait_digits_16", batch_size=2, compare="timm")
+
+
+def test_bench_compare_timm_json(capsys):
+    argv = ["bench", "--model", "cait_xxs24_224", "--batch-size", "1", "--compare", "timm"]
+    assert main(argv + ["--rounds", "1", "--steps", "1", "--warmup", "0", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert [t["impl"] for t in r["timings"]] == ["cait", "timm"]
+    assert (
+        r["ratio"] > 0
+        and r["round_ratio"] > 0
+        and r["max_abs_diff"] < 1e-3
+        and r["top1_agreement"] == 1.0
+    )
+    for key in ("model", "mode", "batch_size", "device", "threads", "torch_version"):
+        assert key in r
+    assert all(t["peak_mem_mib"] is None or t["peak_mem_mib"] >= 0 for t in r["timings"])
