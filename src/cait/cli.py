@@ -225,6 +225,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         overrides=args.set,
     )
     print((Path(args.output) / "results.md").read_text())
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", action="store_true", help="list the grids and exit")
     p.set_defaults(func=_cmd_ablate)
+
     p = sub.add_parser("bench", help="images/s and peak memory, optionally beside timm")
     p.add_argument("--model", required=True, help="variant name (see `cait models`)")
     p.add_argument("--batch-size", type=int, default=32)
