@@ -182,6 +182,9 @@ def _evaluate_rank(rank: int, init_file: str, size: int, results: str) -> None:
         fsdp = evaluate(sharded, loader, cpu)
         if rank == 0:
             torch.save({"plain": plain, "fsdp": fsdp}, results)
+        # tearing gloo down while the peer is still working aborts the process now and then
+        # ("terminate called without an active exception"): leave together
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -287,6 +290,7 @@ _RESUME_SCRIPT = textwrap.dedent(
     run(f"output={out}/full")
     run(f"output={out}/split", "stop_after=1")
     run(f"output={out}/split", f"resume={out}/split/last.pt")
+    dist.barrier()
     dist.destroy_process_group()
     """
 )
@@ -336,6 +340,7 @@ _FSDP_SCRIPT = textwrap.dedent(
         logits = result.model(x)  # a collective: every rank gathers the blocks' weights
     if dist.get_rank() == 0:
         torch.save({"x": x, "logits": logits}, out + "/logits.pt")
+    dist.barrier()
     dist.destroy_process_group()
     """
 )

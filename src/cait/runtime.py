@@ -179,9 +179,15 @@ def distributed(device: str, timeout_s: float) -> Iterator[DistInfo]:
     info = init_distributed(device, timeout_s)
     try:
         yield info
-    finally:
-        if joins:
+    except BaseException:
+        if joins:  # no barrier: the peers may never arrive; torchrun stops them
             shutdown_distributed()
+        raise
+    if joins:
+        # gloo torn down while a peer still talks to it aborts that peer now and then
+        # ("terminate called without an active exception"): leave together
+        dist.barrier()
+        shutdown_distributed()
 
 
 def shutdown_distributed() -> None:
