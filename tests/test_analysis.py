@@ -22,6 +22,7 @@ from cait.analysis.residuals import save_residual_report
 from cait.cli import main as cli_main
 from cait.config import CaiTConfig
 from cait.data import DataSettings, DigitsDataset, eval_transform
+from cait.engine import NonFiniteLossError
 from cait.inference import LoadedModel
 from cait.layers import LAYERNORM_EPS
 from cait.train import train
@@ -292,3 +293,27 @@ def test_every_grid_configuration_is_a_valid_model_config():
         for cfg in grid.configs:
             config = cait.get_variant(grid.model).config.replace(**cfg.model_args)
             assert config.depth == cfg.model_args["depth"], cfg.name
+
+
+def test_a_diverged_run_is_recorded_and_tabulated(tmp_path, monkeypatch):
+    """A NaN loss ends that run, not the grid; the table counts it apart from the means."""
+    real_train = ablation.train
+
+    def nan_for_rezero(config):
+        if config.model_args["branch_scale"] == "rezero":
+            raise NonFiniteLossError("loss is nan at epoch 1, step 3")
+        return real_train(config)
+
+    monkeypatch.setattr(ablation, "train", nan_for_rezero)
+    results = ablation.run_ablation("tiny", None, tmp_path, seeds=1, epochs=1, progress=False)
+    rezero = next(r for r in results if r.config == "rezero_d2")
+    assert rezero.diverged and rezero.top1 is None and rezero.train_seconds is None
+    # standard JSON: no NaN constants
+    json.loads((tmp_path / "results.json").read_text(), parse_constant=pytest.fail)
+    row = next(
+        line for line in (tmp_path / "results.md").read_text().splitlines() if "rezero_d2" in line
+    )
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[3] == "-" and cells[5] == "1/1"
+    others = [r for r in results if r.config != "rezero_d2"]
+    assert all(not r.diverged and r.top1 is not None for r in others)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -226,12 +225,12 @@ class RunResult:
     seed: int
     top1: float | None  # validation top-1 after the last epoch; None if it diverged
     best_top1: float | None
-    epochs: int
-    train_seconds: float
+    epochs: int  # epochs completed (before the loss became NaN/inf, for a diverged run)
+    train_seconds: float | None  # None if it diverged (the run's timings are not kept)
     diverged: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -283,7 +282,9 @@ def _run_one(
         result = train(config)
     except NonFiniteLossError as err:
         logger.warning("%s seed %d diverged: %s", cfg.name, seed, err)
-        outcome = RunResult(cfg.name, seed, None, None, epochs, math.nan, diverged=True)
+        metrics = run_dir / "metrics.jsonl"
+        completed = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        outcome = RunResult(cfg.name, seed, None, None, completed, None, diverged=True)
     else:
         h = result.history
         outcome = RunResult(
@@ -294,6 +295,7 @@ def _run_one(
             epochs=len(h),
             train_seconds=sum(m[TIMING_KEYS[1]] for m in h),
         )
+    done.parent.mkdir(parents=True, exist_ok=True)  # a run can fail before train() makes it
     done.write_text(json.dumps(outcome.to_dict(), indent=2))
     return outcome
 
