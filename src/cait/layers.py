@@ -73,7 +73,9 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]}")
         self.grid(x.shape[2], x.shape[3])
         x = self.proj(x)  # (B, C, H_img/p, W_img/p)
-        return x.flatten(2).transpose(1, 2)  # (B, N, C)
+        # token-major in memory: a transposed view would carry a channel-first layout into
+        # the residual stream, and every LayerNorm (forward and backward) would copy it
+        return x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C)
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:

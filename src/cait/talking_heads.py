@@ -44,16 +44,22 @@ __all__ = ["CPU_CHUNK_BYTES", "talking_heads_attention"]
 CPU_CHUNK_BYTES = 5 * 2**19
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def _heads_bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """``out[h] = a[h] @ b[h]`` for every head of head-major ``(H, B, X, Y)`` operands.
 
     In eager mode each ``a[h]`` and ``b[h]`` is a batch of matrices with one batch stride,
     which the batched product reads in place even when it is a strided view into ``qkv``,
-    writing into ``out`` (allocated when not given). Under ``torch.compile`` it is a plain
-    ``matmul`` (``out=`` does not survive functionalisation; the compiler picks layouts).
+    writing into ``out`` (allocated when not given; it may be a strided view too). Under
+    ``torch.compile`` it is a plain ``matmul``, copied into ``out`` when one is given
+    (``out=`` does not survive functionalisation; the compiler picks layouts).
     """
-    if torch.compiler.is_compiling():
-        return torch.matmul(a, b)
+    if _compiling():
+        result = torch.matmul(a, b)
+        return result if out is None else out.copy_(result)
     if out is None:
         out = a.new_empty(a.shape[:-1] + b.shape[-1:])
     for h in range(out.shape[0]):
@@ -61,25 +67,28 @@ def _heads_bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def _mix(weight: Tensor, t: Tensor) -> Tensor:
-    """Head mixing on a head-major tensor: ``out[g] = sum_h weight[g, h] t[h]``."""
+def _mix(weight: Tensor, t: Tensor, out: Tensor | None = None) -> Tensor:
+    """Head mixing on a contiguous head-major tensor: ``out[g] = sum_h weight[g, h] t[h]``."""
     H = t.shape[0]
-    return torch.mm(weight, t.view(H, -1)).view(t.shape)
+    if out is None or _compiling():
+        return torch.mm(weight, t.view(H, -1)).view(t.shape)
+    torch.mm(weight, t.view(H, -1), out=out.view(H, -1))
+    return out
 
 
-def _token_major(ctx_heads: Tensor, bias: Tensor) -> Tensor:
-    """``ctx_heads + bias`` as a new contiguous ``(B, N, H, hd)`` tensor, in one pass."""
-    if torch.compiler.is_compiling():
-        return (ctx_heads + bias).contiguous()
-    out = ctx_heads.new_empty(ctx_heads.shape)
-    return torch.add(ctx_heads, bias, out=out)
-
-
-def _softmax(z: Tensor) -> Tensor:
+def _softmax(z: Tensor, out: Tensor | None = None) -> Tensor:
     """Softmax over keys, accumulated in fp32 for fp16/bf16 and returned in their dtype."""
     if z.dtype in (torch.float16, torch.bfloat16):
         return z.softmax(dim=-1, dtype=torch.float32).to(z.dtype)
-    return z.softmax(dim=-1)
+    if out is None or _compiling():
+        return z.softmax(dim=-1)
+    return torch.ops.aten._softmax.out(z, -1, False, out=out)
+
+
+def _softmax_backward(grad: Tensor, probs: Tensor, out: Tensor | None = None) -> Tensor:
+    if out is None or _compiling():
+        return torch.ops.aten._softmax_backward_data(grad, probs, -1, probs.dtype)
+    return torch.ops.aten._softmax_backward_data.out(grad, probs, -1, probs.dtype, grad_input=out)
 
 
 def _split(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,6 +96,72 @@ def _split(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     B, N, C3 = qkv.shape
     qkv = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads))  # (B, N, 3, H, hd)
     return qkv.permute(2, 3, 0, 1, 4).unbind(0)
+
+
+class _Scratch:
+    """Buffers reused by every chunk of a batch, so that each chunk's temporaries land in
+    the memory (and the cache) the previous chunk used.
+
+    Allocating them afresh per chunk costs more than the arithmetic on the CPU: blocks of a
+    few MB go back to the operating system when freed, and the next allocation page-faults
+    on first touch. ``get(i, shape)`` returns a contiguous view of buffer ``i``; a smaller
+    last chunk takes the start of the same memory. Under ``torch.compile`` there are no
+    buffers (``get`` returns ``None`` and every step allocates its own result).
+    """
+
+    def __init__(self, like: Tensor, count: int, numel: int) -> None:
+        self.buffers = [] if _compiling() else [like.new_empty(numel) for _ in range(count)]
+
+    def get(self, i: int, shape: tuple[int, ...]) -> Tensor | None:
+        if not self.buffers:
+            return None
+        n = 1
+        for s in shape:
+            n *= s
+        return self.buffers[i][:n].view(shape)
+
+
+def _chunks(batch: int, chunk: int) -> list[slice]:
+    return [slice(lo, min(lo + chunk, batch)) for lo in range(0, batch, chunk)]
+
+
+def _forward(
+    qkv: Tensor, w_l: Tensor, w_w: Tensor, b_w: Tensor, num_heads: int, chunk: int, keep: str
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The forward pass over the batch, chunk by chunk: ``(out, probabilities, logits)``.
+
+    ``keep`` says which per-chunk tensors the caller needs afterwards: ``"none"``
+    (inference: everything lives in the scratch buffers), ``"probs"`` or ``"both"``.
+    """
+    H = num_heads
+    q, k, v = _split(qkv, H)  # (H, B, N, hd) views
+    _, B, N, hd = q.shape
+    bias = b_w[:, None, None] * v.sum(dim=2)  # (H, B, hd): proj_w's bias term
+    out = qkv.new_empty(B, N, H, hd)
+    b = min(chunk, B)
+    scratch = _Scratch(qkv, 3, H * b * N * N)  # logits, mixed logits then mixed weights, probs
+    ctx_scratch = _Scratch(qkv, 1, H * b * N * hd)
+    kept_probs, kept_logits = [], []
+    for sl in _chunks(B, chunk):
+        shape = (H, sl.stop - sl.start, N, N)
+        logits = _heads_bmm(
+            q[:, sl], k[:, sl].transpose(2, 3), None if keep == "both" else scratch.get(0, shape)
+        )
+        probs_out = None if keep != "none" else scratch.get(2, shape)
+        probs = _softmax(_mix(w_l, logits, scratch.get(1, shape)), probs_out)
+        weights = _mix(w_w, probs, scratch.get(1, shape))
+        ctx_heads = _heads_bmm(weights, v[:, sl], ctx_scratch.get(0, shape[:3] + (hd,)))
+        # token-major (b, N, H, hd) with proj_w's bias term, written into this chunk's rows
+        token_major, chunk_bias = ctx_heads.permute(1, 2, 0, 3), bias[:, sl].permute(1, 0, 2)
+        if _compiling():
+            out[sl] = token_major + chunk_bias[:, None]
+        else:
+            torch.add(token_major, chunk_bias[:, None], out=out[sl])
+        if keep != "none":
+            kept_probs.append(probs)
+        if keep == "both":
+            kept_logits.append(logits)
+    return out.view(B, N, H * hd), kept_probs, kept_logits
 
 
 class _TalkingHeads(torch.autograd.Function):
@@ -102,61 +177,68 @@ class _TalkingHeads(torch.autograd.Function):
         b_w: Tensor,
         num_heads: int,
         recompute: bool,
+        chunk: int,
     ) -> Tensor:
-        dtype, H = qkv.dtype, num_heads
+        dtype = qkv.dtype
         with torch.autocast(qkv.device.type, enabled=False):
             w_l_, w_w_, b_w_ = w_l.to(dtype), w_w.to(dtype), b_w.to(dtype)
-            q, k, v = _split(qkv, H)  # (H, B, N, hd) views
-            _, B, N, hd = q.shape
-            logits = _heads_bmm(q, k.transpose(2, 3))  # (H, B, N, N)
-            attn = _softmax(_mix(w_l_, logits))
-            weights = _mix(w_w_, attn)
-            ctx_heads = _heads_bmm(weights, v)  # (H, B, N, hd)
-            del weights
-            bias = b_w_[:, None, None] * v.sum(dim=2)  # (H, B, hd): proj_w's bias term
-            out = _token_major(ctx_heads.permute(1, 2, 0, 3), bias.permute(1, 0, 2)[:, None])
-        ctx.num_heads = H
+            keep = "probs" if recompute else "both"
+            out, probs, logits = _forward(qkv, w_l_, w_w_, b_w_, num_heads, chunk, keep)
+        ctx.num_heads, ctx.chunk, ctx.recompute = num_heads, chunk, recompute
         ctx.param_dtypes = (w_l.dtype, b_l.dtype, w_w.dtype, b_w.dtype)
-        ctx.save_for_backward(qkv, w_l_, w_w_, b_w_, attn, None if recompute else logits)
-        return out.view(B, N, H * hd)
+        ctx.save_for_backward(qkv, w_l_, w_w_, b_w_, *probs, *logits)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        qkv, w_l, w_w, b_w, attn, logits = ctx.saved_tensors
-        H = ctx.num_heads
+        qkv, w_l, w_w, b_w, *kept = ctx.saved_tensors
+        H, chunk = ctx.num_heads, ctx.chunk
         with torch.autocast(qkv.device.type, enabled=False):
             q, k, v = _split(qkv, H)  # (H, B, N, hd) views
             _, B, N, hd = q.shape
+            chunks = _chunks(B, chunk)
+            probs_list = kept[: len(chunks)]
+            logits_list = kept[len(chunks) :] or [None] * len(chunks)
             g_out = grad_out.to(qkv.dtype).reshape(B, N, H, hd).permute(2, 0, 1, 3)  # (H,B,N,hd)
-            compiling = torch.compiler.is_compiling()
-            grads = None if compiling else qkv.new_empty(3, H, B, N, hd)  # dq, dk, dv
+            g_qkv = qkv.new_empty(B, N, 3, H, hd)
+            g_q, g_k, g_v = g_qkv.permute(2, 3, 0, 1, 4).unbind(0)  # (H, B, N, hd) views
+            g_w_l = qkv.new_zeros(H, H)
+            g_w_w = qkv.new_zeros(H, H)
+            scratch = _Scratch(qkv, 2, H * min(chunk, B) * N * N)
+            for sl, probs, logits in zip(chunks, probs_list, logits_list, strict=True):
+                shape = probs.shape
+                flat_probs = probs.view(H, -1)
+                weights = _mix(w_w, probs, scratch.get(0, shape))  # recomputed, without bias
+                _heads_bmm(weights.transpose(2, 3), g_out[:, sl], g_v[:, sl])
+                g_weights = _heads_bmm(
+                    g_out[:, sl], v[:, sl].transpose(2, 3), scratch.get(0, shape)
+                )
+                g_w_w += torch.mm(g_weights.view(H, -1), flat_probs.t())
+                g_attn = _mix(w_w.t(), g_weights, scratch.get(1, shape))
+                g_z = _softmax_backward(g_attn, probs, scratch.get(0, shape))
+                if logits is None:
+                    logits = _heads_bmm(q[:, sl], k[:, sl].transpose(2, 3), scratch.get(1, shape))
+                g_w_l += torch.mm(g_z.view(H, -1), logits.view(H, -1).t())
+                g_logits = _mix(w_l.t(), g_z, scratch.get(1, shape))
+                _heads_bmm(g_logits, k[:, sl], g_q[:, sl])
+                _heads_bmm(g_logits.transpose(2, 3), q[:, sl], g_k[:, sl])
             g_out_sum = g_out.sum(dim=2)  # (H, B, hd)
-            weights = _mix(w_w, attn)  # recomputed, without proj_w's bias
-            g_v = _heads_bmm(weights.transpose(2, 3), g_out, None if compiling else grads[2])
             g_v += (b_w[:, None, None] * g_out_sum)[:, :, None]
             g_b_w = (g_out_sum * v.sum(dim=2)).sum(dim=(1, 2))
-            g_weights = _heads_bmm(g_out, v.transpose(2, 3), None if compiling else weights)
-            g_w_w = torch.mm(g_weights.view(H, -1), attn.view(H, -1).t())
-            g_attn = _mix(w_w.t(), g_weights)
-            del weights, g_weights
-            g_z = torch.ops.aten._softmax_backward_data(g_attn, attn, -1, attn.dtype)
-            del g_attn
-            if logits is None:
-                logits = _heads_bmm(q, k.transpose(2, 3))
-            g_w_l = torch.mm(g_z.view(H, -1), logits.view(H, -1).t())
-            del logits
-            g_logits = _mix(w_l.t(), g_z)
-            del g_z
-            g_q = _heads_bmm(g_logits, k, None if compiling else grads[0])
-            g_k = _heads_bmm(g_logits.transpose(2, 3), q, None if compiling else grads[1])
-            if compiling:
-                grads = torch.stack((g_q, g_k, g_v))  # (3, H, B, N, hd)
-            g_qkv = grads.permute(2, 3, 0, 1, 4).reshape(B, N, 3 * H * hd)
         dt_wl, dt_bl, dt_ww, dt_bw = ctx.param_dtypes
         # proj_l's bias shifts every logit of a row by the same amount: zero gradient
         g_b_l = torch.zeros(H, dtype=dt_bl, device=qkv.device)
-        return g_qkv, g_w_l.to(dt_wl), g_b_l, g_w_w.to(dt_ww), g_b_w.to(dt_bw), None, None
+        return (
+            g_qkv.view(B, N, 3 * H * hd),
+            g_w_l.to(dt_wl),
+            g_b_l,
+            g_w_w.to(dt_ww),
+            g_b_w.to(dt_bw),
+            None,
+            None,
+            None,
+        )
 
 
 def talking_heads_attention(
@@ -185,8 +267,9 @@ def talking_heads_attention(
     per_image = num_heads * N * N * qkv.element_size()
     chunk = max(1, chunk_bytes // per_image) if chunk_bytes > 0 else B
     w_l = w_l * scale
-    outs = [
-        _TalkingHeads.apply(part, w_l, b_l, w_w, b_w, num_heads, recompute)
-        for part in qkv.split(chunk, dim=0)
-    ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    params = (w_l, b_l, w_w, b_w)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, *params)):
+        return _TalkingHeads.apply(qkv, *params, num_heads, recompute, chunk)
+    with torch.autocast(qkv.device.type, enabled=False):  # as in _TalkingHeads.forward
+        w_l, w_w, b_w = w_l.to(qkv.dtype), w_w.to(qkv.dtype), b_w.to(qkv.dtype)
+        return _forward(qkv, w_l, w_w, b_w, num_heads, chunk, keep="none")[0]
