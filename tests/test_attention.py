@@ -89,25 +89,26 @@ def test_attention_dropout_falls_back_to_plain_and_recompute_refuses_it():
         cait.CaiTConfig(attn_impl="flash")
 
 
-def _saved_attention_tensors(impl: str) -> int:
-    """How many (B, H, N, N)-sized tensors one block keeps for its backward pass."""
+def _saved_attention_tensors(impl: str) -> float:
+    """How many (B, H, N, N) tensors' worth of attention one block keeps for its backward."""
     B, N, C, H = 2, 9, 24, 3
     _, block = _attention_pair(impl, C, H)
-    sizes = []
+    kept = []
 
     def pack(t):
-        sizes.append(t.numel())
+        if t.numel() % (H * N * N) == 0:  # whole, a chunk of images, or a permuted copy
+            kept.append(t.numel())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(torch.randn(B, N, C, requires_grad=True))
-    return sum(1 for s in sizes if s == B * H * N * N)
+    return sum(kept) / (B * H * N * N)
 
 
-def test_recompute_keeps_one_attention_tensor_per_block():
+def test_recompute_keeps_no_attention_tensor():
     assert _saved_attention_tensors("plain") >= 3
     assert _saved_attention_tensors("fast") == 2
-    assert _saved_attention_tensors("recompute") == 1
+    assert _saved_attention_tensors("recompute") == 0
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)

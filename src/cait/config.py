@@ -80,9 +80,9 @@ class CaiTConfig:
     Implementation choices (same maths, not architecture): ``fused_attn`` uses PyTorch's
     fused attention where there are no talking heads (class attention, ViT/DeiT);
     ``attn_impl`` picks the talking-heads computation: ``fast`` (contiguous head mixing),
-    ``plain`` (the reference structure) or ``recompute`` (keeps one ``(B, H, N, N)`` tensor
-    per block for the backward pass, to train at larger batches). Configs saved before
-    ``attn_impl`` existed load with the default.
+    ``plain`` (the reference structure) or ``recompute`` (keeps no ``(B, H, N, N)`` tensor
+    for the backward pass, which recomputes the attention, to train at larger batches).
+    Configs saved before ``attn_impl`` existed load with the default.
     """
 
     img_size: int = 224

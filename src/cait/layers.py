@@ -174,9 +174,10 @@ class TalkingHeadAttention(nn.Module):
     - ``fast``: head-major attention with the head mixing as one matrix product each and
       a written-out backward pass (:func:`cait.talking_heads.talking_heads_attention`);
       with attention dropout in training it falls back to ``plain``;
-    - ``recompute``: ``fast``, but only the softmax probabilities are kept for the
-      backward pass, which recomputes the logits (one ``(B, H, N, N)`` tensor per block,
-      against two for ``fast`` and three or more for ``plain``); needs ``attn_drop == 0``.
+    - ``recompute``: ``fast``, but nothing of size ``(B, H, N, N)`` is kept for the
+      backward pass, which recomputes the logits and probabilities (against two such
+      tensors per block for ``fast`` and three or more for ``plain``); needs
+      ``attn_drop == 0``.
     """
 
     def __init__(

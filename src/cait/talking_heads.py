@@ -19,11 +19,16 @@ Here the attention lives head-major, ``(H, B, N, N)``:
   ``b_g * sum_j v_g[j]`` to each output row: a ``(B, H, hd)`` term instead of a pass over
   the attention tensor.
 
-The backward pass is written out (:class:`_TalkingHeads`): it keeps the ``qkv`` output, the
-softmax probabilities and, unless ``recompute``, the raw logits; the mixed weights (and with
-``recompute`` the logits) are recomputed, so a block holds two, or one, ``(B, H, N, N)``
-tensors between forward and backward instead of the reference's three (plus the copies
-autograd keeps of the permuted views).
+On the CPU the batch is processed in chunks of a few images so that a chunk's attention
+tensors stay in cache from one step to the next; every chunk's temporaries go into the same
+reused buffers (:class:`_Scratch`).
+
+The backward pass is written out (:class:`_TalkingHeads`). By default it keeps the ``qkv``
+output, the softmax probabilities and the raw logits, and recomputes the mixed weights: two
+``(B, H, N, N)`` tensors per block between forward and backward instead of the reference's
+three (plus the copies autograd keeps of the permuted views). With ``recompute`` it keeps
+none: the backward pass recomputes each chunk's logits and probabilities, as
+memory-efficient attention kernels do, for one extra ``q k^T``, mixing and softmax.
 """
 
 from __future__ import annotations
@@ -126,12 +131,13 @@ def _chunks(batch: int, chunk: int) -> list[slice]:
 
 
 def _forward(
-    qkv: Tensor, w_l: Tensor, w_w: Tensor, b_w: Tensor, num_heads: int, chunk: int, keep: str
+    qkv: Tensor, w_l: Tensor, w_w: Tensor, b_w: Tensor, num_heads: int, chunk: int, keep: bool
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The forward pass over the batch, chunk by chunk: ``(out, probabilities, logits)``.
 
-    ``keep`` says which per-chunk tensors the caller needs afterwards: ``"none"``
-    (inference: everything lives in the scratch buffers), ``"probs"`` or ``"both"``.
+    With ``keep`` each chunk's probabilities and raw logits are new tensors, returned for
+    the backward pass; without (inference, or ``recompute``) they live in scratch buffers
+    and the lists are empty.
     """
     H = num_heads
     q, k, v = _split(qkv, H)  # (H, B, N, hd) views
@@ -145,10 +151,11 @@ def _forward(
     for sl in _chunks(B, chunk):
         shape = (H, sl.stop - sl.start, N, N)
         logits = _heads_bmm(
-            q[:, sl], k[:, sl].transpose(2, 3), None if keep == "both" else scratch.get(0, shape)
+            q[:, sl], k[:, sl].transpose(2, 3), None if keep else scratch.get(0, shape)
         )
-        probs_out = None if keep != "none" else scratch.get(2, shape)
-        probs = _softmax(_mix(w_l, logits, scratch.get(1, shape)), probs_out)
+        probs = _softmax(
+            _mix(w_l, logits, scratch.get(1, shape)), None if keep else scratch.get(2, shape)
+        )
         weights = _mix(w_w, probs, scratch.get(1, shape))
         ctx_heads = _heads_bmm(weights, v[:, sl], ctx_scratch.get(0, shape[:3] + (hd,)))
         # token-major (b, N, H, hd) with proj_w's bias term, written into this chunk's rows
@@ -157,9 +164,8 @@ def _forward(
             out[sl] = token_major + chunk_bias[:, None]
         else:
             torch.add(token_major, chunk_bias[:, None], out=out[sl])
-        if keep != "none":
+        if keep:
             kept_probs.append(probs)
-        if keep == "both":
             kept_logits.append(logits)
     return out.view(B, N, H * hd), kept_probs, kept_logits
 
@@ -182,8 +188,7 @@ class _TalkingHeads(torch.autograd.Function):
         dtype = qkv.dtype
         with torch.autocast(qkv.device.type, enabled=False):
             w_l_, w_w_, b_w_ = w_l.to(dtype), w_w.to(dtype), b_w.to(dtype)
-            keep = "probs" if recompute else "both"
-            out, probs, logits = _forward(qkv, w_l_, w_w_, b_w_, num_heads, chunk, keep)
+            out, probs, logits = _forward(qkv, w_l_, w_w_, b_w_, num_heads, chunk, not recompute)
         ctx.num_heads, ctx.chunk, ctx.recompute = num_heads, chunk, recompute
         ctx.param_dtypes = (w_l.dtype, b_l.dtype, w_w.dtype, b_w.dtype)
         ctx.save_for_backward(qkv, w_l_, w_w_, b_w_, *probs, *logits)
@@ -198,16 +203,24 @@ class _TalkingHeads(torch.autograd.Function):
             q, k, v = _split(qkv, H)  # (H, B, N, hd) views
             _, B, N, hd = q.shape
             chunks = _chunks(B, chunk)
-            probs_list = kept[: len(chunks)]
+            # with recompute nothing was kept: each chunk recomputes logits and probabilities
+            probs_list = kept[: len(chunks)] or [None] * len(chunks)
             logits_list = kept[len(chunks) :] or [None] * len(chunks)
             g_out = grad_out.to(qkv.dtype).reshape(B, N, H, hd).permute(2, 0, 1, 3)  # (H,B,N,hd)
             g_qkv = qkv.new_empty(B, N, 3, H, hd)
             g_q, g_k, g_v = g_qkv.permute(2, 3, 0, 1, 4).unbind(0)  # (H, B, N, hd) views
             g_w_l = qkv.new_zeros(H, H)
             g_w_w = qkv.new_zeros(H, H)
-            scratch = _Scratch(qkv, 2, H * min(chunk, B) * N * N)
+            # weights, then their gradient, then the softmax's; the probabilities' gradient,
+            # then the logits'; with ``recompute`` also the logits and the probabilities
+            scratch = _Scratch(qkv, 4 if ctx.recompute else 2, H * min(chunk, B) * N * N)
             for sl, probs, logits in zip(chunks, probs_list, logits_list, strict=True):
-                shape = probs.shape
+                shape = (H, sl.stop - sl.start, N, N)
+                if probs is None:
+                    logits = _heads_bmm(q[:, sl], k[:, sl].transpose(2, 3), scratch.get(2, shape))
+                    probs = _softmax(
+                        _mix(w_l, logits, scratch.get(0, shape)), scratch.get(3, shape)
+                    )
                 flat_probs = probs.view(H, -1)
                 weights = _mix(w_w, probs, scratch.get(0, shape))  # recomputed, without bias
                 _heads_bmm(weights.transpose(2, 3), g_out[:, sl], g_v[:, sl])
@@ -257,9 +270,9 @@ def talking_heads_attention(
     ``softmax(proj_l(scale * q k^T))`` mixed by ``proj_w``, then ``@ v``, heads concatenated
     (the input of the output projection). ``w_l, b_l`` are ``proj_l``'s weight and bias,
     ``w_w, b_w`` ``proj_w``'s. No attention dropout. With ``recompute`` the backward pass
-    recomputes the raw logits instead of keeping them. The batch is processed in chunks of
-    about ``chunk_bytes`` of attention tensor (default :data:`CPU_CHUNK_BYTES` on the CPU,
-    the whole batch elsewhere; ``0`` for the whole batch).
+    recomputes the logits and probabilities instead of keeping them. The batch is processed
+    in chunks of about ``chunk_bytes`` of attention tensor (default :data:`CPU_CHUNK_BYTES`
+    on the CPU, the whole batch elsewhere; ``0`` for the whole batch).
     """
     B, N, _ = qkv.shape
     if chunk_bytes is None:
@@ -272,4 +285,4 @@ def talking_heads_attention(
         return _TalkingHeads.apply(qkv, *params, num_heads, recompute, chunk)
     with torch.autocast(qkv.device.type, enabled=False):  # as in _TalkingHeads.forward
         w_l, w_w, b_w = w_l.to(qkv.dtype), w_w.to(qkv.dtype), b_w.to(qkv.dtype)
-        return _forward(qkv, w_l, w_w, b_w, num_heads, chunk, keep="none")[0]
+        return _forward(qkv, w_l, w_w, b_w, num_heads, chunk, keep=False)[0]
