@@ -349,6 +349,12 @@ class _ResidualBlock(nn.Module):
     def _mlp_branch(self, x: Tensor) -> Tensor:
         return self.drop_path(layer_scale(self.mlp(self.norm2(x)), self.gamma_2))
 
+    def _add(self, x: Tensor, branch: Tensor, gamma: Tensor | None) -> Tensor:
+        """``x + drop_path(gamma * branch)``; one pass (``addcmul``) when nothing is dropped."""
+        if gamma is not None and not (self.drop_path.training and self.drop_path.p > 0.0):
+            return torch.addcmul(x, gamma, branch)
+        return x + self.drop_path(layer_scale(branch, gamma))
+
 
 class SelfAttentionBlock(_ResidualBlock):
     """An SA block over patch tokens (paper Eq. 4-5 with LayerScale), ``(B, N, C) -> same``."""
@@ -381,9 +387,8 @@ class SelfAttentionBlock(_ResidualBlock):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(layer_scale(self.attn(self.norm1(x))[0], self.gamma_1))
-        x = x + self._mlp_branch(x)
-        return x
+        x = self._add(x, self.attn(self.norm1(x))[0], self.gamma_1)
+        return self._add(x, self.mlp(self.norm2(x)), self.gamma_2)
 
     def forward_trace(self, x: Tensor) -> tuple[Tensor, BlockTrace]:
         """Same as ``forward``, also returning the block's :class:`BlockTrace`."""
@@ -421,9 +426,8 @@ class ClassAttentionBlock(_ResidualBlock):
     def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
         u = torch.cat((tokens, x), dim=1)  # (B, T + N, C)
         a = self.attn(self.norm1(u), num_queries=tokens.shape[1])[0]
-        tokens = tokens + self.drop_path(layer_scale(a, self.gamma_1))
-        tokens = tokens + self._mlp_branch(tokens)
-        return tokens
+        tokens = self._add(tokens, a, self.gamma_1)
+        return self._add(tokens, self.mlp(self.norm2(tokens)), self.gamma_2)
 
     def forward_trace(self, x: Tensor, tokens: Tensor) -> tuple[Tensor, BlockTrace]:
         """Same as ``forward``, also returning the block's :class:`BlockTrace`."""
