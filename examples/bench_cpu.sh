@@ -22,7 +22,7 @@ bench() {  # name, then cait bench arguments
         $PY - "$OUT/$name.$r.json" <<'PYEOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-line = "  ".join(f"{t['impl']} {t['dtype']} {t['images_per_s']:6.2f} img/s peak {t['peak_mem_mib']} MiB" for t in r["timings"])
+line = "  ".join(f"{t['impl']} {t['dtype']} {t['images_per_s']:6.2f} img/s peak {t['peak_mem_mib']:.0f} MiB" for t in r["timings"])
 ratio = "" if r["ratio"] is None else f"  ratio {r['ratio']:.2f}x (per-round {r['round_ratio']:.2f}x)"
 print(f"  {line}{ratio}")
 PYEOF

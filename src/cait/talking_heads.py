@@ -44,8 +44,10 @@ __all__ = ["CPU_CHUNK_BYTES", "talking_heads_attention"]
 # in cache between the steps that read them. Chosen by measurement on this project's 2-core
 # AMD EPYC (1 MiB L2 per core, 32 MiB L3): for cait_xxs24_224's attention (0.6 MB per
 # image) chunks of 4 images ran the forward pass 2.4x and forward plus backward 1.9x faster
-# than the whole batch of 32 at once (one thread, shared machine; docs/BENCHMARKS.md).
-# On a GPU the whole batch is one chunk.
+# than the whole batch of 32 at once (one thread, shared machine). With two threads the best
+# chunk depends on how the host places them (docs/BENCHMARKS.md, "Two speeds"): 4 images
+# are best in a fast process, the whole batch in a slow one. On a GPU the whole batch is
+# one chunk.
 CPU_CHUNK_BYTES = 5 * 2**19
 
 
