@@ -33,6 +33,8 @@ memory-efficient attention kernels do, for one extra ``q k^T``, mixing and softm
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -122,10 +124,7 @@ class _Scratch:
     def get(self, i: int, shape: tuple[int, ...]) -> Tensor | None:
         if not self.buffers:
             return None
-        n = 1
-        for s in shape:
-            n *= s
-        return self.buffers[i][:n].view(shape)
+        return self.buffers[i][: math.prod(shape)].view(shape)
 
 
 def _chunks(batch: int, chunk: int) -> list[slice]:
