@@ -66,6 +66,40 @@ def test_fast_talking_heads_equal_plain(impl, chunk_bytes, monkeypatch):
         torch.testing.assert_close(grads[name], g, **TOL, msg=name)
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("chunk_bytes", [1, None], ids=["per-image", "default"])
+def test_cpu_workers_equal_one_thread(impl, workers, chunk_bytes):
+    """The chunks shared between 1-3 single-threaded workers (5 images: groups of 2+2+1
+    per-image chunks, or chunks of 2, 2 and 1 by default) against the whole batch in the
+    calling thread, with and without gradients."""
+    _, fast = _attention_pair(impl)
+    qkv = torch.randn(5, 7, 72, requires_grad=True)
+    args = (
+        qkv,
+        3,
+        fast.proj_l.weight,
+        fast.proj_l.bias,
+        fast.proj_w.weight,
+        fast.proj_w.bias,
+        fast.scale,
+    )
+    kwargs = dict(recompute=impl == "recompute", chunk_bytes=chunk_bytes, workers=workers)
+    out = talking_heads_attention(*args, **kwargs)
+    ref = talking_heads_attention(*args, recompute=kwargs["recompute"], chunk_bytes=0, workers=1)
+    torch.testing.assert_close(out, ref, **TOL)
+    params = [qkv, fast.proj_l.weight, fast.proj_w.weight, fast.proj_w.bias]
+    g_out = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, params, g_out)
+    ref_grads = torch.autograd.grad(ref, params, g_out)
+    for g, ref_g in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref_g, **TOL)
+    with torch.inference_mode():  # the workers write into the caller's inference tensors
+        torch.testing.assert_close(talking_heads_attention(*args, **kwargs), ref, **TOL)
+    with pytest.raises(ValueError, match="workers"):
+        talking_heads_attention(*args, workers=0)
+
+
 def test_attention_map_requests_use_the_plain_path():
     plain, fast = _attention_pair("fast")
     x = torch.randn(2, 5, 24)

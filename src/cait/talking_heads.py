@@ -33,13 +33,22 @@ memory-efficient attention kernels do, for one extra ``q k^T``, mixing and softm
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from cait.runtime import run_on_cpu_workers
+
 __all__ = ["CPU_CHUNK_BYTES", "talking_heads_attention"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # On the CPU the images are processed in chunks whose attention tensor (H x b x N x N) takes
 # about this many bytes, so that the logits, probabilities and mixed weights of a chunk stay
@@ -131,11 +140,34 @@ def _chunks(batch: int, chunk: int) -> list[slice]:
     return [slice(lo, min(lo + chunk, batch)) for lo in range(0, batch, chunk)]
 
 
+def _split_work(items: list[T], workers: int) -> list[list[T]]:
+    """``items`` in at most ``workers`` contiguous groups whose sizes differ by at most one."""
+    n = min(workers, len(items))
+    size, extra = divmod(len(items), n)
+    bounds = [i * size + min(i, extra) for i in range(n + 1)]
+    return [items[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+
+def _run_groups(fn: Callable[[list[T]], R], groups: list[list[T]]) -> list[R]:
+    """``fn`` on every group: in this thread for one group, else one group per CPU worker."""
+    if len(groups) == 1:
+        return [fn(groups[0])]
+    return run_on_cpu_workers([functools.partial(fn, group) for group in groups])
+
+
 def _forward(
-    qkv: Tensor, w_l: Tensor, w_w: Tensor, b_w: Tensor, num_heads: int, chunk: int, keep: bool
+    qkv: Tensor,
+    w_l: Tensor,
+    w_w: Tensor,
+    b_w: Tensor,
+    num_heads: int,
+    chunk: int,
+    workers: int,
+    keep: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The forward pass over the batch, chunk by chunk: ``(out, probabilities, logits)``.
 
+    The chunks are split between ``workers`` CPU workers, each running its share in turn.
     With ``keep`` each chunk's probabilities and raw logits are new tensors, returned for
     the backward pass; without (inference, or ``recompute``) they live in scratch buffers
     and the lists are empty.
@@ -145,30 +177,37 @@ def _forward(
     _, B, N, hd = q.shape
     bias = b_w[:, None, None] * v.sum(dim=2)  # (H, B, hd): proj_w's bias term
     out = qkv.new_empty(B, N, H, hd)
-    b = min(chunk, B)
-    scratch = _Scratch(qkv, 3, H * b * N * N)  # logits, mixed logits then mixed weights, probs
-    ctx_scratch = _Scratch(qkv, 1, H * b * N * hd)
-    kept_probs, kept_logits = [], []
-    for sl in _chunks(B, chunk):
-        shape = (H, sl.stop - sl.start, N, N)
-        logits = _heads_bmm(
-            q[:, sl], k[:, sl].transpose(2, 3), None if keep else scratch.get(0, shape)
-        )
-        probs = _softmax(
-            _mix(w_l, logits, scratch.get(1, shape)), None if keep else scratch.get(2, shape)
-        )
-        weights = _mix(w_w, probs, scratch.get(1, shape))
-        ctx_heads = _heads_bmm(weights, v[:, sl], ctx_scratch.get(0, shape[:3] + (hd,)))
-        # token-major (b, N, H, hd) with proj_w's bias term, written into this chunk's rows
-        token_major, chunk_bias = ctx_heads.permute(1, 2, 0, 3), bias[:, sl].permute(1, 0, 2)
-        if _compiling():
-            out[sl] = token_major + chunk_bias[:, None]
-        else:
-            torch.add(token_major, chunk_bias[:, None], out=out[sl])
-        if keep:
-            kept_probs.append(probs)
-            kept_logits.append(logits)
-    return out.view(B, N, H * hd), kept_probs, kept_logits
+
+    def run(chunks: list[slice]) -> tuple[list[Tensor], list[Tensor]]:
+        b = max(sl.stop - sl.start for sl in chunks)
+        scratch = _Scratch(qkv, 3, H * b * N * N)  # logits, mixed logits then weights, probs
+        ctx_scratch = _Scratch(qkv, 1, H * b * N * hd)
+        kept_probs, kept_logits = [], []
+        for sl in chunks:
+            shape = (H, sl.stop - sl.start, N, N)
+            logits = _heads_bmm(
+                q[:, sl], k[:, sl].transpose(2, 3), None if keep else scratch.get(0, shape)
+            )
+            probs = _softmax(
+                _mix(w_l, logits, scratch.get(1, shape)), None if keep else scratch.get(2, shape)
+            )
+            weights = _mix(w_w, probs, scratch.get(1, shape))
+            ctx_heads = _heads_bmm(weights, v[:, sl], ctx_scratch.get(0, shape[:3] + (hd,)))
+            # token-major (b, N, H, hd) with proj_w's bias term, written into this chunk's rows
+            token_major, chunk_bias = ctx_heads.permute(1, 2, 0, 3), bias[:, sl].permute(1, 0, 2)
+            if _compiling():
+                out[sl] = token_major + chunk_bias[:, None]
+            else:
+                torch.add(token_major, chunk_bias[:, None], out=out[sl])
+            if keep:
+                kept_probs.append(probs)
+                kept_logits.append(logits)
+        return kept_probs, kept_logits
+
+    kept = _run_groups(run, _split_work(_chunks(B, chunk), workers))
+    probs = [t for group_probs, _ in kept for t in group_probs]
+    logits = [t for _, group_logits in kept for t in group_logits]
+    return out.view(B, N, H * hd), probs, logits
 
 
 class _TalkingHeads(torch.autograd.Function):
@@ -185,12 +224,15 @@ class _TalkingHeads(torch.autograd.Function):
         num_heads: int,
         recompute: bool,
         chunk: int,
+        workers: int,
     ) -> Tensor:
         dtype = qkv.dtype
         with torch.autocast(qkv.device.type, enabled=False):
             w_l_, w_w_, b_w_ = w_l.to(dtype), w_w.to(dtype), b_w.to(dtype)
-            out, probs, logits = _forward(qkv, w_l_, w_w_, b_w_, num_heads, chunk, not recompute)
-        ctx.num_heads, ctx.chunk, ctx.recompute = num_heads, chunk, recompute
+            out, probs, logits = _forward(
+                qkv, w_l_, w_w_, b_w_, num_heads, chunk, workers, not recompute
+            )
+        ctx.num_heads, ctx.chunk, ctx.workers, ctx.recompute = num_heads, chunk, workers, recompute
         ctx.param_dtypes = (w_l.dtype, b_l.dtype, w_w.dtype, b_w.dtype)
         ctx.save_for_backward(qkv, w_l_, w_w_, b_w_, *probs, *logits)
         return out
@@ -210,33 +252,42 @@ class _TalkingHeads(torch.autograd.Function):
             g_out = grad_out.to(qkv.dtype).reshape(B, N, H, hd).permute(2, 0, 1, 3)  # (H,B,N,hd)
             g_qkv = qkv.new_empty(B, N, 3, H, hd)
             g_q, g_k, g_v = g_qkv.permute(2, 3, 0, 1, 4).unbind(0)  # (H, B, N, hd) views
-            g_w_l = qkv.new_zeros(H, H)
-            g_w_w = qkv.new_zeros(H, H)
-            # weights, then their gradient, then the softmax's; the probabilities' gradient,
-            # then the logits'; with ``recompute`` also the logits and the probabilities
-            scratch = _Scratch(qkv, 4 if ctx.recompute else 2, H * min(chunk, B) * N * N)
-            for sl, probs, logits in zip(chunks, probs_list, logits_list, strict=True):
-                shape = (H, sl.stop - sl.start, N, N)
-                if probs is None:
-                    logits = _heads_bmm(q[:, sl], k[:, sl].transpose(2, 3), scratch.get(2, shape))
-                    probs = _softmax(
-                        _mix(w_l, logits, scratch.get(0, shape)), scratch.get(3, shape)
-                    )
-                flat_probs = probs.view(H, -1)
-                weights = _mix(w_w, probs, scratch.get(0, shape))  # recomputed, without bias
-                _heads_bmm(weights.transpose(2, 3), g_out[:, sl], g_v[:, sl])
-                g_weights = _heads_bmm(
-                    g_out[:, sl], v[:, sl].transpose(2, 3), scratch.get(0, shape)
-                )
-                g_w_w += torch.mm(g_weights.view(H, -1), flat_probs.t())
-                g_attn = _mix(w_w.t(), g_weights, scratch.get(1, shape))
-                g_z = _softmax_backward(g_attn, probs, scratch.get(0, shape))
-                if logits is None:
-                    logits = _heads_bmm(q[:, sl], k[:, sl].transpose(2, 3), scratch.get(1, shape))
-                g_w_l += torch.mm(g_z.view(H, -1), logits.view(H, -1).t())
-                g_logits = _mix(w_l.t(), g_z, scratch.get(1, shape))
-                _heads_bmm(g_logits, k[:, sl], g_q[:, sl])
-                _heads_bmm(g_logits.transpose(2, 3), q[:, sl], g_k[:, sl])
+
+            def run(
+                work: list[tuple[slice, Tensor | None, Tensor | None]],
+            ) -> tuple[Tensor, Tensor]:
+                g_w_l = qkv.new_zeros(H, H)
+                g_w_w = qkv.new_zeros(H, H)
+                # weights, then their gradient, then the softmax's; the probabilities'
+                # gradient, then the logits'; with ``recompute`` also logits and probabilities
+                b = max(sl.stop - sl.start for sl, _, _ in work)
+                scratch = _Scratch(qkv, 4 if ctx.recompute else 2, H * b * N * N)
+                for sl, probs, logits in work:
+                    shape = (H, sl.stop - sl.start, N, N)
+                    q_, k_, v_, g_out_ = q[:, sl], k[:, sl], v[:, sl], g_out[:, sl]
+                    if probs is None:
+                        logits = _heads_bmm(q_, k_.transpose(2, 3), scratch.get(2, shape))
+                        probs = _softmax(
+                            _mix(w_l, logits, scratch.get(0, shape)), scratch.get(3, shape)
+                        )
+                    weights = _mix(w_w, probs, scratch.get(0, shape))  # recomputed, no bias
+                    _heads_bmm(weights.transpose(2, 3), g_out_, g_v[:, sl])
+                    g_weights = _heads_bmm(g_out_, v_.transpose(2, 3), scratch.get(0, shape))
+                    g_w_w += torch.mm(g_weights.view(H, -1), probs.view(H, -1).t())
+                    g_attn = _mix(w_w.t(), g_weights, scratch.get(1, shape))
+                    g_z = _softmax_backward(g_attn, probs, scratch.get(0, shape))
+                    if logits is None:
+                        logits = _heads_bmm(q_, k_.transpose(2, 3), scratch.get(1, shape))
+                    g_w_l += torch.mm(g_z.view(H, -1), logits.view(H, -1).t())
+                    g_logits = _mix(w_l.t(), g_z, scratch.get(1, shape))
+                    _heads_bmm(g_logits, k_, g_q[:, sl])
+                    _heads_bmm(g_logits.transpose(2, 3), q_, g_k[:, sl])
+                return g_w_l, g_w_w
+
+            work = list(zip(chunks, probs_list, logits_list, strict=True))
+            partial_sums = _run_groups(run, _split_work(work, ctx.workers))
+            g_w_l = sum(g for g, _ in partial_sums)  # in group order: deterministic
+            g_w_w = sum(g for _, g in partial_sums)
             g_out_sum = g_out.sum(dim=2)  # (H, B, hd)
             g_v += (b_w[:, None, None] * g_out_sum)[:, :, None]
             g_b_w = (g_out_sum * v.sum(dim=2)).sum(dim=(1, 2))
@@ -249,6 +300,7 @@ class _TalkingHeads(torch.autograd.Function):
             g_b_l,
             g_w_w.to(dt_ww),
             g_b_w.to(dt_bw),
+            None,
             None,
             None,
             None,
@@ -265,6 +317,7 @@ def talking_heads_attention(
     scale: float,
     recompute: bool = False,
     chunk_bytes: int | None = None,
+    workers: int | None = None,
 ) -> Tensor:
     """Talking-heads attention from the ``qkv`` projection, ``(B, N, 3C) -> (B, N, C)``.
 
@@ -273,17 +326,26 @@ def talking_heads_attention(
     ``w_w, b_w`` ``proj_w``'s. No attention dropout. With ``recompute`` the backward pass
     recomputes the logits and probabilities instead of keeping them. The batch is processed
     in chunks of about ``chunk_bytes`` of attention tensor (default :data:`CPU_CHUNK_BYTES`
-    on the CPU, the whole batch elsewhere; ``0`` for the whole batch).
+    on the CPU, the whole batch elsewhere; ``0`` for the whole batch). On the CPU the chunks
+    are shared between ``workers`` threads of one intra-op thread each (default: torch's
+    thread count; :func:`cait.runtime.run_on_cpu_workers`), with smaller chunks when there
+    are fewer than ``workers`` of them; elsewhere, and under ``torch.compile``, one.
     """
     B, N, _ = qkv.shape
+    on_cpu = qkv.device.type == "cpu" and not _compiling()
     if chunk_bytes is None:
-        chunk_bytes = CPU_CHUNK_BYTES if qkv.device.type == "cpu" else 0
+        chunk_bytes = CPU_CHUNK_BYTES if on_cpu else 0
+    if workers is None:
+        workers = torch.get_num_threads() if on_cpu else 1
+    elif workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     per_image = num_heads * N * N * qkv.element_size()
     chunk = max(1, chunk_bytes // per_image) if chunk_bytes > 0 else B
+    chunk = min(chunk, math.ceil(B / workers))
     w_l = w_l * scale
     params = (w_l, b_l, w_w, b_w)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, *params)):
-        return _TalkingHeads.apply(qkv, *params, num_heads, recompute, chunk)
+        return _TalkingHeads.apply(qkv, *params, num_heads, recompute, chunk, workers)
     with torch.autocast(qkv.device.type, enabled=False):  # as in _TalkingHeads.forward
         w_l, w_w, b_w = w_l.to(qkv.dtype), w_w.to(qkv.dtype), b_w.to(qkv.dtype)
-        return _forward(qkv, w_l, w_w, b_w, num_heads, chunk, keep=False)[0]
+        return _forward(qkv, w_l, w_w, b_w, num_heads, chunk, workers, keep=False)[0]
