@@ -241,18 +241,22 @@ def torchrun_command(nproc: int, module_args: Sequence[str]) -> list[str]:
 
 class _CpuWorkers:
     """``n`` worker threads, made once per process and size (a forked child makes its own:
-    threads do not survive ``fork``). Each sets its own OpenMP and MKL thread counts to 1."""
+    threads do not survive ``fork``). Each sets its own OpenMP and MKL thread counts to 1
+    and, when there are at least ``n`` CPUs to run on, binds itself to a CPU of its own."""
 
     def __init__(self, n: int) -> None:
         self.pid, self.size = os.getpid(), n
         self.executor = ThreadPoolExecutor(n, thread_name_prefix="cait-cpu")
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         started = threading.Barrier(n, timeout=60)  # n tasks at once: one per worker thread
 
-        def start() -> None:
+        def start(i: int) -> None:
             torch.set_num_threads(1)
+            if len(cpus) >= n:
+                os.sched_setaffinity(0, {cpus[i]})  # 0: this thread
             started.wait()
 
-        for future in [self.executor.submit(start) for _ in range(n)]:
+        for future in [self.executor.submit(start, i) for i in range(n)]:
             future.result()
 
 

@@ -33,7 +33,6 @@ memory-efficient attention kernels do, for one extra ``q k^T``, mixing and softm
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -140,19 +139,30 @@ def _chunks(batch: int, chunk: int) -> list[slice]:
     return [slice(lo, min(lo + chunk, batch)) for lo in range(0, batch, chunk)]
 
 
-def _split_work(items: list[T], workers: int) -> list[list[T]]:
-    """``items`` in at most ``workers`` contiguous groups whose sizes differ by at most one."""
+def _map_chunks(
+    body: Callable[[T, _Scratch], R], items: list[T], workers: int, scratch: Callable[[], _Scratch]
+) -> list[R]:
+    """``[body(item, buffers) for item in items]``, shared between ``workers`` CPU workers.
+
+    Each worker makes its own scratch buffers with ``scratch()`` and takes the next item
+    until none is left, so a worker whose CPU is busier does fewer. The results come back
+    in item order whichever worker made them, which keeps every sum over them in a fixed
+    order (bitwise reproducible training).
+    """
+    results: list[R | None] = [None] * len(items)
+    next_index = itertools.count()  # next() on a count is atomic under the GIL
+
+    def work() -> None:
+        buffers = scratch()
+        while (i := next(next_index)) < len(items):
+            results[i] = body(items[i], buffers)
+
     n = min(workers, len(items))
-    size, extra = divmod(len(items), n)
-    bounds = [i * size + min(i, extra) for i in range(n + 1)]
-    return [items[lo:hi] for lo, hi in itertools.pairwise(bounds)]
-
-
-def _run_groups(fn: Callable[[list[T]], R], groups: list[list[T]]) -> list[R]:
-    """``fn`` on every group: in this thread for one group, else one group per CPU worker."""
-    if len(groups) == 1:
-        return [fn(groups[0])]
-    return run_on_cpu_workers([functools.partial(fn, group) for group in groups])
+    if n == 1:
+        work()
+    else:
+        run_on_cpu_workers([work] * n)
+    return results  # type: ignore[return-value]
 
 
 def _forward(
@@ -167,7 +177,7 @@ def _forward(
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The forward pass over the batch, chunk by chunk: ``(out, probabilities, logits)``.
 
-    The chunks are split between ``workers`` CPU workers, each running its share in turn.
+    The chunks are shared between ``workers`` CPU workers (:func:`_map_chunks`).
     With ``keep`` each chunk's probabilities and raw logits are new tensors, returned for
     the backward pass; without (inference, or ``recompute``) they live in scratch buffers
     and the lists are empty.
@@ -178,35 +188,30 @@ def _forward(
     bias = b_w[:, None, None] * v.sum(dim=2)  # (H, B, hd): proj_w's bias term
     out = qkv.new_empty(B, N, H, hd)
 
-    def run(chunks: list[slice]) -> tuple[list[Tensor], list[Tensor]]:
-        b = max(sl.stop - sl.start for sl in chunks)
-        scratch = _Scratch(qkv, 3, H * b * N * N)  # logits, mixed logits then weights, probs
-        ctx_scratch = _Scratch(qkv, 1, H * b * N * hd)
-        kept_probs, kept_logits = [], []
-        for sl in chunks:
-            shape = (H, sl.stop - sl.start, N, N)
-            logits = _heads_bmm(
-                q[:, sl], k[:, sl].transpose(2, 3), None if keep else scratch.get(0, shape)
-            )
-            probs = _softmax(
-                _mix(w_l, logits, scratch.get(1, shape)), None if keep else scratch.get(2, shape)
-            )
-            weights = _mix(w_w, probs, scratch.get(1, shape))
-            ctx_heads = _heads_bmm(weights, v[:, sl], ctx_scratch.get(0, shape[:3] + (hd,)))
-            # token-major (b, N, H, hd) with proj_w's bias term, written into this chunk's rows
-            token_major, chunk_bias = ctx_heads.permute(1, 2, 0, 3), bias[:, sl].permute(1, 0, 2)
-            if _compiling():
-                out[sl] = token_major + chunk_bias[:, None]
-            else:
-                torch.add(token_major, chunk_bias[:, None], out=out[sl])
-            if keep:
-                kept_probs.append(probs)
-                kept_logits.append(logits)
-        return kept_probs, kept_logits
+    def run(sl: slice, scratch: _Scratch) -> tuple[Tensor, Tensor] | None:
+        shape = (H, sl.stop - sl.start, N, N)
+        logits = _heads_bmm(
+            q[:, sl], k[:, sl].transpose(2, 3), None if keep else scratch.get(0, shape)
+        )
+        probs = _softmax(
+            _mix(w_l, logits, scratch.get(1, shape)), None if keep else scratch.get(2, shape)
+        )
+        weights = _mix(w_w, probs, scratch.get(1, shape))
+        ctx_heads = _heads_bmm(weights, v[:, sl], scratch.get(3, shape[:3] + (hd,)))
+        # token-major (b, N, H, hd) with proj_w's bias term, written into this chunk's rows
+        token_major, chunk_bias = ctx_heads.permute(1, 2, 0, 3), bias[:, sl].permute(1, 0, 2)
+        if _compiling():
+            out[sl] = token_major + chunk_bias[:, None]
+        else:
+            torch.add(token_major, chunk_bias[:, None], out=out[sl])
+        return (probs, logits) if keep else None
 
-    kept = _run_groups(run, _split_work(_chunks(B, chunk), workers))
-    probs = [t for group_probs, _ in kept for t in group_probs]
-    logits = [t for _, group_logits in kept for t in group_logits]
+    chunks = _chunks(B, chunk)
+    # logits, mixed logits then mixed weights, probabilities, and the heads' context
+    b = chunks[0].stop
+    kept = _map_chunks(run, chunks, workers, lambda: _Scratch(qkv, 4, H * b * N * max(N, hd)))
+    probs = [pair[0] for pair in kept if pair is not None]
+    logits = [pair[1] for pair in kept if pair is not None]
     return out.view(B, N, H * hd), probs, logits
 
 
@@ -254,40 +259,39 @@ class _TalkingHeads(torch.autograd.Function):
             g_q, g_k, g_v = g_qkv.permute(2, 3, 0, 1, 4).unbind(0)  # (H, B, N, hd) views
 
             def run(
-                work: list[tuple[slice, Tensor | None, Tensor | None]],
+                item: tuple[slice, Tensor | None, Tensor | None], scratch: _Scratch
             ) -> tuple[Tensor, Tensor]:
-                g_w_l = qkv.new_zeros(H, H)
-                g_w_w = qkv.new_zeros(H, H)
-                # weights, then their gradient, then the softmax's; the probabilities'
-                # gradient, then the logits'; with ``recompute`` also logits and probabilities
-                b = max(sl.stop - sl.start for sl, _, _ in work)
-                scratch = _Scratch(qkv, 4 if ctx.recompute else 2, H * b * N * N)
-                for sl, probs, logits in work:
-                    shape = (H, sl.stop - sl.start, N, N)
-                    q_, k_, v_, g_out_ = q[:, sl], k[:, sl], v[:, sl], g_out[:, sl]
-                    if probs is None:
-                        logits = _heads_bmm(q_, k_.transpose(2, 3), scratch.get(2, shape))
-                        probs = _softmax(
-                            _mix(w_l, logits, scratch.get(0, shape)), scratch.get(3, shape)
-                        )
-                    weights = _mix(w_w, probs, scratch.get(0, shape))  # recomputed, no bias
-                    _heads_bmm(weights.transpose(2, 3), g_out_, g_v[:, sl])
-                    g_weights = _heads_bmm(g_out_, v_.transpose(2, 3), scratch.get(0, shape))
-                    g_w_w += torch.mm(g_weights.view(H, -1), probs.view(H, -1).t())
-                    g_attn = _mix(w_w.t(), g_weights, scratch.get(1, shape))
-                    g_z = _softmax_backward(g_attn, probs, scratch.get(0, shape))
-                    if logits is None:
-                        logits = _heads_bmm(q_, k_.transpose(2, 3), scratch.get(1, shape))
-                    g_w_l += torch.mm(g_z.view(H, -1), logits.view(H, -1).t())
-                    g_logits = _mix(w_l.t(), g_z, scratch.get(1, shape))
-                    _heads_bmm(g_logits, k_, g_q[:, sl])
-                    _heads_bmm(g_logits.transpose(2, 3), q_, g_k[:, sl])
+                """One chunk's input gradients, in place; its share of the mixing weights'."""
+                sl, probs, logits = item
+                shape = (H, sl.stop - sl.start, N, N)
+                q_, k_, v_, g_out_ = q[:, sl], k[:, sl], v[:, sl], g_out[:, sl]
+                if probs is None:
+                    logits = _heads_bmm(q_, k_.transpose(2, 3), scratch.get(2, shape))
+                    probs = _softmax(
+                        _mix(w_l, logits, scratch.get(0, shape)), scratch.get(3, shape)
+                    )
+                weights = _mix(w_w, probs, scratch.get(0, shape))  # recomputed, without bias
+                _heads_bmm(weights.transpose(2, 3), g_out_, g_v[:, sl])
+                g_weights = _heads_bmm(g_out_, v_.transpose(2, 3), scratch.get(0, shape))
+                g_w_w = torch.mm(g_weights.view(H, -1), probs.view(H, -1).t())
+                g_attn = _mix(w_w.t(), g_weights, scratch.get(1, shape))
+                g_z = _softmax_backward(g_attn, probs, scratch.get(0, shape))
+                if logits is None:
+                    logits = _heads_bmm(q_, k_.transpose(2, 3), scratch.get(1, shape))
+                g_w_l = torch.mm(g_z.view(H, -1), logits.view(H, -1).t())
+                g_logits = _mix(w_l.t(), g_z, scratch.get(1, shape))
+                _heads_bmm(g_logits, k_, g_q[:, sl])
+                _heads_bmm(g_logits.transpose(2, 3), q_, g_k[:, sl])
                 return g_w_l, g_w_w
 
+            # weights, then their gradient, then the softmax's; the probabilities' gradient,
+            # then the logits'; with ``recompute`` also the logits and the probabilities
+            b = chunks[0].stop
+            count = 4 if ctx.recompute else 2
             work = list(zip(chunks, probs_list, logits_list, strict=True))
-            partial_sums = _run_groups(run, _split_work(work, ctx.workers))
-            g_w_l = sum(g for g, _ in partial_sums)  # in group order: deterministic
-            g_w_w = sum(g for _, g in partial_sums)
+            parts = _map_chunks(run, work, ctx.workers, lambda: _Scratch(qkv, count, H * b * N * N))
+            g_w_l = sum(g for g, _ in parts)  # in chunk order: reproducible
+            g_w_w = sum(g for _, g in parts)
             g_out_sum = g_out.sum(dim=2)  # (H, B, hd)
             g_v += (b_w[:, None, None] * g_out_sum)[:, :, None]
             g_b_w = (g_out_sum * v.sum(dim=2)).sum(dim=(1, 2))
