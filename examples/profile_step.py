@@ -1,17 +1,21 @@
 """Where one training step of our model spends its time, and how many page faults it makes.
 
-    python examples/profile_step.py [--model cait_xxs24_224] [--batch-size 32]
+    python examples/profile_step.py [--model cait_xxs24_224] [--batch-size 32] [--workers 1]
 
 Runs two warm-up steps (forward, cross entropy, backward, AdamW step), counts minor page
 faults over three more with ``getrusage``, then profiles one step with ``torch.profiler``
 and prints the self CPU time grouped into the categories docs/BENCHMARKS.md discusses.
-Like every CPU figure on the project's VM, the attention rows depend on whether the
-process is a fast or a slow one (docs/BENCHMARKS.md, "Two speeds"): run it more than once.
+The talking-heads core runs its ops on CPU worker threads, which the profiler does not
+record: with more than one thread it shows as one row, the calling thread's time in the
+custom autograd function (forward and backward); ``--workers 1`` runs it in the calling
+thread instead, op by op (the code before the workers). CPU figures on the project's VM
+differ from one process to the next (docs/BENCHMARKS.md): run it more than once.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import resource
 import time
 from collections import defaultdict
@@ -21,9 +25,13 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 import cait
+import cait.layers
+import cait.talking_heads
 
 
 def category(name: str, shapes: list) -> str:
+    if "TalkingHeads" in name:  # the custom autograd function, forward and backward
+        return "talking-heads attention core (waiting for its CPU workers)"
     # the first matrix operand (addmm's first input is the bias)
     first = (shapes[1] if name == "aten::addmm" else shapes[0]) if shapes else []
     if name in ("aten::addmm", "aten::mm") and len(first) == 2 and min(first) >= 64:
@@ -47,7 +55,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cait_xxs24_224")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, help="CPU workers of the talking-heads core")
     args = parser.parse_args()
+    if args.workers is not None:
+        cait.layers.talking_heads_attention = functools.partial(
+            cait.talking_heads.talking_heads_attention, workers=args.workers
+        )
     torch.manual_seed(0)
     model = cait.create_model(args.model).train()
     size = model.config.img_size

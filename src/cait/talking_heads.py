@@ -20,8 +20,11 @@ Here the attention lives head-major, ``(H, B, N, N)``:
   the attention tensor.
 
 On the CPU the batch is processed in chunks of a few images so that a chunk's attention
-tensors stay in cache from one step to the next; every chunk's temporaries go into the same
-reused buffers (:class:`_Scratch`).
+tensors stay in cache from one step to the next, and the chunks are shared between as many
+worker threads as torch has intra-op threads, each running its chunks' ops on one thread
+(:func:`cait.runtime.run_on_cpu_workers`): the steps on a chunk are too small to split
+over threads without the fork and join of every op costing more than it saves. Every
+chunk's temporaries go into its worker's reused buffers (:class:`_Scratch`).
 
 The backward pass is written out (:class:`_TalkingHeads`). By default it keeps the ``qkv``
 output, the softmax probabilities and the raw logits, and recomputes the mixed weights: two
@@ -54,10 +57,9 @@ R = TypeVar("R")
 # in cache between the steps that read them. Chosen by measurement on this project's 2-core
 # AMD EPYC (1 MiB L2 per core, 32 MiB L3): for cait_xxs24_224's attention (0.6 MB per
 # image) chunks of 4 images ran the forward pass 2.4x and forward plus backward 1.9x faster
-# than the whole batch of 32 at once (one thread, shared machine). With two threads the best
-# chunk depends on how the host places them (docs/BENCHMARKS.md, "Two speeds"): 4 images
-# are best in a fast process, the whole batch in a slow one. On a GPU the whole batch is
-# one chunk.
+# than the whole batch of 32 at once (one thread, shared machine); with two single-threaded
+# workers 2 to 4 images are best (`python examples/attention_chunks.py`, docs/BENCHMARKS.md).
+# On a GPU the whole batch is one chunk.
 CPU_CHUNK_BYTES = 5 * 2**19
 
 
