@@ -273,17 +273,12 @@ def run_on_cpu_workers(tasks: Sequence[Callable[[], T]]) -> list[T]:
     data stays in its own core's cache (docs/BENCHMARKS.md). The tasks run with gradients
     off, no autocast and the caller's inference mode; they must not write the same memory.
     torch's intra-op thread count is process-wide, so it is 1 until the tasks are done:
-    torch ops in other threads of the process run on one thread meanwhile.
+    torch ops in other threads of the process run on one thread meanwhile, and callers in
+    several threads take turns.
     """
     global _workers
     if len(tasks) == 1:
         return [tasks[0]()]
-    with _workers_lock:
-        if _workers is None or _workers.pid != os.getpid() or _workers.size != len(tasks):
-            if _workers is not None and _workers.pid == os.getpid():
-                _workers.executor.shutdown(wait=False)
-            _workers = _CpuWorkers(len(tasks))
-        executor = _workers.executor
     inference = torch.is_inference_mode_enabled()
 
     def run(task: Callable[[], T]) -> T:
@@ -291,11 +286,17 @@ def run_on_cpu_workers(tasks: Sequence[Callable[[], T]]) -> list[T]:
             with torch.autocast("cpu", enabled=False):
                 return task()
 
-    caller_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        futures = [executor.submit(run, task) for task in tasks]
-        wait(futures)  # all of them, even when one fails: they write into shared outputs
-    finally:
-        torch.set_num_threads(caller_threads)
+    # one caller at a time: the workers and torch's thread count are shared by the process
+    with _workers_lock:
+        if _workers is None or _workers.pid != os.getpid() or _workers.size != len(tasks):
+            if _workers is not None and _workers.pid == os.getpid():
+                _workers.executor.shutdown(wait=False)
+            _workers = _CpuWorkers(len(tasks))
+        caller_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            futures = [_workers.executor.submit(run, task) for task in tasks]
+            wait(futures)  # all of them, even when one fails: they write into shared outputs
+        finally:
+            torch.set_num_threads(caller_threads)
     return [f.result() for f in futures]
