@@ -118,8 +118,8 @@ def _split(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class _Scratch:
-    """Buffers reused by every chunk of a batch, so that each chunk's temporaries land in
-    the memory (and the cache) the previous chunk used.
+    """Buffers reused by every chunk a worker runs, so that each chunk's temporaries land
+    in the memory (and the cache) its previous chunk used.
 
     Allocating them afresh per chunk costs more than the arithmetic on the CPU: blocks of a
     few MB go back to the operating system when freed, and the next allocation page-faults
@@ -338,11 +338,11 @@ def talking_heads_attention(
     are fewer than ``workers`` of them; elsewhere, and under ``torch.compile``, one.
     """
     B, N, _ = qkv.shape
-    on_cpu = qkv.device.type == "cpu" and not _compiling()
+    on_cpu = qkv.device.type == "cpu"
     if chunk_bytes is None:
         chunk_bytes = CPU_CHUNK_BYTES if on_cpu else 0
     if workers is None:
-        workers = torch.get_num_threads() if on_cpu else 1
+        workers = torch.get_num_threads() if on_cpu and not _compiling() else 1
     elif workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     per_image = num_heads * N * N * qkv.element_size()
