@@ -1,6 +1,7 @@
 """Where one training step of our model spends its time, and how many page faults it makes.
 
     python examples/profile_step.py [--model cait_xxs24_224] [--batch-size 32] [--workers 1]
+        [--top N]
 
 Runs two warm-up steps (forward, cross entropy, backward, AdamW step), counts minor page
 faults over three more with ``getrusage``, then profiles one step with ``torch.profiler``
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--model", default="cait_xxs24_224")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, help="CPU workers of the talking-heads core")
+    parser.add_argument("--top", type=int, default=0, help="also print the N costliest ops")
     args = parser.parse_args()
     if args.workers is not None:
         cait.layers.talking_heads_attention = functools.partial(
@@ -90,6 +92,12 @@ def main() -> None:
     print(f"profiled step, self CPU time by category (total {sum(totals.values()):.0f} ms):")
     for name, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {ms:7.0f} ms  {name}")
+    if args.top:
+        print(f"the {args.top} costliest ops by self CPU time:")
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        for event in events[: args.top]:
+            ms = event.self_cpu_time_total / 1e3
+            print(f"  {ms:7.0f} ms  {event.count:5d} calls  {event.key}")
 
 
 if __name__ == "__main__":

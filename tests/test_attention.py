@@ -40,17 +40,22 @@ def _grads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize(
-    "chunk_bytes", [0, 1, 2 * 3 * 7 * 7 * 4, None], ids=["whole", "per-image", "2+1", "default"]
+    "path",
+    [None, 0, 1, 2 * 3 * 7 * 7 * 4, "default"],
+    ids=["native", "python-whole", "python-per-image", "python-2+1", "python-default"],
 )
-def test_fast_talking_heads_equal_plain(impl, chunk_bytes, monkeypatch):
+def test_fast_talking_heads_equal_plain(impl, path, monkeypatch):
+    """The C++ kernel, and the Python path with the whole batch, one image per chunk,
+    chunks of 2 and 1, and its default chunks."""
     import cait.layers
 
-    if chunk_bytes is not None:  # whole batch, one image per chunk, or chunks of 2 and 1
+    if path is not None:
 
-        def chunked(*args, **kwargs):
-            return talking_heads_attention(*args, **kwargs, chunk_bytes=chunk_bytes)
+        def python(*args, **kwargs):
+            chunks = {} if path == "default" else dict(chunk_bytes=path)
+            return talking_heads_attention(*args, **kwargs, **chunks, use_native=False)
 
-        monkeypatch.setattr(cait.layers, "talking_heads_attention", chunked)
+        monkeypatch.setattr(cait.layers, "talking_heads_attention", python)
     plain, fast = _attention_pair(impl)
     x = torch.randn(3, 7, 24)
     ref_out, ref_grads = _grads(plain, x)
@@ -64,6 +69,73 @@ def test_fast_talking_heads_equal_plain(impl, chunk_bytes, monkeypatch):
             assert torch.all(grads[name] == 0) and g.abs().max() < 1e-6
             continue
         torch.testing.assert_close(grads[name], g, **TOL, msg=name)
+
+
+def _core_args(impl: str, batch: int = 5) -> tuple:
+    """Arguments of :func:`talking_heads_attention` for 3 heads of 8 over 7 tokens."""
+    _, fast = _attention_pair(impl)
+    weights = (fast.proj_l.weight, fast.proj_l.bias, fast.proj_w.weight, fast.proj_w.bias)
+    return (torch.randn(batch, 7, 72, requires_grad=True), 3, *weights, fast.scale)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_kernel_equals_python_path(impl, threads):
+    """The C++ kernel against the Python path: outputs and gradients in fp32 (with 1 and 2
+    intra-op threads, bitwise the same for both counts), in inference mode, and in bf16."""
+    import cait.native
+
+    assert cait.native.available(), "the C++ kernel did not build (see the warning logged)"
+    args = _core_args(impl)
+    qkv, params = args[0], [args[2], args[4], args[5]]  # proj_l.weight, proj_w's
+    recompute = impl == "recompute"
+    g_out = torch.randn(5, 7, 24)
+    results = {}
+    for native, n in [(False, 1), (True, threads), (True, 3 - threads)]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            out = talking_heads_attention(*args, recompute=recompute, use_native=native)
+            grads = torch.autograd.grad(out, [qkv, *params], g_out)
+        finally:
+            torch.set_num_threads(previous)
+        results[native, n] = (out, *grads)
+    for ours, ref in zip(results[True, threads], results[False, 1], strict=True):
+        torch.testing.assert_close(ours, ref, **TOL)
+    for a, b in zip(results[True, 1], results[True, 2], strict=True):
+        assert torch.equal(a, b)  # per-image parts of the weight gradients, summed in order
+    with torch.inference_mode():  # the threads write into the caller's inference tensors
+        out = talking_heads_attention(*args, use_native=True)
+    torch.testing.assert_close(out, results[False, 1][0], **TOL)
+    bf16 = (args[0].detach().bfloat16(), *args[1:])
+    with torch.no_grad():
+        out = talking_heads_attention(*bf16, use_native=True)
+        ref = talking_heads_attention(*bf16, use_native=False)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_python_path_when_the_kernel_is_missing(monkeypatch, caplog):
+    """A failed build warns and leaves the Python path; asking for the kernel then fails."""
+    import torch.utils.cpp_extension
+
+    import cait.native
+
+    def broken(*args, **kwargs):
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
+    with caplog.at_level("WARNING", logger="cait.native"):
+        assert cait.native._load() is False
+    assert "no C++ compiler found" in caplog.text and "CAIT_NATIVE=0" in caplog.text
+    monkeypatch.setenv("CAIT_NATIVE", "0")
+    assert cait.native._load() is False
+    monkeypatch.setattr(cait.native, "available", lambda: False)
+    args = _core_args("fast")
+    ref = talking_heads_attention(*args, use_native=False)
+    torch.testing.assert_close(talking_heads_attention(*args), ref)
+    with pytest.raises(RuntimeError, match="use_native=True"):
+        talking_heads_attention(*args, use_native=True)
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -84,9 +156,13 @@ def test_cpu_workers_equal_one_thread(impl, workers, chunk_bytes):
         fast.proj_w.bias,
         fast.scale,
     )
-    kwargs = dict(recompute=impl == "recompute", chunk_bytes=chunk_bytes, workers=workers)
+    kwargs = dict(
+        recompute=impl == "recompute", chunk_bytes=chunk_bytes, workers=workers, use_native=False
+    )
     out = talking_heads_attention(*args, **kwargs)
-    ref = talking_heads_attention(*args, recompute=kwargs["recompute"], chunk_bytes=0, workers=1)
+    ref = talking_heads_attention(
+        *args, recompute=kwargs["recompute"], chunk_bytes=0, workers=1, use_native=False
+    )
     torch.testing.assert_close(out, ref, **TOL)
     params = [qkv, fast.proj_l.weight, fast.proj_w.weight, fast.proj_w.bias]
     g_out = torch.randn(out.shape)

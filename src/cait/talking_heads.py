@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from cait import native
 from cait.runtime import run_on_cpu_workers
 
 __all__ = ["CPU_CHUNK_BYTES", "talking_heads_attention"]
@@ -217,6 +218,121 @@ def _forward(
     return out.view(B, N, H * hd), probs, logits
 
 
+def _backward(
+    qkv: Tensor,
+    w_l: Tensor,
+    w_w: Tensor,
+    g_out: Tensor,
+    probs_kept: list[Tensor],
+    logits_kept: list[Tensor],
+    chunk: int,
+    workers: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward pass over the batch, chunk by chunk: ``(g_qkv (B, N, 3, H, hd), g_w_l,
+    g_w_w)`` without the terms of ``proj_w``'s bias. ``g_out`` is head-major
+    ``(H, B, N, hd)``; the kept lists are :func:`_forward`'s, empty with ``recompute``."""
+    H = w_l.shape[0]
+    q, k, v = _split(qkv, H)  # (H, B, N, hd) views
+    _, B, N, hd = q.shape
+    chunks = _chunks(B, chunk)
+    g_qkv = qkv.new_empty(B, N, 3, H, hd)
+    g_q, g_k, g_v = g_qkv.permute(2, 3, 0, 1, 4).unbind(0)  # (H, B, N, hd) views
+
+    def run(
+        item: tuple[slice, Tensor | None, Tensor | None], scratch: _Scratch
+    ) -> tuple[Tensor, Tensor]:
+        """One chunk's input gradients, in place; its share of the mixing weights'."""
+        sl, probs, logits = item
+        shape = (H, sl.stop - sl.start, N, N)
+        q_, k_, v_, g_out_ = q[:, sl], k[:, sl], v[:, sl], g_out[:, sl]
+        if probs is None:
+            logits = _heads_bmm(q_, k_.transpose(2, 3), scratch.get(2, shape))
+            probs = _softmax(_mix(w_l, logits, scratch.get(0, shape)), scratch.get(3, shape))
+        weights = _mix(w_w, probs, scratch.get(0, shape))  # recomputed, without bias
+        _heads_bmm(weights.transpose(2, 3), g_out_, g_v[:, sl])
+        g_weights = _heads_bmm(g_out_, v_.transpose(2, 3), scratch.get(0, shape))
+        g_w_w = torch.mm(g_weights.view(H, -1), probs.view(H, -1).t())
+        g_attn = _mix(w_w.t(), g_weights, scratch.get(1, shape))
+        g_z = _softmax_backward(g_attn, probs, scratch.get(0, shape))
+        if logits is None:
+            logits = _heads_bmm(q_, k_.transpose(2, 3), scratch.get(1, shape))
+        g_w_l = torch.mm(g_z.view(H, -1), logits.view(H, -1).t())
+        g_logits = _mix(w_l.t(), g_z, scratch.get(1, shape))
+        _heads_bmm(g_logits, k_, g_q[:, sl])
+        _heads_bmm(g_logits.transpose(2, 3), q_, g_k[:, sl])
+        return g_w_l, g_w_w
+
+    # weights, then their gradient, then the softmax's; the probabilities' gradient, then
+    # the logits'; with ``recompute`` also the logits and the probabilities
+    recompute = not probs_kept
+    count = 4 if recompute else 2
+    work = list(
+        zip(
+            chunks,
+            probs_kept or [None] * len(chunks),
+            logits_kept or [None] * len(chunks),
+            strict=True,
+        )
+    )
+    b = chunks[0].stop
+    parts = _map_chunks(run, work, workers, lambda: _Scratch(qkv, count, H * b * N * N))
+    g_w_l = sum(g for g, _ in parts)  # in chunk order: reproducible
+    g_w_w = sum(g for _, g in parts)
+    return g_qkv, g_w_l, g_w_w  # type: ignore[return-value]
+
+
+def _image_major(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``q, k, v`` as ``(B, H, N, hd)`` views of ``qkv`` (no copy), the C++ kernels' layout."""
+    return tuple(t.transpose(0, 1) for t in _split(qkv, num_heads))  # type: ignore[return-value]
+
+
+def _forward_native(
+    qkv: Tensor, w_l: Tensor, w_w: Tensor, b_w: Tensor, num_heads: int, keep: bool
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """:func:`_forward` by the C++ kernel (``torch.ops.cait.talking_heads_forward``): one
+    image at a time on torch's intra-op threads. The kept probabilities and logits are one
+    ``(B, H, N, N)`` tensor each."""
+    q, k, v = _image_major(qkv, num_heads)
+    B, H, N, hd = q.shape
+    bias = b_w[:, None] * v.sum(dim=2)  # (B, H, hd): proj_w's bias term
+    out = qkv.new_empty(B, N, H, hd)
+    probs = qkv.new_empty(B, H, N, N) if keep else None
+    logits = qkv.new_empty(B, H, N, N) if keep else None
+    torch.ops.cait.talking_heads_forward(q, k, v, w_l, w_w, bias, out, probs, logits)
+    kept: tuple[list[Tensor], list[Tensor]] = ([probs], [logits]) if keep else ([], [])  # type: ignore[list-item]
+    return out.view(B, N, H * hd), *kept
+
+
+def _backward_native(
+    qkv: Tensor, w_l: Tensor, w_w: Tensor, g_out: Tensor, probs: list[Tensor], logits: list[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The input and mixing-weight gradients by ``torch.ops.cait.talking_heads_backward``:
+    ``(g_qkv (B, N, 3, H, hd), g_w_l, g_w_w)``, without the terms of ``proj_w``'s bias.
+    ``g_out`` is head-major ``(H, B, N, hd)``."""
+    H = w_l.shape[0]
+    q, k, v = _image_major(qkv, H)
+    B, _, N, hd = q.shape
+    g_qkv = qkv.new_empty(B, N, 3, H, hd)
+    g_q, g_k, g_v = _image_major(g_qkv.view(B, N, -1), H)
+    g_w_l, g_w_w = qkv.new_empty(B, H, H), qkv.new_empty(B, H, H)  # per image
+    torch.ops.cait.talking_heads_backward(
+        q,
+        k,
+        v,
+        w_l,
+        w_w,
+        g_out.transpose(0, 1),
+        probs[0] if probs else None,
+        logits[0] if logits else None,
+        g_q,
+        g_k,
+        g_v,
+        g_w_l,
+        g_w_w,
+    )
+    return g_qkv, g_w_l.sum(dim=0), g_w_w.sum(dim=0)  # summed in image order
+
+
 class _TalkingHeads(torch.autograd.Function):
     """``qkv (B, N, 3C) -> (B, N, C)``: talking-heads attention before the output projection."""
 
@@ -232,14 +348,21 @@ class _TalkingHeads(torch.autograd.Function):
         recompute: bool,
         chunk: int,
         workers: int,
+        use_native: bool,
     ) -> Tensor:
         dtype = qkv.dtype
         with torch.autocast(qkv.device.type, enabled=False):
             w_l_, w_w_, b_w_ = w_l.to(dtype), w_w.to(dtype), b_w.to(dtype)
-            out, probs, logits = _forward(
-                qkv, w_l_, w_w_, b_w_, num_heads, chunk, workers, not recompute
-            )
+            if use_native:
+                out, probs, logits = _forward_native(
+                    qkv, w_l_, w_w_, b_w_, num_heads, not recompute
+                )
+            else:
+                out, probs, logits = _forward(
+                    qkv, w_l_, w_w_, b_w_, num_heads, chunk, workers, not recompute
+                )
         ctx.num_heads, ctx.chunk, ctx.workers, ctx.recompute = num_heads, chunk, workers, recompute
+        ctx.use_native = use_native
         ctx.param_dtypes = (w_l.dtype, b_l.dtype, w_w.dtype, b_w.dtype)
         ctx.save_for_backward(qkv, w_l_, w_w_, b_w_, *probs, *logits)
         return out
@@ -248,53 +371,23 @@ class _TalkingHeads(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         qkv, w_l, w_w, b_w, *kept = ctx.saved_tensors
-        H, chunk = ctx.num_heads, ctx.chunk
+        H = ctx.num_heads
         with torch.autocast(qkv.device.type, enabled=False):
-            q, k, v = _split(qkv, H)  # (H, B, N, hd) views
-            _, B, N, hd = q.shape
-            chunks = _chunks(B, chunk)
-            # with recompute nothing was kept: each chunk recomputes logits and probabilities
-            probs_list = kept[: len(chunks)] or [None] * len(chunks)
-            logits_list = kept[len(chunks) :] or [None] * len(chunks)
+            B, N, C3 = qkv.shape
+            hd = C3 // (3 * H)
             g_out = grad_out.to(qkv.dtype).reshape(B, N, H, hd).permute(2, 0, 1, 3)  # (H,B,N,hd)
-            g_qkv = qkv.new_empty(B, N, 3, H, hd)
-            g_q, g_k, g_v = g_qkv.permute(2, 3, 0, 1, 4).unbind(0)  # (H, B, N, hd) views
-
-            def run(
-                item: tuple[slice, Tensor | None, Tensor | None], scratch: _Scratch
-            ) -> tuple[Tensor, Tensor]:
-                """One chunk's input gradients, in place; its share of the mixing weights'."""
-                sl, probs, logits = item
-                shape = (H, sl.stop - sl.start, N, N)
-                q_, k_, v_, g_out_ = q[:, sl], k[:, sl], v[:, sl], g_out[:, sl]
-                if probs is None:
-                    logits = _heads_bmm(q_, k_.transpose(2, 3), scratch.get(2, shape))
-                    probs = _softmax(
-                        _mix(w_l, logits, scratch.get(0, shape)), scratch.get(3, shape)
-                    )
-                weights = _mix(w_w, probs, scratch.get(0, shape))  # recomputed, without bias
-                _heads_bmm(weights.transpose(2, 3), g_out_, g_v[:, sl])
-                g_weights = _heads_bmm(g_out_, v_.transpose(2, 3), scratch.get(0, shape))
-                g_w_w = torch.mm(g_weights.view(H, -1), probs.view(H, -1).t())
-                g_attn = _mix(w_w.t(), g_weights, scratch.get(1, shape))
-                g_z = _softmax_backward(g_attn, probs, scratch.get(0, shape))
-                if logits is None:
-                    logits = _heads_bmm(q_, k_.transpose(2, 3), scratch.get(1, shape))
-                g_w_l = torch.mm(g_z.view(H, -1), logits.view(H, -1).t())
-                g_logits = _mix(w_l.t(), g_z, scratch.get(1, shape))
-                _heads_bmm(g_logits, k_, g_q[:, sl])
-                _heads_bmm(g_logits.transpose(2, 3), q_, g_k[:, sl])
-                return g_w_l, g_w_w
-
-            # weights, then their gradient, then the softmax's; the probabilities' gradient,
-            # then the logits'; with ``recompute`` also the logits and the probabilities
-            b = chunks[0].stop
-            count = 4 if ctx.recompute else 2
-            work = list(zip(chunks, probs_list, logits_list, strict=True))
-            parts = _map_chunks(run, work, ctx.workers, lambda: _Scratch(qkv, count, H * b * N * N))
-            g_w_l = sum(g for g, _ in parts)  # in chunk order: reproducible
-            g_w_w = sum(g for _, g in parts)
+            # with recompute nothing was kept: the logits and probabilities are recomputed
+            probs, logits = kept[: len(kept) // 2], kept[len(kept) // 2 :]
+            if ctx.use_native:
+                g_qkv, g_w_l, g_w_w = _backward_native(qkv, w_l, w_w, g_out, probs, logits)
+            else:
+                g_qkv, g_w_l, g_w_w = _backward(
+                    qkv, w_l, w_w, g_out, probs, logits, ctx.chunk, ctx.workers
+                )
+            # proj_w's bias term: b_g * sum_j v_g[j] added to every output row of head g
+            v = _split(qkv, H)[2]
             g_out_sum = g_out.sum(dim=2)  # (H, B, hd)
+            g_v = g_qkv[:, :, 2].permute(2, 0, 1, 3)  # (H, B, N, hd) view
             g_v += (b_w[:, None, None] * g_out_sum)[:, :, None]
             g_b_w = (g_out_sum * v.sum(dim=2)).sum(dim=(1, 2))
         dt_wl, dt_bl, dt_ww, dt_bw = ctx.param_dtypes
@@ -306,6 +399,7 @@ class _TalkingHeads(torch.autograd.Function):
             g_b_l,
             g_w_w.to(dt_ww),
             g_b_w.to(dt_bw),
+            None,
             None,
             None,
             None,
@@ -324,21 +418,34 @@ def talking_heads_attention(
     recompute: bool = False,
     chunk_bytes: int | None = None,
     workers: int | None = None,
+    use_native: bool | None = None,
 ) -> Tensor:
     """Talking-heads attention from the ``qkv`` projection, ``(B, N, 3C) -> (B, N, C)``.
 
     ``softmax(proj_l(scale * q k^T))`` mixed by ``proj_w``, then ``@ v``, heads concatenated
     (the input of the output projection). ``w_l, b_l`` are ``proj_l``'s weight and bias,
     ``w_w, b_w`` ``proj_w``'s. No attention dropout. With ``recompute`` the backward pass
-    recomputes the logits and probabilities instead of keeping them. The batch is processed
-    in chunks of about ``chunk_bytes`` of attention tensor (default :data:`CPU_CHUNK_BYTES`
-    on the CPU, the whole batch elsewhere; ``0`` for the whole batch). On the CPU the chunks
-    are shared between ``workers`` threads of one intra-op thread each (default: torch's
-    thread count; :func:`cait.runtime.run_on_cpu_workers`), with smaller chunks when there
-    are fewer than ``workers`` of them; elsewhere, and under ``torch.compile``, one.
+    recomputes the logits and probabilities instead of keeping them.
+
+    On the CPU it runs by default in the C++ kernel (``use_native``; :mod:`cait.native`),
+    one image at a time on torch's intra-op threads; ``use_native=False``, under
+    ``torch.compile``, on other devices and where the kernel could not be built, in Python:
+    the batch in chunks of about ``chunk_bytes`` of attention tensor (default
+    :data:`CPU_CHUNK_BYTES` on the CPU, the whole batch elsewhere; ``0`` for the whole
+    batch), on the CPU shared between ``workers`` threads of one intra-op thread each
+    (default: torch's thread count; :func:`cait.runtime.run_on_cpu_workers`), with smaller
+    chunks when there are fewer than ``workers`` of them; elsewhere, and under
+    ``torch.compile``, one.
     """
     B, N, _ = qkv.shape
     on_cpu = qkv.device.type == "cpu"
+    if use_native is None:
+        use_native = on_cpu and not _compiling() and native.available()
+    elif use_native and not (on_cpu and not _compiling() and native.available()):
+        raise RuntimeError(
+            "use_native=True needs a CPU tensor, eager mode and cait's C++ kernels, which "
+            f"are {'' if native.available() else 'not '}available (cait.native)"
+        )
     if chunk_bytes is None:
         chunk_bytes = CPU_CHUNK_BYTES if on_cpu else 0
     if workers is None:
@@ -351,7 +458,9 @@ def talking_heads_attention(
     w_l = w_l * scale
     params = (w_l, b_l, w_w, b_w)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, *params)):
-        return _TalkingHeads.apply(qkv, *params, num_heads, recompute, chunk, workers)
+        return _TalkingHeads.apply(qkv, *params, num_heads, recompute, chunk, workers, use_native)
     with torch.autocast(qkv.device.type, enabled=False):  # as in _TalkingHeads.forward
         w_l, w_w, b_w = w_l.to(qkv.dtype), w_w.to(qkv.dtype), b_w.to(qkv.dtype)
+        if use_native:
+            return _forward_native(qkv, w_l, w_w, b_w, num_heads, keep=False)[0]
         return _forward(qkv, w_l, w_w, b_w, num_heads, chunk, workers, keep=False)[0]

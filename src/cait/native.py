@@ -1,0 +1,67 @@
+"""The C++ CPU kernels in ``cait/csrc``, compiled on first use.
+
+They are built with torch's JIT extension builder (:func:`torch.utils.cpp_extension.load`,
+which needs a C++ compiler and ``ninja``, a dependency of :mod:`cait`; about 10 s on 2
+cores) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), once per machine and source version, and registered as
+``torch.ops.cait.*``. When the build fails (no compiler,
+say) :mod:`cait` warns once and runs the same computation in Python. ``CAIT_NATIVE=0`` in
+the environment skips the build and always uses Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+__all__ = ["available"]
+
+logger = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "csrc" / "talking_heads.cpp"]
+
+_loaded: bool | None = None  # None: not tried yet in this process
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """Whether ``torch.ops.cait.*`` can be used, building and loading them the first time.
+
+    False when ``CAIT_NATIVE=0`` or when the build failed (logged once, with the reason).
+    """
+    global _loaded
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                _loaded = _load()
+    return _loaded
+
+
+def _load() -> bool:
+    if os.environ.get("CAIT_NATIVE", "1") == "0":
+        logger.info("CAIT_NATIVE=0: the C++ CPU kernels are not used")
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        if shutil.which("ninja") is None:  # the `ninja` package's binary, off PATH in a venv
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        load(
+            name="cait_native",
+            sources=[str(path) for path in SOURCES],
+            extra_cflags=["-O2", "-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as err:  # no compiler, no ninja, a failed build: Python instead
+        logger.warning(
+            "cait's C++ CPU kernels could not be built, so the slower Python path runs "
+            "instead (set CAIT_NATIVE=0 to skip the build): %s",
+            str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__,
+        )
+        return False
+    return True
