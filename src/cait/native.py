@@ -45,12 +45,20 @@ def _load() -> bool:
         logger.info("CAIT_NATIVE=0: the C++ CPU kernels are not used")
         return False
     try:
-        from torch.utils.cpp_extension import load
-
+        # importing the builder logs "No CUDA runtime is found" under CUDA builds of torch on
+        # machines without a GPU, which says nothing about this CPU-only build
+        builder_log = logging.getLogger("torch.utils.cpp_extension")
+        level = builder_log.level
+        builder_log.setLevel(logging.ERROR)
+        try:
+            from torch.utils.cpp_extension import load
+        finally:
+            builder_log.setLevel(level)
         if shutil.which("ninja") is None:  # the `ninja` package's binary, off PATH in a venv
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        logger.info("loading cait's C++ CPU kernels (compiled on first use, about 10 s)")
         load(
             name="cait_native",
             sources=[str(path) for path in SOURCES],

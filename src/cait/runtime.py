@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cait.native import available as native_available
+
 __all__ = [
     "DistInfo",
     "all_gather_objects",
@@ -85,13 +87,16 @@ def setup(
     torch.backends.cudnn.allow_tf32 = False
     seed_everything(seed)
     logger.info(
-        "runtime: python %s, torch %s, device %s, amp %s, threads %d, seed %d, TF32 off",
+        "runtime: python %s, torch %s, device %s, amp %s, threads %d, seed %d, TF32 off%s",
         platform.python_version(),
         torch.__version__,
         dev,
         amp,
         torch.get_num_threads(),
         seed,
+        f", talking heads in {'C++' if native_available() else 'Python'}"
+        if dev.type == "cpu"
+        else "",
     )
     return dev
 
