@@ -6,11 +6,14 @@
 Runs two warm-up steps (forward, cross entropy, backward, AdamW step), counts minor page
 faults over three more with ``getrusage``, then profiles one step with ``torch.profiler``
 and prints the self CPU time grouped into the categories docs/BENCHMARKS.md discusses.
-The talking-heads core runs its ops on CPU worker threads, which the profiler does not
-record: with more than one thread it shows as one row, the calling thread's time in the
-custom autograd function (forward and backward); ``--workers 1`` runs it in the calling
-thread instead, op by op (the code before the workers). CPU figures on the project's VM
-differ from one process to the next (docs/BENCHMARKS.md): run it more than once.
+By default the talking-heads core runs in the C++ kernel, whose ops run on torch's
+intra-op threads at once: the profiler records them on each thread, so the times are
+summed over threads and the total exceeds the step's wall time. ``--workers N`` runs the
+Python path instead (``use_native=False``) with N CPU workers, whose threads the profiler
+does not record: the core then shows as one row, the calling thread's time in the custom
+autograd function; ``--workers 1`` runs it op by op in the calling thread. CPU figures on
+the project's VM differ from one process to the next (docs/BENCHMARKS.md): run it more
+than once.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import cait.talking_heads
 
 def category(name: str, shapes: list) -> str:
     if "TalkingHeads" in name:  # the custom autograd function, forward and backward
-        return "talking-heads attention core (waiting for its CPU workers)"
+        # with --workers N > 1 this is the wait for the workers, who do the core's work
+        return "talking-heads autograd function, own time"
     # the first matrix operand (addmm's first input is the bias)
     first = (shapes[1] if name == "aten::addmm" else shapes[0]) if shapes else []
     if name in ("aten::addmm", "aten::mm") and len(first) == 2 and min(first) >= 64:
@@ -56,12 +60,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cait_xxs24_224")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, help="CPU workers of the talking-heads core")
+    parser.add_argument(
+        "--workers", type=int, help="the Python talking-heads path, with this many CPU workers"
+    )
     parser.add_argument("--top", type=int, default=0, help="also print the N costliest ops")
     args = parser.parse_args()
     if args.workers is not None:
         cait.layers.talking_heads_attention = functools.partial(
-            cait.talking_heads.talking_heads_attention, workers=args.workers
+            cait.talking_heads.talking_heads_attention, workers=args.workers, use_native=False
         )
     torch.manual_seed(0)
     model = cait.create_model(args.model).train()
