@@ -48,23 +48,37 @@ void mix_into(Tensor& out, const Tensor& w, const Tensor& t) {
   at::mm_out(out, w, t.view({t.size(0), -1}));
 }
 
+// In fp16/bf16 the logits' mixing, the softmax and the weights' mixing run in fp32 (the
+// products with q, k and v stay in the input dtype): a (H, H) product with an inner size of
+// H runs about twice as fast in fp32 as in bf16 here, and the softmax accumulates in fp32
+// anyway. The kept probabilities are rounded to the input dtype.
 void forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& w_l,
              const Tensor& w_w, const Tensor& bias, Tensor& out,
              const std::optional<Tensor>& probs, const std::optional<Tensor>& logits) {
   TORCH_CHECK(q.device().is_cpu(), "cait::talking_heads_forward runs on the CPU");
   const int64_t H = q.size(1), N = q.size(2), hd = q.size(3);
+  const bool reduced = at::isReducedFloatingType(q.scalar_type());
+  const auto acc = reduced ? at::kFloat : q.scalar_type();  // mixing and softmax dtype
+  const Tensor w_l_acc = w_l.to(acc), w_w_acc = w_w.to(acc);
   for_images(q.size(0), [&](int64_t lo, int64_t hi) {
-    const auto opts = q.options();
-    Tensor z = at::empty({H, N, N}, opts), mixed = at::empty({H, N * N}, opts),
-           p = at::empty({H, N, N}, opts), heads = at::empty({H, N, hd}, opts);
+    const auto opts = q.options(), acc_opts = opts.dtype(acc);
+    Tensor z = at::empty({H, N, N}, opts), mixed = at::empty({H, N * N}, acc_opts),
+           p = at::empty({H, N, N}, acc_opts), heads = at::empty({H, N, hd}, opts);
+    Tensor z_acc, weights;  // the fp32 logits and the rounded weights, in fp16/bf16 only
+    if (reduced) {
+      z_acc = at::empty({H, N, N}, acc_opts);
+      weights = at::empty({H, N, N}, opts);
+    }
     for (int64_t i = lo; i < hi; ++i) {
       Tensor z_i = logits ? (*logits)[i] : z;
       at::bmm_out(z_i, q[i], k[i].transpose(1, 2));
-      mix_into(mixed, w_l, z_i);
-      Tensor p_i = probs ? (*probs)[i] : p;
-      softmax_into(p_i, mixed.view({H, N, N}));
-      mix_into(mixed, w_w, p_i);  // the attention weights, without proj_w's bias
-      at::bmm_out(heads, mixed.view({H, N, N}), v[i]);
+      mix_into(mixed, w_l_acc, reduced ? z_acc.copy_(z_i) : z_i);
+      Tensor p_i = probs && !reduced ? (*probs)[i] : p;
+      at::_softmax_out(p_i, mixed.view({H, N, N}), -1, false);
+      if (probs && reduced) (*probs)[i].copy_(p_i);
+      mix_into(mixed, w_w_acc, p_i);  // the attention weights, without proj_w's bias
+      Tensor w_i = mixed.view({H, N, N});
+      at::bmm_out(heads, reduced ? weights.copy_(w_i) : w_i, v[i]);
       Tensor out_i = out[i];  // (N, H, hd)
       at::add_out(out_i, heads.permute({1, 0, 2}), bias[i]);
     }
