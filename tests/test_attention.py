@@ -146,6 +146,8 @@ def test_python_path_when_the_kernel_is_missing(monkeypatch, caplog):
     torch.testing.assert_close(talking_heads_attention(*args), ref)
     with pytest.raises(RuntimeError, match="use_native=True"):
         talking_heads_attention(*args, use_native=True)
+    with pytest.raises(ValueError, match="CPU tensors"):  # checked before the build
+        talking_heads_attention(args[0].to("meta"), *args[1:], use_native=True)
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)

@@ -19,18 +19,23 @@ Here the attention lives head-major, ``(H, B, N, N)``:
   ``b_g * sum_j v_g[j]`` to each output row: a ``(B, H, hd)`` term instead of a pass over
   the attention tensor.
 
-On the CPU the batch is processed in chunks of a few images so that a chunk's attention
-tensors stay in cache from one step to the next, and the chunks are shared between as many
-worker threads as torch has intra-op threads, each running its chunks' ops on one thread
-(:func:`cait.runtime.run_on_cpu_workers`): the steps on a chunk are too small to split
-over threads without the fork and join of every op costing more than it saves. Every
-chunk's temporaries go into its worker's reused buffers (:class:`_Scratch`).
+On the CPU the same steps run by default in a C++ kernel (``cait/csrc/talking_heads.cpp``,
+built by :mod:`cait.native`), one image at a time, whole images handed to torch's
+intra-op threads inside a single OpenMP region: the steps on one image are too small to
+split over threads without the fork and join of every op costing more than it saves, and
+one image's attention tensors stay in the core's cache from one step to the next. Where
+the kernel cannot be built, the Python path below does the same with chunks of a few
+images, shared between as many worker threads as torch has intra-op threads, each
+running its chunks' ops on one thread (:func:`cait.runtime.run_on_cpu_workers`); every
+chunk's temporaries go into its worker's reused buffers (:class:`_Scratch`). The Python
+path also runs on other devices (the whole batch as one chunk) and under
+``torch.compile``.
 
 The backward pass is written out (:class:`_TalkingHeads`). By default it keeps the ``qkv``
 output, the softmax probabilities and the raw logits, and recomputes the mixed weights: two
 ``(B, H, N, N)`` tensors per block between forward and backward instead of the reference's
 three (plus the copies autograd keeps of the permuted views). With ``recompute`` it keeps
-none: the backward pass recomputes each chunk's logits and probabilities, as
+none: the backward pass recomputes each image's or chunk's logits and probabilities, as
 memory-efficient attention kernels do, for one extra ``q k^T``, mixing and softmax.
 """
 
@@ -299,8 +304,9 @@ def _forward_native(
     probs = qkv.new_empty(B, H, N, N) if keep else None
     logits = qkv.new_empty(B, H, N, N) if keep else None
     torch.ops.cait.talking_heads_forward(q, k, v, w_l, w_w, bias, out, probs, logits)
-    kept: tuple[list[Tensor], list[Tensor]] = ([probs], [logits]) if keep else ([], [])  # type: ignore[list-item]
-    return out.view(B, N, H * hd), *kept
+    if probs is None or logits is None:
+        return out.view(B, N, H * hd), [], []
+    return out.view(B, N, H * hd), [probs], [logits]
 
 
 def _backward_native(
@@ -441,10 +447,15 @@ def talking_heads_attention(
     on_cpu = qkv.device.type == "cpu"
     if use_native is None:
         use_native = on_cpu and not _compiling() and native.available()
-    elif use_native and not (on_cpu and not _compiling() and native.available()):
+    elif use_native and (not on_cpu or _compiling()):
+        raise ValueError(
+            f"use_native=True runs on CPU tensors in eager mode, not on {qkv.device.type}"
+            + (" under torch.compile" if _compiling() else "")
+        )
+    elif use_native and not native.available():
         raise RuntimeError(
-            "use_native=True needs a CPU tensor, eager mode and cait's C++ kernels, which "
-            f"are {'' if native.available() else 'not '}available (cait.native)"
+            "use_native=True, but cait's C++ kernels could not be built (cait.native logged "
+            "why when it tried)"
         )
     if chunk_bytes is None:
         chunk_bytes = CPU_CHUNK_BYTES if on_cpu else 0
