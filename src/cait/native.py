@@ -4,8 +4,8 @@ They are built with torch's JIT extension builder (:func:`torch.utils.cpp_extens
 which needs a C++ compiler and ``ninja``, a dependency of :mod:`cait`; about 10 s on 2
 cores) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), once per machine and source version, and registered as
-``torch.ops.cait.*``. When the build fails (no compiler,
-say) :mod:`cait` warns once and runs the same computation in Python. ``CAIT_NATIVE=0`` in
+``torch.ops.cait.*``. When the build fails (no compiler, say) :mod:`cait` warns once
+and runs the same computation in Python. ``CAIT_NATIVE=0`` in
 the environment skips the build and always uses Python.
 """
 
