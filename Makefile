@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint demo clean
+.PHONY: install test test-slow test-gpu lint demo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests

@@ -55,8 +55,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # LayerScale factor used for the output check: the released init (1e-5) would make every
 # residual branch invisible in the logits, so that any two models would "agree".
 CHECK_LAYERSCALE = 0.1
-# Outputs of the two fp32 models must agree to this, relative to the largest logit.
+# Outputs of the two fp32 models must agree to this, relative to the largest logit, on the
+# first CHECK_IMAGES images of the batch (on the benchmark's device, before timing).
 FP32_TOLERANCE = 1e-4
+CHECK_IMAGES = 16
 
 
 @dataclass
@@ -75,6 +77,7 @@ class BenchResult:
     """Everything ``cait bench`` reports (``asdict`` gives the JSON)."""
 
     model: str
+    attn_impl: str
     mode: str
     batch_size: int
     device: str
@@ -227,7 +230,8 @@ def benchmark(
     """Images/s and peak memory of ``model_name``, alternated with timm's when ``compare``.
 
     ``compare="timm"`` builds timm's model of the same name with the same weights, checks
-    in fp32 that the logits agree, then times both (timm in ``compare_dtype``, by default
+    in fp32 on the device that the logits of the batch's first :data:`CHECK_IMAGES` images
+    agree, then times both (timm in ``compare_dtype``, by default
     ``dtype``). ``overrides`` are config fields for our model (e.g. ``attn_impl``);
     ``threads`` sets torch's intra-op threads (default: leave as is).
     """
@@ -254,6 +258,7 @@ def benchmark(
     models: dict[str, tuple[nn.Module, str]] = {"cait": (ours, dtype)}
     result = BenchResult(
         model=model_name,
+        attn_impl=ours.config.attn_impl,
         mode="train" if train else "inference",
         batch_size=batch_size,
         device=str(dev),
@@ -265,15 +270,16 @@ def benchmark(
         steps=steps,
         warmup=warmup,
     )
+    images, targets = images.to(dev), targets.to(dev)
+    ours.to(dev)
     if compare == "timm":
-        ref = _build_timm(model_name, ours.state_dict())
-        result.max_abs_diff, result.top1_agreement = _agreement(ours, ref, images)
+        ref = _build_timm(model_name, ours.state_dict()).to(dev)
+        check = images[:CHECK_IMAGES]
+        result.max_abs_diff, result.top1_agreement = _agreement(ours, ref, check)
         models["timm"] = (ref, compare_dtype)
 
-    images, targets = images.to(dev), targets.to(dev)
     step_fns = {}
     for name, (model, dt) in models.items():
-        model.to(dev)
         if compile:
             model = torch.compile(model)
         step_fns[name] = _make_step(model, images, targets, train, DTYPES[dt], autocast, dev)
@@ -321,8 +327,8 @@ def format_table(result: BenchResult) -> str:
     """The result as a small text table (what ``cait bench`` prints without ``--json``)."""
     r = result
     lines = [
-        f"{r.model}  {r.mode}  batch {r.batch_size}  device {r.device}  threads {r.threads}  "
-        f"compile {r.compile}  torch {r.torch_version}  "
+        f"{r.model} ({r.attn_impl} attention)  {r.mode}  batch {r.batch_size}  "
+        f"device {r.device}  threads {r.threads}  compile {r.compile}  torch {r.torch_version}  "
         f"({r.rounds} rounds x {r.steps} steps, {r.warmup} warm-up)",
         f"{'impl':<6}{'dtype':>6}{'images/s':>11}{'min':>9}{'max':>9}{'peak MiB':>10}",
     ]
