@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize_
-from test_attention import FAST_IMPLS, TOL, _attention_pair, _grads
+from test_attention import FAST_IMPLS, TOL, _attention_pair, _core_args, _grads
 
 import cait
 from cait.bench import benchmark, precision_agreement
+from cait.talking_heads import talking_heads_attention
 
 pytestmark = [
     pytest.mark.gpu,
@@ -67,6 +68,24 @@ def test_released_config_fast_equals_plain_on_cuda(impl):
         if not name.endswith("proj_l.bias"):
             g_scale = g.abs().max().clamp_min(1e-3)
             torch.testing.assert_close(grads[1][name] / g_scale, g / g_scale, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_core_is_close_to_fp32_on_cuda(impl, dtype):
+    """The core in bf16/fp16 (softmax straight on the low-precision logits on CUDA) against
+    fp32: outputs and gradients within 2% of the largest value, as on the CPU."""
+    qkv, heads, w_l, b_l, w_w, b_w, scale = _core_args(impl)
+    params = [p.detach().to(CUDA).requires_grad_() for p in (w_l, b_l, w_w, b_w)]
+    g_out = torch.randn(5, 7, 24, device=CUDA)
+    results = []
+    for dt in (torch.float32, dtype):
+        x = qkv.detach().to(CUDA, dt).requires_grad_()
+        out = talking_heads_attention(x, heads, *params, scale, recompute=impl == "recompute")
+        assert out.dtype == dt
+        results.append([out, *torch.autograd.grad(out, [x, params[0], params[2]], g_out.to(dt))])
+    for ref, low in zip(*results, strict=True):
+        assert (low.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

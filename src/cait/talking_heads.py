@@ -102,8 +102,13 @@ def _mix(weight: Tensor, t: Tensor, out: Tensor | None = None) -> Tensor:
 
 
 def _softmax(z: Tensor, out: Tensor | None = None) -> Tensor:
-    """Softmax over keys, accumulated in fp32 for fp16/bf16 and returned in their dtype."""
-    if z.dtype in (torch.float16, torch.bfloat16):
+    """Softmax over keys, accumulated in fp32 for fp16/bf16 and returned in their dtype.
+
+    CUDA's softmax kernels already accumulate fp16/bf16 inputs in fp32 and round once on
+    output, so there the input goes in as it is; elsewhere it is converted to fp32 first
+    (one extra pass over the attention tensor, and an fp32 copy of it).
+    """
+    if z.dtype in (torch.float16, torch.bfloat16) and z.device.type != "cuda":
         return z.softmax(dim=-1, dtype=torch.float32).to(z.dtype)
     if out is None or _compiling():
         return z.softmax(dim=-1)
