@@ -5,45 +5,33 @@
 # the two models in one process. Runs from the repository root, with the package from src/
 # (no install needed where torch, timm and pytest are present). Writes to $OUT (default
 # runs/gpu): log.txt (everything printed), bench.jsonl (one `cait bench --json` result per
-# line) and summary.txt. Takes about 5 minutes on an H100; each step has its own time limit.
+# line) and summary.txt. Each step has its own time limit; the whole run should take well
+# under 10 minutes (not yet run on a GPU). COMPILE=1 adds a compiled inference benchmark.
 set -uo pipefail
 PY=${PY:-python3}
 OUT=${OUT:-runs/gpu}
 ROUNDS=${ROUNDS:-5}
 STEPS=${STEPS:-10}
+COMPILE=${COMPILE:-0}
 mkdir -p "$OUT"
+rm -f "$OUT/bench.jsonl"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec > >(tee "$OUT/log.txt") 2>&1
-
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-$PY -c "import sys, torch, timm; print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
-
-echo "== tests: pytest -m gpu"
-timeout 300 $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -x
 
 bench() {  # a time limit in seconds, then cait bench arguments
     local limit=$1
     shift
     echo "== cait bench $*"
     timeout "$limit" $PY -m cait bench "$@" --device cuda --compare timm --rounds "$ROUNDS" \
-        --steps "$STEPS" --warmup 3 --json >"$OUT/last.json" && cat "$OUT/last.json" |
-        $PY -c "import json, sys; print(json.dumps(json.load(sys.stdin)))" >>"$OUT/bench.jsonl"
+        --steps "$STEPS" --warmup 3 --json >"$OUT/last.json" &&
+        $PY -c "import json, sys; print(json.dumps(json.load(sys.stdin)))" \
+            <"$OUT/last.json" | tee -a "$OUT/bench.jsonl"
 }
 
-# AMP inference and training throughput (target: at least 1.2x timm's)
-bench 120 --model cait_xxs24_224 --batch-size 256 --dtype bf16 --autocast
-bench 120 --model cait_s24_224 --batch-size 256 --dtype bf16 --autocast
-bench 120 --model cait_xxs24_224 --batch-size 256 --dtype bf16 --train
-bench 120 --model cait_s24_224 --batch-size 128 --dtype bf16 --train
-# peak training memory of cait_s24_384 at the same batch (target: at most 0.7x timm's)
-bench 180 --model cait_s24_384 --batch-size 32 --dtype bf16 --train --attn-impl recompute
-bench 180 --model cait_s24_384 --batch-size 32 --dtype bf16 --train
-# compiled (both models compiled; compilation is not timed)
-bench 240 --model cait_xxs24_224 --batch-size 256 --dtype bf16 --autocast --compile
-rm -f "$OUT/last.json"
-
-$PY - "$OUT/bench.jsonl" <<'PYEOF' | tee "$OUT/summary.txt"
-import json, sys
+summary() {
+    $PY - "$OUT/bench.jsonl" <<'PYEOF'
+import json, os, sys
+if not os.path.exists(sys.argv[1]):
+    sys.exit("no benchmark finished")
 print(f"{'model':<16}{'mode':<10}{'batch':>6} {'impl':<10}{'compile':<8}{'cait img/s':>11}"
       f"{'timm img/s':>11}{'ratio':>7}{'cait MiB':>10}{'timm MiB':>10}{'mem':>6}")
 for line in open(sys.argv[1]):
@@ -55,3 +43,30 @@ for line in open(sys.argv[1]):
           f"{r['ratio']:>6.2f}x{ours['peak_mem_mib']:>10.0f}{ref['peak_mem_mib']:>10.0f}"
           f"{mem:>5.2f}x")
 PYEOF
+}
+
+checks() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $PY -c "import sys, torch, timm; print('python', sys.version.split()[0], 'torch',
+torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
+
+    echo "== tests: pytest -m gpu"
+    timeout 300 $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
+
+    # AMP inference and training throughput (target: at least 1.2x timm's)
+    bench 120 --model cait_xxs24_224 --batch-size 256 --dtype bf16 --autocast
+    bench 120 --model cait_s24_224 --batch-size 256 --dtype bf16 --autocast
+    bench 120 --model cait_xxs24_224 --batch-size 256 --dtype bf16 --train
+    bench 120 --model cait_s24_224 --batch-size 128 --dtype bf16 --train
+    # peak training memory of cait_s24_384 at the same batch (target: at most 0.7x timm's)
+    bench 180 --model cait_s24_384 --batch-size 32 --dtype bf16 --train --attn-impl recompute
+    bench 180 --model cait_s24_384 --batch-size 32 --dtype bf16 --train
+    if [ "$COMPILE" = 1 ]; then  # both models compiled; compilation is not timed
+        bench 240 --model cait_xxs24_224 --batch-size 256 --dtype bf16 --autocast --compile
+    fi
+    rm -f "$OUT/last.json"
+    echo "== summary"
+    summary | tee "$OUT/summary.txt"
+}
+
+checks 2>&1 | tee "$OUT/log.txt"
