@@ -36,7 +36,7 @@ def _grads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict
     module.zero_grad()
     x = x.clone().requires_grad_()
     out = module(x)[0]
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)))
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(x.device))
     return out, {"input": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
 
 

@@ -140,7 +140,9 @@ def test_compiled_inference_and_training_on_cuda():
     for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
     with torch.no_grad():
-        torch.testing.assert_close(compiled.eval()(x), eager.eval()(x), **TOL)
+        ref = eager.eval()(x)
+        scale = ref.abs().max()
+        torch.testing.assert_close(compiled.eval()(x) / scale, ref / scale, **TOL)
 
 
 @pytest.mark.parametrize("train", [False, True])
