@@ -143,7 +143,7 @@ class _Scratch:
         self.buffers = [] if _compiling() else [like.new_empty(numel) for _ in range(count)]
 
     def get(self, i: int, shape: tuple[int, ...]) -> Tensor | None:
-        if not self.buffers:
+        if len(self.buffers) == 0:
             return None
         return self.buffers[i][: math.prod(shape)].view(shape)
 
@@ -274,13 +274,16 @@ def _backward(
 
     # weights, then their gradient, then the softmax's; the probabilities' gradient, then
     # the logits'; with ``recompute`` also the logits and the probabilities
-    recompute = not probs_kept
+    # (length tests rather than truthiness: Dynamo in torch 2.11 cannot trace `not` on the
+    # tuples these are under torch.compile)
+    recompute = len(probs_kept) == 0
     count = 4 if recompute else 2
+    missing = [None] * len(chunks)
     work = list(
         zip(
             chunks,
-            probs_kept or [None] * len(chunks),
-            logits_kept or [None] * len(chunks),
+            missing if recompute else probs_kept,
+            missing if recompute else logits_kept,
             strict=True,
         )
     )
@@ -333,8 +336,8 @@ def _backward_native(
         w_l,
         w_w,
         g_out.transpose(0, 1),
-        probs[0] if probs else None,
-        logits[0] if logits else None,
+        probs[0] if len(probs) > 0 else None,
+        logits[0] if len(logits) > 0 else None,
         g_q,
         g_k,
         g_v,
