@@ -68,7 +68,7 @@ def test_fast_talking_heads_equal_plain(impl, path, monkeypatch):
     for name, g in ref_grads.items():
         if name == "proj_l.bias":
             # exactly 0 in the fast paths; rounding noise in the plain one
-            assert torch.all(grads[name] == 0) and g.abs().max() < 1e-6
+            assert torch.all(grads[name] == 0) and g.abs().max() < 1e-5
             continue
         torch.testing.assert_close(grads[name], g, **TOL, msg=name)
 

@@ -43,15 +43,18 @@ def test_fast_talking_heads_equal_plain_on_cuda(impl):
     with torch.no_grad():
         torch.testing.assert_close(fast(x)[0], ref_out, **TOL)
     for name, g in ref_grads.items():
-        if name == "proj_l.bias":  # exactly 0 in the fast paths
-            assert torch.all(grads[name] == 0) and g.abs().max() < 1e-6
+        if name == "proj_l.bias":  # exactly 0 in the fast paths, rounding noise in plain
+            assert torch.all(grads[name] == 0) and g.abs().max() < 1e-5
             continue
         torch.testing.assert_close(grads[name], g, **TOL, msg=name)
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 def test_released_config_fast_equals_plain_on_cuda(impl):
-    """cait_xxs24_224 (4 blocks) with random weights at batch 8: logits and gradients."""
+    """cait_xxs24_224 (4 blocks) with random weights at batch 8: logits within 1e-5, and
+    gradients within 1e-4 of each tensor's largest value. The mixing weights' gradients
+    are sums over B * N * N = 307k terms that cancel; summed in cuBLAS's order, plain and
+    fast each differ from a float64 reference by up to about 1e-5 already (seen on the CPU)."""
     plain = randomize_(cait.create_model("cait_xxs24_224", attn_impl="plain", depth=4))
     fast = cait.create_model("cait_xxs24_224", attn_impl=impl, depth=4)
     fast.load_state_dict(plain.state_dict())
@@ -67,14 +70,18 @@ def test_released_config_fast_equals_plain_on_cuda(impl):
     for name, g in grads[0].items():
         if not name.endswith("proj_l.bias"):
             g_scale = g.abs().max().clamp_min(1e-3)
-            torch.testing.assert_close(grads[1][name] / g_scale, g / g_scale, **TOL, msg=name)
+            torch.testing.assert_close(
+                grads[1][name] / g_scale, g / g_scale, atol=1e-4, rtol=1e-5, msg=name
+            )
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_core_is_close_to_fp32_on_cuda(impl, dtype):
     """The core in bf16/fp16 (softmax straight on the low-precision logits on CUDA) against
-    fp32: outputs and gradients within 2% of the largest value, as on the CPU."""
+    fp32: outputs and gradients within 4% (bf16) or 1% (fp16) of the largest value. A CPU
+    emulation of the bf16 path reached 2.35% on the mixing weights' gradients for some
+    output gradients (bf16 keeps 8 bits of mantissa); fp16 stayed below 0.4%."""
     qkv, heads, w_l, b_l, w_w, b_w, scale = _core_args(impl)
     params = [p.detach().to(CUDA).requires_grad_() for p in (w_l, b_l, w_w, b_w)]
     g_out = torch.randn(5, 7, 24, device=CUDA)
@@ -84,8 +91,9 @@ def test_low_precision_core_is_close_to_fp32_on_cuda(impl, dtype):
         out = talking_heads_attention(x, heads, *params, scale, recompute=impl == "recompute")
         assert out.dtype == dt
         results.append([out, *torch.autograd.grad(out, [x, params[0], params[2]], g_out.to(dt))])
+    bound = 4e-2 if dtype == torch.bfloat16 else 1e-2
     for ref, low in zip(*results, strict=True):
-        assert (low.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+        assert (low.float() - ref.float()).abs().max() <= bound * ref.float().abs().max()
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

@@ -134,18 +134,23 @@ class _Scratch:
 
     Allocating them afresh per chunk costs more than the arithmetic on the CPU: blocks of a
     few MB go back to the operating system when freed, and the next allocation page-faults
-    on first touch. ``get(i, shape)`` returns a contiguous view of buffer ``i``; a smaller
-    last chunk takes the start of the same memory. Under ``torch.compile`` there are no
-    buffers (``get`` returns ``None`` and every step allocates its own result).
+    on first touch. ``get(i, shape)`` returns a contiguous view of buffer ``i``, allocated on
+    its first use (a step that keeps its result in a new tensor never asks for one); a
+    smaller last chunk takes the start of the same memory. Under ``torch.compile`` there are
+    no buffers (``get`` returns ``None`` and every step allocates its own result).
     """
 
     def __init__(self, like: Tensor, count: int, numel: int) -> None:
-        self.buffers = [] if _compiling() else [like.new_empty(numel) for _ in range(count)]
+        self.like, self.numel = like, numel
+        self.buffers: list[Tensor | None] = [None] * (0 if _compiling() else count)
 
     def get(self, i: int, shape: tuple[int, ...]) -> Tensor | None:
         if len(self.buffers) == 0:
             return None
-        return self.buffers[i][: math.prod(shape)].view(shape)
+        buffer = self.buffers[i]
+        if buffer is None:
+            buffer = self.buffers[i] = self.like.new_empty(self.numel)
+        return buffer[: math.prod(shape)].view(shape)
 
 
 def _chunks(batch: int, chunk: int) -> list[slice]:
