@@ -6,7 +6,7 @@ chunk size, threads and workers.
 
 For ``cait_xxs24_224``'s shapes (N = 196 patches, 4 heads, head dim 48) it times the
 forward pass (no grad) and forward plus backward of
-:func:`cait.talking_heads.talking_heads_attention`. ``--workers -1`` is the C++ kernel
+:func:`cait.kernels.talking_heads.talking_heads_attention`. ``--workers -1`` is the C++ kernel
 (the default on the CPU; one image at a time, so no chunks). The others are the Python
 path (``use_native=False``) with 1, 2, 4, 8 images per chunk and the whole batch:
 ``--workers 0`` shares the chunks between as many single-threaded CPU workers as torch has
@@ -28,7 +28,7 @@ import time
 
 CHILD = r"""
 import json, sys, time, torch
-from cait.talking_heads import talking_heads_attention
+from cait.kernels.talking_heads import talking_heads_attention
 batch, threads, workers = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 native = workers == -1
 chunks = [None] if native else [1, 2, 4, 8, batch]

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 import cait
-import cait.layers
-import cait.talking_heads
+import cait.kernels.talking_heads
+import cait.models.layers
 
 
 def category(name: str, shapes: list) -> str:
@@ -66,8 +66,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="also print the N costliest ops")
     args = parser.parse_args()
     if args.workers is not None:
-        cait.layers.talking_heads_attention = functools.partial(
-            cait.talking_heads.talking_heads_attention, workers=args.workers, use_native=False
+        cait.models.layers.talking_heads_attention = functools.partial(
+            cait.kernels.talking_heads.talking_heads_attention, workers=args.workers, use_native=False
         )
     torch.manual_seed(0)
     model = cait.create_model(args.model).train()

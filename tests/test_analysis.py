@@ -20,15 +20,16 @@ import cait.analysis.ablation as ablation
 from cait.analysis.attention import GridLayout, attention_maps, save_attention_maps
 from cait.analysis.residuals import save_residual_report
 from cait.cli import main as cli_main
-from cait.config import CaiTConfig
-from cait.data import DataSettings, DigitsDataset, eval_transform
-from cait.engine import NonFiniteLossError
-from cait.inference import LoadedModel
-from cait.layers import LAYERNORM_EPS
-from cait.train import train
-from cait.train_config import config_from_dict
+from cait.data import DigitsDataset, eval_transform
+from cait.models import InputSpec
+from cait.models.build import LoadedModel
+from cait.models.config import CaiTConfig
+from cait.models.layers import LAYERNORM_EPS
+from cait.training.config import config_from_dict
+from cait.training.engine import NonFiniteLossError
+from cait.training.run import train
 
-GREY = DataSettings(16, 1.0, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+GREY = InputSpec(16, 1.0, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 # --------------------------------------------------------------------- attention maps
 

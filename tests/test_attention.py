@@ -14,8 +14,8 @@ from conftest import randomize_
 import cait
 from cait.bench import benchmark, format_table, precision_agreement
 from cait.cli import main
-from cait.layers import TalkingHeadAttention
-from cait.talking_heads import talking_heads_attention
+from cait.kernels.talking_heads import talking_heads_attention
+from cait.models.layers import TalkingHeadAttention
 
 FAST_IMPLS = ["fast", "recompute"]
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -49,7 +49,7 @@ def _grads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict
 def test_fast_talking_heads_equal_plain(impl, path, monkeypatch):
     """The C++ kernel, and the Python path with the whole batch, one image per chunk,
     chunks of 2 and 1, and its default chunks."""
-    import cait.layers
+    import cait.models.layers
 
     if path is not None:
 
@@ -57,7 +57,7 @@ def test_fast_talking_heads_equal_plain(impl, path, monkeypatch):
             chunks = {} if path == "default" else dict(chunk_bytes=path)
             return talking_heads_attention(*args, **kwargs, **chunks, use_native=False)
 
-        monkeypatch.setattr(cait.layers, "talking_heads_attention", python)
+        monkeypatch.setattr(cait.models.layers, "talking_heads_attention", python)
     plain, fast = _attention_pair(impl)
     x = torch.randn(3, 7, 24)
     ref_out, ref_grads = _grads(plain, x)
@@ -85,11 +85,11 @@ def _core_args(impl: str, batch: int = 5) -> tuple:
 def test_native_kernel_equals_python_path(impl, threads):
     """The C++ kernel against the Python path: outputs and gradients in fp32 (with 1 and 2
     intra-op threads, bitwise the same for both counts), in inference mode, and in bf16."""
-    import cait.native
+    import cait.kernels.native
 
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler: the kernel cannot be built here")
-    assert cait.native.available(), "the C++ kernel did not build (see the warning logged)"
+    assert cait.kernels.native.available(), "the C++ kernel did not build (see the warning logged)"
     args = _core_args(impl)
     qkv, params = args[0], [args[2], args[4], args[5]]  # proj_l.weight, proj_w's
     recompute = impl == "recompute"
@@ -129,18 +129,18 @@ def test_python_path_when_the_kernel_is_missing(monkeypatch, caplog):
     """A failed build warns and leaves the Python path; asking for the kernel then fails."""
     import torch.utils.cpp_extension
 
-    import cait.native
+    import cait.kernels.native
 
     def broken(*args, **kwargs):
         raise OSError("no C++ compiler found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
-    with caplog.at_level("WARNING", logger="cait.native"):
-        assert cait.native._load() is False
+    with caplog.at_level("WARNING", logger="cait.kernels.native"):
+        assert cait.kernels.native._load() is False
     assert "no C++ compiler found" in caplog.text and "CAIT_NATIVE=0" in caplog.text
     monkeypatch.setenv("CAIT_NATIVE", "0")
-    assert cait.native._load() is False
-    monkeypatch.setattr(cait.native, "available", lambda: False)
+    assert cait.kernels.native._load() is False
+    monkeypatch.setattr(cait.kernels.native, "available", lambda: False)
     args = _core_args("fast")
     ref = talking_heads_attention(*args, use_native=False)
     torch.testing.assert_close(talking_heads_attention(*args), ref)

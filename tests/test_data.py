@@ -82,10 +82,11 @@ def test_randaugment_survives_zero_bit_posterize():
     rejects; our training transform keeps timm's meaning (a black image) instead."""
     import random
 
-    from cait.data import DataSettings, train_transform
-    from cait.train_config import AugmentConfig
+    from cait.data import train_transform
+    from cait.models import InputSpec
+    from cait.training.config import AugmentConfig
 
-    settings = DataSettings(16, 1.0, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    settings = InputSpec(16, 1.0, "bicubic", (0.5,) * 3, (0.5,) * 3)
     transform = train_transform(settings, AugmentConfig(auto_augment="rand-m10-mstd0-inc1"))
     ops = [op for t in transform.transforms for op in getattr(t, "ops", [])]
     posterize = [op for op in ops if "Posterize" in op.name]

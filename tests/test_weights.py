@@ -61,7 +61,7 @@ def test_missing_keys_are_named_and_non_strict_loads_the_rest():
 def test_other_class_count_reinitialises_the_head(caplog):
     src = tiny(num_classes=1000)
     dst = tiny(num_classes=10)
-    with caplog.at_level(logging.INFO, logger="cait.weights"):
+    with caplog.at_level(logging.INFO, logger="cait.models.pretrained"):
         report = cait.load_pretrained(dst, src.state_dict())
     assert report.reset_head
     assert "checkpoint head has 1000 classes, model has 10: head re-initialised" in caplog.text

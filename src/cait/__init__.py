@@ -1,18 +1,37 @@
-"""CaiT: Class-Attention in Image Transformers (Touvron et al., ICCV 2021) in PyTorch."""
+"""CaiT: Class-Attention in Image Transformers (Touvron et al., ICCV 2021) in PyTorch.
 
-from cait.config import CaiTConfig
-from cait.layers import resample_pos_embed
-from cait.model import CaiT, Intermediates
-from cait.variants import Variant, create_model, get_variant, list_models, register_variant
-from cait.weights import LoadReport, convert_checkpoint, load_pretrained, read_state_dict
+The package in five wings, imports pointing one way (a test keeps it so):
+``kernels`` <- ``models`` <- ``data`` <- ``training`` <- ``analysis``, ``inference``,
+``bench`` <- ``cli``; see the README's "Layout" section.
+"""
+
+from cait.models import (
+    CaiT,
+    CaiTConfig,
+    InputSpec,
+    Intermediates,
+    LoadReport,
+    Variant,
+    convert_checkpoint,
+    create_model,
+    get_variant,
+    list_models,
+    load_pretrained,
+    read_state_dict,
+    register_variant,
+    resample_pos_embed,
+)
+from cait.training import TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaiT",
     "CaiTConfig",
+    "InputSpec",
     "Intermediates",
     "LoadReport",
+    "TrainConfig",
     "Variant",
     "convert_checkpoint",
     "create_model",
@@ -22,4 +41,5 @@ __all__ = [
     "read_state_dict",
     "register_variant",
     "resample_pos_embed",
+    "train",
 ]

@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cait import runtime
-from cait.variants import create_model, get_variant
+from cait.data import build_val_dataset, eval_transform
+from cait.models.build import load_for_inference
+from cait.models.registry import create_model, get_variant
 
 __all__ = [
     "DTYPES",
@@ -396,8 +398,6 @@ def checkpoint_precision_agreement(
 ) -> dict[str, float]:
     """:func:`precision_agreement` for a checkpoint on its validation split (e.g. the demo
     model on the digits test split), with the checkpoint's eval transform."""
-    from cait.data import build_val_dataset, eval_transform
-    from cait.inference import load_for_inference
 
     loaded = load_for_inference(checkpoint)
     dataset = build_val_dataset(data, eval_transform(loaded.settings), loaded.folder_names)

@@ -15,7 +15,7 @@ __all__ = ["main"]
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from cait.variants import get_variant, list_models
+    from cait.models.registry import get_variant, list_models
 
     rows = []
     for name in list_models(args.pattern):
@@ -54,7 +54,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from cait.weights import convert_checkpoint
+    from cait.models.build import convert_checkpoint
 
     state_dict = convert_checkpoint(args.src, args.dst, model_name=args.model)
     print(f"wrote {len(state_dict)} tensors to {args.dst}")
@@ -84,7 +84,7 @@ _TRAIN_FLAGS = {
 
 def train_config_from_args(args: argparse.Namespace):
     """Recipe, then explicit flags, then ``--set`` overrides, validated."""
-    from cait.train_config import apply_overrides, config_from_dict, load_recipe
+    from cait.training.config import apply_overrides, config_from_dict, load_recipe
 
     data = load_recipe(args.recipe) if args.recipe else {}
     flags = [
@@ -99,7 +99,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from cait.runtime import torchrun_command
-    from cait.train import train
+    from cait.training.run import train
 
     config = train_config_from_args(args)
     if args.nproc and "WORLD_SIZE" not in os.environ:  # relaunch under torchrun, without --nproc
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cait.engine import NonFiniteLossError
+    from cait.training.engine import NonFiniteLossError
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)

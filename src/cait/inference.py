@@ -2,107 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from torch import nn
 from torch.utils.data import DataLoader
 
 from cait import runtime
-from cait.data import (
-    DataSettings,
-    build_val_dataset,
-    collate_samples,
-    eval_transform,
-    read_image,
-)
-from cait.engine import evaluate
-from cait.factory import model_from_spec
-from cait.model import CaiT
-from cait.variants import create_model, get_variant
-from cait.weights import load_file_safely, load_pretrained, read_state_dict
+from cait.data import build_val_dataset, collate_samples, eval_transform, read_image
+from cait.models.build import load_for_inference
+from cait.training.engine import evaluate
 
-__all__ = ["LoadedModel", "evaluate_checkpoint", "load_for_inference", "predict"]
+__all__ = ["evaluate_checkpoint", "predict"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedModel:
-    """A model in eval mode with its eval settings.
-
-    ``class_names`` are for display; ``folder_names`` are the class folder names the model's
-    indices correspond to (the same for our checkpoints; WordNet synsets such as
-    ``n01440764`` for ImageNet weights, whose display names are the synset lemmas).
-    """
-
-    model: nn.Module
-    settings: DataSettings
-    class_names: list[str] | None
-    folder_names: list[str] | None
-
-
-def _imagenet_names() -> tuple[list[str], list[str]]:
-    """ImageNet-1k synsets (sorted, the index order of the released weights) and names."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return list(info.label_names()), list(info.label_descriptions())
-
-
-def load_for_inference(checkpoint: str, model_name: str | None = None) -> LoadedModel:
-    """A model ready for evaluation, with its eval settings and class names.
-
-    Our training checkpoints (``last.pt``/``best.pt``) and ``model.safetensors`` carry their
-    config; for official or timm weights, name the variant with ``model_name``.
-    """
-    path = Path(checkpoint)
-    meta = None
-    if path.is_file() and path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-        if "model_config" in raw:
-            meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
-    elif path.is_file():
-        obj = load_file_safely(path)
-        if isinstance(obj, dict) and "model_config" in obj:
-            meta = obj
-    if meta is not None:
-        # a training checkpoint keeps the name in its config ("model" holds the weights)
-        name = meta["config"]["model"] if "config" in meta else meta["model"]
-        model = model_from_spec({"model": name, "model_config": meta["model_config"]})
-        if isinstance(model, CaiT):
-            load_pretrained(model, checkpoint)
-        else:
-            model.load_state_dict(read_state_dict(checkpoint), strict=True)
-        settings = DataSettings(
-            **{
-                k: (tuple(v) if isinstance(v, list) else v)
-                for k, v in meta["data_settings"].items()
-            }
-        )
-        names = folders = list(meta["class_names"])
-    else:
-        if model_name is None:
-            raise ValueError(
-                f"{checkpoint} is not a cait training checkpoint; pass --model NAME to say "
-                "which variant its weights are for"
-            )
-        variant = get_variant(model_name)
-        state_dict = read_state_dict(checkpoint)
-        head = state_dict.get("head.weight")
-        num_classes = head.shape[0] if head is not None else variant.config.num_classes
-        model = create_model(model_name, num_classes=num_classes)
-        load_pretrained(model, state_dict)
-        settings = DataSettings(
-            variant.img_size, variant.crop_pct, variant.interpolation, variant.mean, variant.std
-        )
-        folders, names = _imagenet_names() if num_classes == 1000 else (None, None)
-    return LoadedModel(model.eval(), settings, names, folders)
 
 
 def evaluate_checkpoint(
@@ -118,11 +30,7 @@ def evaluate_checkpoint(
     """Top-1, top-5, loss and image count on the validation split (fp32 by default)."""
     dev = runtime.inference_device(device, amp)
     loaded = load_for_inference(checkpoint, model_name)
-    settings = loaded.settings
-    if crop_pct is not None:
-        settings = DataSettings(
-            settings.img_size, crop_pct, settings.interpolation, settings.mean, settings.std
-        )
+    settings = loaded.settings.replace(crop_pct=crop_pct)
     dataset = build_val_dataset(data, eval_transform(settings), loaded.folder_names)
     loader = DataLoader(
         dataset,

@@ -1,7 +1,7 @@
 """The paper's ablations on your own data: a grid of model configurations trained with the
 same budget and seeds, summarised as a table and a plot.
 
-The knobs are those of :class:`~cait.config.CaiTConfig`: the residual-branch scaling of
+The knobs are those of :class:`~cait.models.config.CaiTConfig`: the residual-branch scaling of
 paper Section 2 / Table 1 (pre-norm, ReZero, SkipInit, fixup-style, LayerScale), the
 class token's entry point (Section 3, early as in ViT/DeiT or late into class attention)
 and talking heads. Grids are data (:data:`GRIDS`). Every run writes its own folder under
@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cait.engine import NonFiniteLossError
-from cait.train import TIMING_KEYS, train
-from cait.train_config import apply_overrides, config_from_dict
-from cait.variants import layerscale_init_for_depth
+from cait.models.registry import layerscale_init_for_depth
+from cait.training.config import apply_overrides, config_from_dict
+from cait.training.engine import NonFiniteLossError
+from cait.training.run import TIMING_KEYS, train
 
 __all__ = ["GRIDS", "AblationConfig", "Grid", "RunResult", "get_grid", "run_ablation"]
 

@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from cait.data import eval_transform, read_image
-from cait.inference import LoadedModel, load_for_inference
-from cait.model import CaiT
+from cait.models.build import LoadedModel, load_for_inference
+from cait.models.cait import CaiT
 
 __all__ = [
     "AttentionMaps",

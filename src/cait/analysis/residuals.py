@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from cait.data import build_val_dataset, collate_samples, eval_transform
-from cait.inference import LoadedModel, load_for_inference
-from cait.layers import BlockTrace
-from cait.model import CaiT
+from cait.models.build import LoadedModel, load_for_inference
+from cait.models.cait import CaiT
+from cait.models.layers import BlockTrace
 
 __all__ = ["ResidualRatios", "branch_ratios", "residual_ratios", "save_residual_report"]
 

@@ -8,17 +8,20 @@ ablation knobs, and a few small variants serve CPU work and the demos.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
-from cait.config import CaiTConfig
-from cait.model import CaiT
+from cait.models.cait import CaiT
+from cait.models.config import CaiTConfig
+from cait.models.pretrained import load_pretrained
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "InputSpec",
     "Variant",
     "create_model",
     "get_variant",
@@ -35,6 +38,32 @@ CAIT_CROP_PCT = 1.0
 DEIT_CROP_PCT = 0.875
 
 _OFFICIAL_URL = "https://dl.fbaipublicfiles.com/deit/{}.pth"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects of its input images: side length, the eval crop ratio (resize
+    to ``img_size / crop_pct``, then center-crop), the resize interpolation and the
+    per-channel normalisation. Each variant carries one; checkpoints record it."""
+
+    img_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def replace(self, **changes: Any) -> InputSpec:
+        """A copy with the given fields changed; ``None`` values leave a field as it is."""
+        given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items()}
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        """From :meth:`to_dict`'s output (lists, as JSON and YAML give them, become tuples)."""
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
 
 def layerscale_init_for_depth(depth: int) -> float:
@@ -74,6 +103,10 @@ class Variant:
     @property
     def img_size(self) -> int:
         return self.config.img_size
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(self.img_size, self.crop_pct, self.interpolation, self.mean, self.std)
 
 
 _VARIANTS: dict[str, Variant] = {}
@@ -247,10 +280,7 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
     """
     variant = get_variant(name)
     model = CaiT(variant.config.replace(**overrides))
-    model.variant = variant
     if pretrained:
-        from cait.weights import load_pretrained
-
         if isinstance(pretrained, str):
             source = pretrained
         elif variant.url is not None:

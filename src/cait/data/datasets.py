@@ -1,8 +1,7 @@
-"""Datasets, transforms and samplers for training and evaluation.
+"""Datasets: the bundled digits, ImageFolder trees, reading images, exporting samples.
 
 Two sources: the bundled ``digits`` (scikit-learn's 1797 real 8x8 handwritten digits, no
 download) and an ImageFolder tree (``DIR/train/<class>/*``, ``DIR/val/<class>/*``).
-Augmentation comes from timm's data utilities, as in the DeiT/CaiT recipe.
 
 Unreadable files (truncated, empty, not an image) never crash a run and are never dropped
 silently: each sample carries the files it had to skip, the loop collects and reports them.
@@ -11,37 +10,25 @@ silently: each sample carries the files it had to skip, the loop collects and re
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from timm.data import Mixup, create_transform
-from torch.utils.data import Dataset, Sampler
-
-from cait.train_config import AugmentConfig
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 
 __all__ = [
     "DIGITS",
-    "DataSettings",
     "DigitsDataset",
     "ImageFolderDataset",
-    "RepeatedAugSampler",
-    "ShardSampler",
-    "ShuffleSampler",
     "UNREADABLE_IMAGE_ERRORS",
     "build_datasets",
-    "build_mixup",
-    "build_train_sampler",
     "build_val_dataset",
     "collate_samples",
-    "eval_transform",
     "export_digits",
     "load_image",
     "read_image",
-    "train_transform",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,17 +79,6 @@ def read_image(path: str | Path) -> Image.Image:
         return load_image(path)
     except UNREADABLE_IMAGE_ERRORS as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """Resolved input settings (config values, else the model variant's)."""
-
-    img_size: int
-    crop_pct: float
-    interpolation: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 class DigitsDataset(Dataset):
@@ -254,57 +230,6 @@ def collate_samples(batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, li
     return images, targets, skipped
 
 
-def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
-    """Posterize that accepts 0 bits (a black image), as Pillow did before version 13."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def _allow_zero_bit_posterize(transform: Callable) -> None:
-    """timm's RandAugment ``inc1`` policy asks for 0-bit posterize at magnitude 10, which
-    Pillow >= 13 rejects with ``ValueError``; swap the op in this transform only."""
-    for t in getattr(transform, "transforms", []):
-        for op in getattr(t, "ops", []):
-            if "Posterize" in getattr(op, "name", ""):
-                op.aug_fn = _posterize
-
-
-def train_transform(settings: DataSettings, augment: AugmentConfig) -> Callable:
-    """The recipe's training transform: RandomResizedCrop, flip, RandAugment, erasing."""
-    transform = create_transform(
-        settings.img_size,
-        is_training=True,
-        scale=tuple(augment.scale),
-        ratio=tuple(augment.ratio),
-        hflip=augment.hflip,
-        color_jitter=augment.color_jitter,
-        auto_augment=augment.auto_augment,
-        interpolation=settings.interpolation,
-        mean=settings.mean,
-        std=settings.std,
-        re_prob=augment.re_prob,
-        re_mode=augment.re_mode,
-        re_count=augment.re_count,
-    )
-    _allow_zero_bit_posterize(transform)
-    return transform
-
-
-def eval_transform(settings: DataSettings) -> Callable:
-    """Resize to ``img_size / crop_pct`` and center-crop (crop 1.0 for CaiT, 0.875 DeiT)."""
-    return create_transform(
-        settings.img_size,
-        is_training=False,
-        interpolation=settings.interpolation,
-        mean=settings.mean,
-        std=settings.std,
-        crop_pct=settings.crop_pct,
-    )
-
-
 def build_datasets(
     path: str, train_tf: Callable | None, eval_tf: Callable | None
 ) -> tuple[Dataset, Dataset, list[str]]:
@@ -339,134 +264,6 @@ def build_val_dataset(
         raise FileNotFoundError(f"data path not found: {root} (expected a folder or 'digits')")
     val_root = root / "val" if (root / "val").is_dir() else root
     return ImageFolderDataset(val_root, eval_tf, classes=classes, substitute=False)
-
-
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    # one stream per (seed, epoch); the multiplier is any odd constant larger than the
-    # number of epochs, so that no two (seed, epoch) pairs share a stream
-    return torch.Generator().manual_seed(seed * _EPOCH_STRIDE + epoch)
-
-
-_EPOCH_STRIDE = 100_003
-
-
-def _check_rank(num_replicas: int, rank: int) -> None:
-    if num_replicas < 1 or not 0 <= rank < num_replicas:
-        raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
-
-
-class ShuffleSampler(Sampler[int]):
-    """A random order that depends only on ``(seed, epoch)``, so a resumed run sees the
-    same order as an uninterrupted one.
-
-    With ``num_replicas`` processes, rank ``r`` takes ``order[r::num_replicas]``, cut to
-    ``size // num_replicas`` so that every rank has as many samples and none is shared (the
-    last ``size % num_replicas`` of each epoch's order are left out; which ones changes every
-    epoch). Batch ``s`` of every rank together are then the images of batch ``s`` of one
-    process with the global batch.
-    """
-
-    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        _check_rank(num_replicas, rank)
-        self.size = size
-        self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
-        self.num_samples = size // num_replicas
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=_epoch_generator(self.seed, self.epoch))
-        return iter(order[self.rank :: self.num_replicas][: self.num_samples].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class RepeatedAugSampler(Sampler[int]):
-    """Repeated augmentation (Hoffer et al. 2020; DeiT's ``RASampler``).
-
-    Each epoch the shuffled indices are repeated ``repeats`` times in a row
-    (``[i, i, i, j, j, j, ...]``) and dealt to the ranks in turn, so the copies of an image
-    get different augmentations on different ranks (or, on one process, sit in the same
-    batch). Each rank keeps ``size // num_replicas`` samples, the epoch length of plain
-    shuffling (:class:`ShuffleSampler`), so an epoch has the same number of steps and covers
-    about ``1 / repeats`` of the distinct images. The order depends only on
-    ``(seed, epoch)``.
-    """
-
-    def __init__(
-        self, size: int, repeats: int, seed: int, num_replicas: int = 1, rank: int = 0
-    ) -> None:
-        if repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats}")
-        _check_rank(num_replicas, rank)
-        self.size = size
-        self.repeats = repeats
-        self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
-        self.num_samples = size // num_replicas
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=_epoch_generator(self.seed, self.epoch))
-        repeated = order.repeat_interleave(self.repeats).tolist()
-        mine = repeated[self.rank :: self.num_replicas]
-        return iter(mine[: self.num_samples])
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class ShardSampler(Sampler[int]):
-    """Evaluation order: rank ``r`` of ``num_replicas`` takes indices ``r, r + n, ...``.
-
-    No padding (unlike ``DistributedSampler``): the shards differ in length by at most one
-    and together hold every index exactly once, so summed counts are exact.
-    """
-
-    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0) -> None:
-        _check_rank(num_replicas, rank)
-        self.size = size
-        self.num_replicas = num_replicas
-        self.rank = rank
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.size, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.num_replicas))
-
-
-def build_train_sampler(
-    dataset: Dataset, repeats: int, seed: int, num_replicas: int = 1, rank: int = 0
-) -> Sampler[int]:
-    """Plain shuffling, or repeated augmentation when ``repeats > 1``; sharded by rank."""
-    if repeats > 1:
-        return RepeatedAugSampler(len(dataset), repeats, seed, num_replicas, rank)
-    return ShuffleSampler(len(dataset), seed, num_replicas, rank)
-
-
-def build_mixup(augment: AugmentConfig, num_classes: int) -> Mixup | None:
-    """timm's Mixup/CutMix with label smoothing folded into the soft targets (or None)."""
-    if not augment.mixes:
-        return None
-    return Mixup(
-        mixup_alpha=augment.mixup,
-        cutmix_alpha=augment.cutmix,
-        prob=augment.mixup_prob,
-        switch_prob=augment.mixup_switch_prob,
-        mode=augment.mixup_mode,
-        label_smoothing=augment.label_smoothing,
-        num_classes=num_classes,
-    )
 
 
 def export_digits(folder: str | Path, split: str = "val", count: int = 5) -> list[Path]:

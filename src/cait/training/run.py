@@ -15,9 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cait import runtime
-from cait.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
 from cait.data import (
-    DataSettings,
     ShardSampler,
     build_datasets,
     build_mixup,
@@ -26,22 +24,24 @@ from cait.data import (
     eval_transform,
     train_transform,
 )
-from cait.engine import evaluate, train_one_epoch
-from cait.factory import build_model, default_settings, model_spec
-from cait.losses import DistillationLoss
-from cait.model import CaiT
-from cait.optim import LRSchedule, ModelEma, build_optimizer
-from cait.parallel import (
+from cait.models.build import build_model, input_spec, model_spec
+from cait.models.cait import CaiT
+from cait.models.pretrained import load_pretrained
+from cait.models.registry import InputSpec
+from cait.training.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
+from cait.training.config import LR_BASE_BATCH, TrainConfig, scaled_lr
+from cait.training.engine import evaluate, train_one_epoch
+from cait.training.losses import DistillationLoss
+from cait.training.optim import LRSchedule, ModelEma, build_optimizer
+from cait.training.parallel import (
     load_optimizer_state,
     model_state_dict,
     optimizer_state_dict,
     unwrap,
     wrap_model,
 )
-from cait.plots import plot_curves
-from cait.teacher import load_teacher
-from cait.train_config import LR_BASE_BATCH, TrainConfig, scaled_lr
-from cait.weights import load_pretrained
+from cait.training.records import plot_curves
+from cait.training.teacher import load_teacher
 
 __all__ = ["TrainResult", "resolve_data_settings", "train"]
 
@@ -63,16 +63,15 @@ class TrainResult:
     model: nn.Module | None = None
 
 
-def resolve_data_settings(config: TrainConfig) -> DataSettings:
+def resolve_data_settings(config: TrainConfig) -> InputSpec:
     """Input settings: the config's ``data`` fields, else the model's defaults."""
     d = config.data
-    base = default_settings(config.model, config.model_args)
-    return DataSettings(
-        img_size=d.img_size or base.img_size,
-        crop_pct=d.crop_pct if d.crop_pct is not None else base.crop_pct,
-        interpolation=d.interpolation or base.interpolation,
-        mean=tuple(d.mean) if d.mean is not None else base.mean,
-        std=tuple(d.std) if d.std is not None else base.std,
+    return input_spec(config.model, config.model_args).replace(
+        img_size=d.img_size,
+        crop_pct=d.crop_pct,
+        interpolation=d.interpolation,
+        mean=d.mean,
+        std=d.std,
     )
 
 

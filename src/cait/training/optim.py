@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cait.train_config import OptimConfig
+from cait.training.config import OptimConfig
 
 __all__ = ["LRSchedule", "ModelEma", "build_optimizer", "param_groups"]
 

@@ -30,7 +30,7 @@ BRANCH_SCALES: tuple[str, ...] = ("layerscale", "none", "rezero", "skipinit", "f
 CLASS_TOKEN_POSITIONS: tuple[str, ...] = ("late", "early")
 POOLINGS: tuple[str, ...] = ("token", "avg")
 DROP_PATH_SCHEDULES: tuple[str, ...] = ("uniform", "linear")
-# How talking heads are computed (see ``cait.layers.TalkingHeadAttention``); same maths.
+# How talking heads are computed (see ``cait.models.layers.TalkingHeadAttention``); same maths.
 ATTN_IMPLS: tuple[str, ...] = ("fast", "plain", "recompute")
 
 

@@ -1,4 +1,4 @@
-"""The C++ CPU kernels in ``cait/csrc``, compiled on first use.
+"""The C++ CPU kernels in ``cait/kernels/csrc``, compiled on first use.
 
 They are built with torch's JIT extension builder (:func:`torch.utils.cpp_extension.load`,
 which needs a C++ compiler and ``ninja``, a dependency of :mod:`cait`; about 10 s on 2

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cait.config import ATTN_IMPLS, BRANCH_SCALES
-from cait.talking_heads import talking_heads_attention
+from cait.kernels.talking_heads import talking_heads_attention
+from cait.models.config import ATTN_IMPLS, BRANCH_SCALES
 
 __all__ = [
     "LAYERNORM_EPS",
@@ -172,7 +172,7 @@ class TalkingHeadAttention(nn.Module):
     - ``plain``: the reference structure, head mixing as an einsum (always used when the
       attention map is requested);
     - ``fast``: head-major attention with the head mixing as one matrix product each and
-      a written-out backward pass (:func:`cait.talking_heads.talking_heads_attention`);
+      a written-out backward pass (:func:`cait.kernels.talking_heads.talking_heads_attention`);
       with attention dropout in training it falls back to ``plain``;
     - ``recompute``: ``fast``, but nothing of size ``(B, H, N, N)`` is kept for the
       backward pass, which recomputes the logits and probabilities (against two such

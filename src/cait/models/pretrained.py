@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,18 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from cait.layers import resample_pos_embed
-from cait.model import CaiT
+from cait.files import atomic_write, load_file_safely
+from cait.models.cait import CaiT
+from cait.models.layers import resample_pos_embed
 
 __all__ = [
     "LoadReport",
     "adapt_state_dict",
-    "convert_checkpoint",
+    "convert_weights",
     "describe_state_dict",
-    "load_file_safely",
     "load_pretrained",
     "read_state_dict",
     "unwrap_state_dict",
@@ -79,21 +78,6 @@ def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
                 key = key[len(prefix) :]
         out[key] = value
     return out
-
-
-def load_file_safely(path: str | os.PathLike[str]) -> Any:
-    """A ``.safetensors`` file, or a torch file read with ``weights_only=True``; a file holding
-    other objects raises ``ValueError`` instead of being unpickled."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it holds objects other than tensors and plain "
-            f"containers, and loading never unpickles arbitrary code ({err})"
-        ) from err
 
 
 def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -269,26 +253,21 @@ def load_pretrained(
     return report
 
 
-def convert_checkpoint(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], model_name: str | None = None
+def convert_weights(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], model: CaiT | None = None
 ) -> dict[str, Tensor]:
     """Convert an official (or any supported) checkpoint to a plain safetensors file.
 
-    With ``model_name`` the weights are first loaded strictly into that variant, so a file
-    that does not fit it is refused before anything is written.
+    With ``model`` the weights are first loaded strictly into it, so a file that does not fit
+    is refused before anything is written.
     """
-    state_dict = read_state_dict(src)
-    metadata = {"format": "pt", "source": Path(str(src)).name}
-    if model_name is not None:
-        from cait.variants import create_model
-
-        load_pretrained(create_model(model_name), state_dict)
-        metadata["model"] = model_name
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise ValueError(f"destination must end with .safetensors, got {dst.name}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, dst)
+    state_dict = read_state_dict(src)
+    metadata = {"format": "pt", "source": Path(str(src)).name}
+    if model is not None:
+        load_pretrained(model, state_dict)
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    atomic_write(dst, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return state_dict

@@ -2,7 +2,7 @@
 
 Two stages (paper Section 3, Figure 2): self-attention blocks over the patch tokens only,
 then a few class-attention blocks in which the class token summarises the frozen patches.
-With the knobs of :class:`~cait.config.CaiTConfig` the same class also expresses ViT/DeiT
+With the knobs of :class:`~cait.models.config.CaiTConfig` the same class also expresses ViT/DeiT
 (class token early, no LayerScale, no talking heads) and the ablations of the paper.
 """
 
@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cait.config import CaiTConfig
-from cait.layers import (
+from cait.models.config import CaiTConfig
+from cait.models.layers import (
     INIT_STD,
     LAYERNORM_EPS,
     BlockTrace,
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 class Intermediates:
     """Everything ``CaiT.forward_intermediates`` records, in order of computation.
 
-    ``sa`` has one :class:`~cait.layers.BlockTrace` per self-attention block (attention
+    ``sa`` has one :class:`~cait.models.layers.BlockTrace` per self-attention block (attention
     ``(B, H, N', N')`` with ``N'`` the tokens of the SA stage), ``ca`` one per class-attention
     block (attention ``(B, H, T, T + N)``, the class token first, then the distillation
     token when the model has one: ``T = 2``). ``features`` are the final

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cait.data import DataSettings
-from cait.variants import IMAGENET_MEAN, IMAGENET_STD
-from cait.weights import read_state_dict
+from cait.models.build import TIMM_PREFIX, load_for_inference, timm_model
+from cait.models.pretrained import read_state_dict
+from cait.models.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
 __all__ = ["Teacher", "load_teacher"]
 
@@ -82,18 +82,13 @@ def _load_weights(model: nn.Module, weights: str | None, source: str) -> None:
 def load_teacher(
     source: str,
     num_classes: int,
-    student: DataSettings,
+    student: InputSpec,
     weights: str | None = None,
     device: torch.device | str = "cpu",
 ) -> Teacher:
     """Build a frozen teacher and check that it predicts ``num_classes`` classes."""
-    if source.startswith("timm:"):
-        import timm
-
-        name = source[len("timm:") :]
-        if not timm.is_model(name):
-            raise ValueError(f"unknown timm model {name!r} for the teacher")
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if source.startswith(TIMM_PREFIX):
+        model = timm_model(source, num_classes=num_classes)
         _load_weights(model, weights, source)
         cfg = model.pretrained_cfg or {}
         mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
@@ -109,8 +104,6 @@ def load_teacher(
         _load_weights(model, weights, source)
         mean, std, size = IMAGENET_MEAN, IMAGENET_STD, None
     else:
-        from cait.inference import load_for_inference
-
         if not Path(source).is_file():
             raise FileNotFoundError(f"teacher checkpoint not found: {source}")
         loaded = load_for_inference(source)

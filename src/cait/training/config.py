@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from cait.data.transforms import AugmentConfig
+from cait.models.build import input_spec, is_timm
+from cait.models.config import CaiTConfig
+
 __all__ = [
     "AugmentConfig",
     "DataConfig",
@@ -63,47 +67,6 @@ class DataConfig:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise ValueError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation, DeiT/CaiT recipe defaults (DeiT main.py), via timm's utilities."""
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    color_jitter: float = 0.3
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    re_prob: float = 0.25
-    re_mode: str = "pixel"
-    re_count: int = 1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    label_smoothing: float = 0.1
-    repeated_aug: int = 3
-
-    def __post_init__(self) -> None:
-        for name in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"augment.{name} must be in [0, 1], got {v}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(
-                f"augment.label_smoothing must be in [0, 1), got {self.label_smoothing}"
-            )
-        if self.repeated_aug < 1:
-            raise ValueError(
-                f"augment.repeated_aug must be >= 1 (1 = off), got {self.repeated_aug}"
-            )
-        if self.mixup < 0 or self.cutmix < 0:
-            raise ValueError("augment.mixup and augment.cutmix must be >= 0")
-
-    @property
-    def mixes(self) -> bool:
-        return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
 
 
 @dataclass(frozen=True)
@@ -330,8 +293,6 @@ def _build(cls: type, data: Any, where: str = "") -> Any:
 
 
 def _coerce_model_args(args: dict[str, Any]) -> dict[str, Any]:
-    from cait.config import CaiTConfig
-
     hints = typing.get_type_hints(CaiTConfig)
     unknown = sorted(set(args) - set(hints))
     if unknown:
@@ -342,15 +303,13 @@ def _coerce_model_args(args: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """A validated :class:`TrainConfig` from a plain (YAML or checkpoint) dict.
 
-    ``model_args`` are typed against :class:`~cait.config.CaiTConfig` and applied to the
+    ``model_args`` are typed against :class:`~cait.models.config.CaiTConfig` and applied to the
     variant here, so an unknown model or a bad model field fails before anything runs.
     """
-    from cait.factory import default_settings, is_timm
-
     config = _build(TrainConfig, data)
     if not is_timm(config.model):
         config = dataclasses.replace(config, model_args=_coerce_model_args(config.model_args))
-    default_settings(config.model, config.model_args)  # unknown model or bad model_args
+    input_spec(config.model, config.model_args)  # unknown model or bad model_args
     return config
 
 

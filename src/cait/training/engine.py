@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cait.losses import DistillationLoss
-from cait.optim import LRSchedule, ModelEma
 from cait.runtime import all_gather_objects, all_reduce_max, all_reduce_sum, autocast, dist_info
+from cait.training.losses import DistillationLoss
+from cait.training.optim import LRSchedule, ModelEma
 
 __all__ = ["EpochStats", "NonFiniteLossError", "evaluate", "train_one_epoch"]
 

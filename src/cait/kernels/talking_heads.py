@@ -19,14 +19,14 @@ Here the attention lives head-major, ``(H, B, N, N)``:
   ``b_g * sum_j v_g[j]`` to each output row: a ``(B, H, hd)`` term instead of a pass over
   the attention tensor.
 
-On the CPU the same steps run by default in a C++ kernel (``cait/csrc/talking_heads.cpp``,
-built by :mod:`cait.native`), one image at a time, whole images handed to torch's
+On the CPU the same steps run by default in a C++ kernel (``cait/kernels/csrc/talking_heads.cpp``,
+built by :mod:`cait.kernels.native`), one image at a time, whole images handed to torch's
 intra-op threads inside a single OpenMP region: the steps on one image are too small to
 split over threads without the fork and join of every op costing more than it saves, and
 one image's attention tensors stay in the core's cache from one step to the next. Where
 the kernel cannot be built, the Python path below does the same with chunks of a few
 images, shared between as many worker threads as torch has intra-op threads, each
-running its chunks' ops on one thread (:func:`cait.runtime.run_on_cpu_workers`); every
+running its chunks' ops on one thread (:func:`cait.kernels.cpu_workers.run_on_cpu_workers`); every
 chunk's temporaries go into its worker's reused buffers (:class:`_Scratch`). The Python
 path also runs on other devices (the whole batch as one chunk) and under
 ``torch.compile``.
@@ -50,8 +50,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from cait import native
-from cait.runtime import run_on_cpu_workers
+from cait.kernels import native
+from cait.kernels.cpu_workers import run_on_cpu_workers
 
 __all__ = ["CPU_CHUNK_BYTES", "talking_heads_attention"]
 
@@ -446,14 +446,14 @@ def talking_heads_attention(
     ``w_w, b_w`` ``proj_w``'s. No attention dropout. With ``recompute`` the backward pass
     recomputes the logits and probabilities instead of keeping them.
 
-    On the CPU it runs by default in the C++ kernel (``use_native``; :mod:`cait.native`),
+    On the CPU it runs by default in the C++ kernel (``use_native``; :mod:`cait.kernels.native`),
     one image at a time on torch's intra-op threads; ``use_native=False``, under
     ``torch.compile``, on other devices and where the kernel could not be built, in Python:
     the batch in chunks of about ``chunk_bytes`` of attention tensor (default
     :data:`CPU_CHUNK_BYTES` on the CPU, the whole batch elsewhere; ``0`` for the whole
     batch), on the CPU shared between ``workers`` threads of one intra-op thread each
-    (default: torch's thread count; :func:`cait.runtime.run_on_cpu_workers`), with smaller
-    chunks when there are fewer than ``workers`` of them; elsewhere, and under
+    (default: torch's thread count; :func:`cait.kernels.cpu_workers.run_on_cpu_workers`),
+    with smaller chunks when there are fewer than ``workers`` of them; elsewhere, and under
     ``torch.compile``, one.
     """
     B, N, _ = qkv.shape
@@ -467,8 +467,8 @@ def talking_heads_attention(
         )
     elif use_native and not native.available():
         raise RuntimeError(
-            "use_native=True, but cait's C++ kernels could not be built (cait.native logged "
-            "why when it tried)"
+            "use_native=True, but cait's C++ kernels could not be built "
+            "(cait.kernels.native logged why when it tried)"
         )
     if chunk_bytes is None:
         chunk_bytes = CPU_CHUNK_BYTES if on_cpu else 0

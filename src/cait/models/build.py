@@ -1,0 +1,214 @@
+"""A model by name or from a checkpoint: the one place that answers "give me the model for this".
+
+Names are our variants (``cait models``) or any timm model as ``timm:NAME``. A checkpoint
+describes its model with a few metadata entries (:func:`checkpoint_metadata`): the name, the
+full ``model_config`` (enough to rebuild it without any other input), the input spec and the
+class names. Run checkpoints (``last.pt``, ``best.pt``) hold them beside the weights;
+``model.safetensors`` holds them JSON-encoded in its header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from torch import nn
+
+from cait.files import load_file_safely
+from cait.models.cait import CaiT
+from cait.models.config import CaiTConfig
+from cait.models.pretrained import convert_weights, load_pretrained, read_state_dict
+from cait.models.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    InputSpec,
+    create_model,
+    get_variant,
+)
+
+__all__ = [
+    "TIMM_PREFIX",
+    "LoadedModel",
+    "build_model",
+    "checkpoint_metadata",
+    "convert_checkpoint",
+    "imagenet_class_names",
+    "input_spec",
+    "is_timm",
+    "load_for_inference",
+    "model_from_spec",
+    "model_spec",
+    "read_checkpoint_metadata",
+    "timm_model",
+]
+
+TIMM_PREFIX = "timm:"
+# timm's fallbacks for a model without a pretrained config (timm.data.resolve_data_config)
+_TIMM_DEFAULT_SPEC = InputSpec(224, 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+
+
+def is_timm(name: str) -> bool:
+    return name.startswith(TIMM_PREFIX)
+
+
+def _timm_bare_name(name: str) -> str:
+    """``timm:NAME`` -> ``NAME``, checked against timm's registry."""
+    import timm
+
+    bare = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(bare):
+        raise ValueError(f"unknown timm model {bare!r} (see timm.list_models())")
+    return bare
+
+
+def timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """An untrained timm model from ``timm:NAME`` (or a bare timm name)."""
+    import timm
+
+    return timm.create_model(_timm_bare_name(name), pretrained=False, **kwargs)
+
+
+def build_model(name: str, model_args: dict[str, Any], num_classes: int) -> nn.Module:
+    """A freshly initialised model with ``num_classes`` outputs."""
+    if is_timm(name):
+        return timm_model(name, num_classes=num_classes, **model_args)
+    return create_model(name, **{**model_args, "num_classes": num_classes})
+
+
+def input_spec(name: str, model_args: dict[str, Any] | None = None) -> InputSpec:
+    """Input size, eval crop, interpolation and normalisation a model expects by default.
+
+    For our variants ``model_args`` are checked (an unknown field raises) and an
+    ``img_size`` among them changes the size.
+    """
+    if is_timm(name):
+        import timm
+
+        cfg = timm.get_pretrained_cfg(_timm_bare_name(name))
+        if cfg is None:
+            return _TIMM_DEFAULT_SPEC
+        return InputSpec(
+            int(cfg.input_size[-1]), cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std
+        )
+    variant = get_variant(name)
+    config = variant.config.replace(**(model_args or {}))
+    return variant.input_spec.replace(img_size=config.img_size)
+
+
+def model_spec(name: str, model: nn.Module, model_args: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild ``model``: its name and its full config."""
+    if isinstance(model, CaiT):
+        return {"model": name, "model_config": model.config.to_dict()}
+    return {"model": name, "model_config": {"num_classes": model.num_classes, **model_args}}
+
+
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild the (untrained) model a checkpoint describes."""
+    name, config = spec["model"], dict(spec["model_config"])
+    if is_timm(name):
+        return timm_model(name, **config)
+    return CaiT(CaiTConfig.from_dict(config))
+
+
+def checkpoint_metadata(
+    spec: dict[str, Any], inputs: InputSpec, class_names: list[str]
+) -> dict[str, Any]:
+    """The entries that describe a model in every checkpoint cait writes."""
+    return {
+        "model": spec["model"],
+        "model_config": spec["model_config"],
+        "data_settings": inputs.to_dict(),
+        "class_names": list(class_names),
+    }
+
+
+def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The metadata of one of our checkpoints (see :func:`checkpoint_metadata`), or ``None``
+    for a file without it (official or timm weights, a plain state dict)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        if "model_config" not in raw:
+            return None
+        return {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    obj = load_file_safely(path)
+    if not (isinstance(obj, dict) and "model_config" in obj):
+        return None
+    # a run checkpoint keeps the name in its config ("model" holds the weights)
+    return {
+        "model": obj["config"]["model"],
+        **{k: obj[k] for k in ("model_config", "data_settings", "class_names")},
+    }
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its input spec.
+
+    ``class_names`` are for display; ``folder_names`` are the class folder names the model's
+    indices correspond to (the same for our checkpoints; WordNet synsets such as
+    ``n01440764`` for ImageNet weights, whose display names are the synset lemmas).
+    """
+
+    model: nn.Module
+    settings: InputSpec
+    class_names: list[str] | None
+    folder_names: list[str] | None
+
+
+def imagenet_class_names() -> tuple[list[str], list[str]]:
+    """ImageNet-1k synsets (sorted, the index order of the released weights) and names."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return list(info.label_names()), list(info.label_descriptions())
+
+
+def load_for_inference(checkpoint: str, model_name: str | None = None) -> LoadedModel:
+    """A model ready for evaluation, with its input spec and class names.
+
+    Our checkpoints (``last.pt``, ``best.pt``, ``model.safetensors``) carry their config;
+    for official or timm weights, name the variant with ``model_name``.
+    """
+    meta = read_checkpoint_metadata(checkpoint)
+    if meta is not None:
+        model = model_from_spec(meta)
+        if isinstance(model, CaiT):
+            load_pretrained(model, checkpoint)
+        else:
+            model.load_state_dict(read_state_dict(checkpoint), strict=True)
+        settings = InputSpec.from_dict(meta["data_settings"])
+        names = folders = list(meta["class_names"])
+        return LoadedModel(model.eval(), settings, names, folders)
+    if model_name is None:
+        raise ValueError(
+            f"{checkpoint} is not a cait checkpoint (it carries no model config): name the "
+            "variant its weights are for (model_name; --model on the command line)"
+        )
+    variant = get_variant(model_name)
+    state_dict = read_state_dict(checkpoint)
+    head = state_dict.get("head.weight")
+    num_classes = head.shape[0] if head is not None else variant.config.num_classes
+    model = create_model(model_name, num_classes=num_classes)
+    load_pretrained(model, state_dict)
+    folders, names = imagenet_class_names() if num_classes == 1000 else (None, None)
+    return LoadedModel(model.eval(), variant.input_spec, names, folders)
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], model_name: str | None = None
+) -> dict[str, Any]:
+    """Convert an official (or any supported) checkpoint to a plain safetensors file.
+
+    With ``model_name`` the weights are first loaded strictly into that variant, so a file
+    that does not fit it is refused before anything is written.
+    """
+    model = create_model(model_name) if model_name is not None else None
+    return convert_weights(src, dst, model)
