@@ -24,7 +24,7 @@ from cait.training.checkpoint import load_checkpoint
 from cait.training.config import apply_overrides, config_from_dict, load_recipe
 from cait.training.run import TIMING_KEYS, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def digits_config(tmp_path: Path, *overrides: str, recipe: bool = True):

@@ -31,7 +31,7 @@ from cait.training.config import apply_overrides, config_from_dict, load_recipe
 from cait.training.engine import evaluate
 from cait.training.run import TIMING_KEYS, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 # Deterministic training on the digits: no random augmentation, no mixup, no drop-path or
 # dropout, so that 2 processes and 1 process compute the same thing up to float rounding.
