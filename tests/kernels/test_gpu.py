@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize_
-from test_attention import FAST_IMPLS, TOL, _attention_pair, _core_args, _grads
+from test_talking_heads import FAST_IMPLS, TOL, _attention_pair, _core_args, _grads
 
 import cait
 from cait.bench import benchmark, precision_agreement
