@@ -1,0 +1,222 @@
+"""The package layout stays true: imports point one way, with no cycle and no hidden import.
+
+The wings, lowest first (README, "Layout"):
+
+    files, schema  <-  kernels  <-  models  <-  data  <-  runtime  <-  training
+        <-  analysis, inference, bench  <-  cli  <-  the package's __init__ and __main__
+
+A module may import its own wing or a lower one; wings of the same level (analysis,
+inference, bench) do not import each other. Module-level imports of the whole package form
+no cycle, and no function imports ``cait`` modules locally except in the CLI (a local import
+is how a cycle hides). The model side (``kernels``, ``models``) imports no distributed code.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# module (or package) prefix -> level; the longest matching prefix wins
+LEVELS = {
+    "cait.files": 0,
+    "cait.schema": 0,
+    "cait.kernels": 1,
+    "cait.models": 2,
+    "cait.data": 3,
+    "cait.runtime": 4,
+    "cait.training": 5,
+    "cait.analysis": 6,
+    "cait.inference": 6,
+    "cait.bench": 6,
+    "cait.cli": 7,
+    "cait": 8,  # cait/__init__.py and cait/__main__.py: the public API on top of it all
+}
+TOP = {"cait", "cait.__main__"}
+LOCAL_IMPORTS_ALLOWED = {"cait.cli"}
+NO_DISTRIBUTED = ("cait.kernels", "cait.models")
+
+
+@dataclass(frozen=True)
+class Import:
+    source: str  # the importing module
+    target: str  # the imported module
+    line: int
+    local: bool  # inside a function or class body
+
+
+def wing(module: str) -> str:
+    """The LEVELS key a module belongs to."""
+    if module in TOP:
+        return "cait"
+    parts = module.split(".")
+    for n in range(len(parts), 1, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in LEVELS:
+            return prefix
+    raise AssertionError(f"{module} is in no wing of LEVELS: add it there and to the README")
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports_of(tree: ast.AST, source: str, known: set[str]) -> list[Import]:
+    found: list[Import] = []
+
+    def visit(node: ast.AST, local: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inside = local or isinstance(
+                child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda
+            )
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    found.append(Import(source, alias.name, child.lineno, inside))
+            elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
+                for alias in child.names:
+                    sub = f"{child.module}.{alias.name}"  # `from cait import runtime`
+                    target = sub if sub in known else child.module
+                    found.append(Import(source, target, child.lineno, inside))
+            elif isinstance(child, ast.ImportFrom) and child.level:
+                raise AssertionError(f"{source}:{child.lineno}: relative import; use cait.*")
+            visit(child, inside)
+
+    visit(tree, False)
+    return found
+
+
+def collect(root: Path) -> tuple[set[str], list[Import]]:
+    """Every module under ``root/cait`` and every import they make."""
+    paths = sorted((root / "cait").rglob("*.py"))
+    known = {module_name(p, root) for p in paths}
+    imports: list[Import] = []
+    for path in paths:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        imports += _imports_of(tree, module_name(path, root), known)
+    return known, imports
+
+
+def _is_cait(name: str) -> bool:
+    return name == "cait" or name.startswith("cait.")
+
+
+def violations(known: set[str], imports: list[Import]) -> list[str]:
+    """Every broken rule, one line each (empty when the layout holds)."""
+    problems = []
+    graph: dict[str, set[str]] = {m: set() for m in known}
+    for imp in imports:
+        if imp.source.startswith(NO_DISTRIBUTED) and (
+            imp.target.startswith("torch.distributed") or imp.target == "cait.runtime"
+        ):
+            problems.append(f"{imp.source}:{imp.line} imports {imp.target}: distributed code")
+        if not _is_cait(imp.target) or imp.target == imp.source:
+            continue
+        if imp.local and imp.source not in LOCAL_IMPORTS_ALLOWED:
+            problems.append(f"{imp.source}:{imp.line} imports {imp.target} inside a function")
+        src, dst = wing(imp.source), wing(imp.target)
+        if src != dst and LEVELS[dst] >= LEVELS[src]:
+            direction = "up" if LEVELS[dst] > LEVELS[src] else "sideways"
+            problems.append(f"{imp.source}:{imp.line} imports {imp.target} ({direction})")
+        if not imp.local and imp.target in graph:
+            graph[imp.source].add(imp.target)
+    problems += [f"import cycle: {' -> '.join(c)}" for c in _cycles(graph)]
+    return problems
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected part of ``graph`` that has one (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1 or v in graph[v]:
+                cycles.append(sorted(part) + [sorted(part)[0]])
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return cycles
+
+
+def test_the_package_layout_holds():
+    known, imports = collect(SRC)
+    assert "cait.models.cait" in known and len(imports) > 50  # the walk found the package
+    problems = violations(known, imports)
+    assert not problems, "\n".join(problems)
+
+
+def _fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = tmp_path / "cait" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"models/a.py": "from cait.training import b\n", "training/b.py": ""}, "(up)"),
+        ({"bench.py": "import cait.inference\n", "inference.py": ""}, "(sideways)"),
+        (
+            {"models/a.py": "def f():\n    from cait.models import b\n", "models/b.py": ""},
+            "inside a function",
+        ),
+        (
+            {
+                "data/a.py": "from cait.data.b import x\n",
+                "data/b.py": "from cait.data.a import y\n",
+            },
+            "import cycle: cait.data.a -> cait.data.b -> cait.data.a",
+        ),
+        ({"models/a.py": "import torch.distributed as dist\n"}, "distributed code"),
+        ({"kernels/a.py": "from cait import runtime\n", "runtime.py": ""}, "distributed code"),
+        ({"widgets/a.py": "import cait.models\n", "models/__init__.py": ""}, "in no wing"),
+    ],
+)
+def test_the_checker_finds_each_broken_rule(tmp_path, files, expected):
+    root = _fake_package(tmp_path, {"__init__.py": "", **files})
+    try:
+        problems = violations(*collect(root))
+    except AssertionError as err:  # a module outside every wing
+        problems = [str(err)]
+    assert any(expected in p for p in problems), problems
+
+
+def test_the_checker_accepts_downward_and_lazy_third_party_imports(tmp_path):
+    files = {
+        "__init__.py": "from cait.models import a\n",
+        "models/__init__.py": "from cait.models.a import f\n",
+        "models/a.py": "from cait.kernels import k\n\ndef f():\n    import timm\n",
+        "kernels/__init__.py": "",
+        "kernels/k.py": "",
+        "cli.py": "def main():\n    from cait.models import a\n",
+    }
+    assert violations(*collect(_fake_package(tmp_path, files))) == []
