@@ -11,8 +11,8 @@ forward pass (no grad) and forward plus backward of
 path (``use_native=False``) with 1, 2, 4, 8 images per chunk and the whole batch:
 ``--workers 0`` shares the chunks between as many single-threaded CPU workers as torch has
 threads; ``--workers 1`` runs every chunk in the calling thread, each op split over the
-OpenMP threads. Each setting runs in a fresh process, ``--repeat`` times: on the
-project's 2-vCPU VM the two-thread figures differ from one process to the next
+OpenMP threads. Each setting runs in a fresh process, ``--repeat`` times: on a shared or
+virtual machine the two-thread figures can differ from one process to the next
 (docs/BENCHMARKS.md), which a single run would hide. With several workers a chunk size is
 capped so that every worker gets a chunk (the whole batch of 32 becomes two chunks of 16).
 """

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check of docs/BENCHMARKS.md in one run, for a machine with one CUDA device:
-# the `gpu` tests (fast paths against plain on CUDA, bf16/fp16 agreement, torch.compile,
-# recompute's memory), then `cait bench --compare timm` for the GPU targets, alternating
-# the two models in one process. Runs from the repository root, with the package from src/
-# (no install needed where torch, timm and pytest are present). Writes to $OUT (default
+# the `gpu` tests (the CUDA cases of tests/kernels and tests/test_bench.py: fast paths
+# against plain, bf16/fp16 agreement, torch.compile, recompute's memory, `cait bench`),
+# then `cait bench --compare timm` for the GPU targets, alternating the two models in one
+# process. Runs from the repository root, with the package from src/ (no install needed
+# where torch, timm and pytest are present). Writes to $OUT (default
 # runs/gpu): log.txt (everything printed), bench.jsonl (one `cait bench --json` result per
 # line) and summary.txt. On the device tool, run it as it is: the tool sets $OUT to the
 # folder it brings back. Each step has its own time limit, 540 s in all (the tool's cap on
@@ -57,7 +58,8 @@ checks() {
 torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
 
     echo "== tests: pytest -m gpu"
-    timeout -k 10 150 $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
+    timeout -k 10 150 $PY -m pytest -m gpu tests/kernels tests/test_bench.py -q \
+        -p no:cacheprovider
 
     # AMP inference and training throughput (target: at least 1.2x timm's)
     bench 45 --model cait_xxs24_224 --batch-size 256 --dtype bf16 --autocast

@@ -11,9 +11,9 @@ intra-op threads at once: the profiler records them on each thread, so the times
 summed over threads and the total exceeds the step's wall time. ``--workers N`` runs the
 Python path instead (``use_native=False``) with N CPU workers, whose threads the profiler
 does not record: the core then shows as one row, the calling thread's time in the custom
-autograd function; ``--workers 1`` runs it op by op in the calling thread. CPU figures on
-the project's VM differ from one process to the next (docs/BENCHMARKS.md): run it more
-than once.
+autograd function; ``--workers 1`` runs it op by op in the calling thread. CPU figures can
+differ from one process to the next, on a shared or virtual machine above all
+(docs/BENCHMARKS.md): run it more than once.
 """
 
 from __future__ import annotations
@@ -66,9 +66,12 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="also print the N costliest ops")
     args = parser.parse_args()
     if args.workers is not None:
-        cait.models.layers.talking_heads_attention = functools.partial(
-            cait.kernels.talking_heads.talking_heads_attention, workers=args.workers, use_native=False
+        python_path = functools.partial(
+            cait.kernels.talking_heads.talking_heads_attention,
+            workers=args.workers,
+            use_native=False,
         )
+        cait.models.layers.talking_heads_attention = python_path
     torch.manual_seed(0)
     model = cait.create_model(args.model).train()
     size = model.config.img_size

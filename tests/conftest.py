@@ -1,10 +1,18 @@
-"""Shared helpers: reference models from timm with random weights that make every branch count."""
+"""Shared helpers: random weights that make every branch count, and the device parameter.
+
+Tests that run on several devices take ``device`` from :data:`DEVICES`; the CUDA case
+carries the ``gpu`` marker (``make test-gpu``) and is skipped without a CUDA device.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA_CASE = [pytest.mark.gpu, NEEDS_CUDA]
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=CUDA_CASE)]
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -37,3 +45,12 @@ def _seed():
     """Every test starts from the same global RNG state."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32():
+    """fp32 products in full precision (no TF32) on CUDA, as ``cait.runtime.setup`` sets them."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

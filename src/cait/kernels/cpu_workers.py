@@ -49,10 +49,10 @@ def run_on_cpu_workers(tasks: Sequence[Callable[[], T]]) -> list[T]:
     """Run independent CPU tasks at once, each on a worker thread with one intra-op thread;
     their results in order. One task runs in the calling thread, with its thread count.
 
-    For many small memory-bound ops this beats
-    splitting every op over OpenMP threads: no fork and join per op, and each worker's
-    data stays in its own core's cache (docs/BENCHMARKS.md). The tasks run with gradients
-    off, no autocast and the caller's inference mode; they must not write the same memory.
+    For many small memory-bound ops this beats splitting every op over OpenMP threads: no
+    fork and join per op, and each worker's data stays in its own core's cache
+    (docs/BENCHMARKS.md). The tasks run with gradients off, no autocast and the caller's
+    inference mode; they must not write the same memory.
     torch's intra-op thread count is process-wide, so it is 1 until the tasks are done:
     torch ops in other threads of the process run on one thread meanwhile, and callers in
     several threads take turns.

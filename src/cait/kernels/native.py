@@ -1,11 +1,11 @@
 """The C++ CPU kernels in ``cait/kernels/csrc``, compiled on first use.
 
 They are built with torch's JIT extension builder (:func:`torch.utils.cpp_extension.load`,
-which needs a C++ compiler and ``ninja``, a dependency of :mod:`cait`; about 10 s on 2
-cores) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``), once per machine and source version, and registered as
-``torch.ops.cait.*``. When the build fails (no compiler, say) :mod:`cait` warns once
-and runs the same computation in Python. ``CAIT_NATIVE=0`` in
+which needs a C++ compiler and ``ninja``, a dependency of :mod:`cait`; one source file, so
+the build is short, and it logs when it starts) into torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), once per machine and
+source version, and registered as ``torch.ops.cait.*``. When the build fails (no compiler,
+say) :mod:`cait` warns once and runs the same computation in Python. ``CAIT_NATIVE=0`` in
 the environment skips the build and always uses Python.
 """
 
@@ -58,7 +58,7 @@ def _load() -> bool:
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        logger.info("loading cait's C++ CPU kernels (compiled on first use, about 10 s)")
+        logger.info("loading cait's C++ CPU kernels (compiled once per machine, on first use)")
         load(
             name="cait_native",
             sources=[str(path) for path in SOURCES],

@@ -19,17 +19,17 @@ Here the attention lives head-major, ``(H, B, N, N)``:
   ``b_g * sum_j v_g[j]`` to each output row: a ``(B, H, hd)`` term instead of a pass over
   the attention tensor.
 
-On the CPU the same steps run by default in a C++ kernel (``cait/kernels/csrc/talking_heads.cpp``,
-built by :mod:`cait.kernels.native`), one image at a time, whole images handed to torch's
-intra-op threads inside a single OpenMP region: the steps on one image are too small to
-split over threads without the fork and join of every op costing more than it saves, and
-one image's attention tensors stay in the core's cache from one step to the next. Where
-the kernel cannot be built, the Python path below does the same with chunks of a few
-images, shared between as many worker threads as torch has intra-op threads, each
-running its chunks' ops on one thread (:func:`cait.kernels.cpu_workers.run_on_cpu_workers`); every
-chunk's temporaries go into its worker's reused buffers (:class:`_Scratch`). The Python
-path also runs on other devices (the whole batch as one chunk) and under
-``torch.compile``.
+On the CPU the same steps run by default in a C++ kernel
+(``cait/kernels/csrc/talking_heads.cpp``, built by :mod:`cait.kernels.native`), one image at
+a time, whole images handed to torch's intra-op threads inside a single OpenMP region: the
+steps on one image are too small to split over threads without the fork and join of every
+op costing more than it saves, and one image's attention tensors stay in the core's cache
+from one step to the next. Where the kernel cannot be built, the Python path below does the
+same with chunks of a few images, shared between as many worker threads as torch has
+intra-op threads, each running its chunks' ops on one thread
+(:func:`cait.kernels.cpu_workers.run_on_cpu_workers`); every chunk's temporaries go into its
+worker's reused buffers (:class:`_Scratch`). The Python path also runs on other devices
+(the whole batch as one chunk) and under ``torch.compile``.
 
 The backward pass is written out (:class:`_TalkingHeads`). By default it keeps the ``qkv``
 output, the softmax probabilities and the raw logits, and recomputes the mixed weights: two
@@ -59,13 +59,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # On the CPU the images are processed in chunks whose attention tensor (H x b x N x N) takes
-# about this many bytes, so that the logits, probabilities and mixed weights of a chunk stay
-# in cache between the steps that read them. Chosen by measurement on this project's 2-core
-# AMD EPYC (1 MiB L2 per core, 32 MiB L3): for cait_xxs24_224's attention (0.6 MB per
-# image) chunks of 4 images ran the forward pass 2.4x and forward plus backward 1.9x faster
-# than the whole batch of 32 at once (one thread, shared machine); with two single-threaded
-# workers 2 to 4 images are best (`python examples/attention_chunks.py`, docs/BENCHMARKS.md).
-# On a GPU the whole batch is one chunk.
+# about this many bytes (2.5 MiB), so that the logits, probabilities and mixed weights of a
+# chunk stay in a core's cache between the steps that read them, while each op still covers
+# a few images (4 of cait_xxs24_224, whose H = 4 and N = 197 make 0.6 MB an image in fp32).
+# The size was chosen by timing the Python path by chunk size, threads and workers with
+# `python examples/attention_chunks.py`; docs/BENCHMARKS.md ("CPU results") records the
+# figures and the machine they were measured on. On a GPU the whole batch is one chunk.
 CPU_CHUNK_BYTES = 5 * 2**19
 
 
@@ -446,13 +445,13 @@ def talking_heads_attention(
     ``w_w, b_w`` ``proj_w``'s. No attention dropout. With ``recompute`` the backward pass
     recomputes the logits and probabilities instead of keeping them.
 
-    On the CPU it runs by default in the C++ kernel (``use_native``; :mod:`cait.kernels.native`),
-    one image at a time on torch's intra-op threads; ``use_native=False``, under
-    ``torch.compile``, on other devices and where the kernel could not be built, in Python:
-    the batch in chunks of about ``chunk_bytes`` of attention tensor (default
-    :data:`CPU_CHUNK_BYTES` on the CPU, the whole batch elsewhere; ``0`` for the whole
-    batch), on the CPU shared between ``workers`` threads of one intra-op thread each
-    (default: torch's thread count; :func:`cait.kernels.cpu_workers.run_on_cpu_workers`),
+    On the CPU it runs by default in the C++ kernel (``use_native``;
+    :mod:`cait.kernels.native`), one image at a time on torch's intra-op threads;
+    ``use_native=False``, under ``torch.compile``, on other devices and where the kernel
+    could not be built, in Python: the batch in chunks of about ``chunk_bytes`` of attention
+    tensor (default :data:`CPU_CHUNK_BYTES` on the CPU, the whole batch elsewhere; ``0`` for
+    the whole batch), on the CPU shared between ``workers`` threads of one intra-op thread
+    each (default: torch's thread count; :func:`cait.kernels.cpu_workers.run_on_cpu_workers`),
     with smaller chunks when there are fewer than ``workers`` of them; elsewhere, and under
     ``torch.compile``, one.
     """

@@ -1,14 +1,14 @@
 // Talking-heads attention on the CPU, one image at a time inside a single OpenMP region.
 //
-// The Python path in cait/talking_heads.py runs the same steps on chunks of images, op by
-// op. Each op there is small: split over threads, it pays a fork and a join; run on
+// The Python path in cait/kernels/talking_heads.py runs the same steps on chunks of images,
+// op by op. Each op there is small: split over threads, it pays a fork and a join; run on
 // single-threaded worker threads, it competes with libgomp's team thread, which spins for
 // a while after every region of the calling thread (docs/BENCHMARKS.md, "Threads"). Here
 // `at::parallel_for` hands whole images to the threads of one region, so that thread works
 // instead; every op inside runs single-threaded on data that stays in the core's cache
-// (one image's attention tensor is H x N x N: 0.6 MB for the 224 models). The steps and
-// their order are those of the Python path (in fp16/bf16 the forward pass mixes and
-// normalises in fp32, see `forward`); its docstrings say what each tensor is.
+// (one image's attention tensor is H x N x N: 0.6 MB for cait_xxs24_224 in fp32). The
+// steps and their order are those of the Python path (in fp16/bf16 the forward pass mixes
+// and normalises in fp32, see `forward`); its docstrings say what each tensor is.
 //
 // Layouts: q, k, v, g_out, g_q, g_k, g_v are (B, H, N, hd) views (strided, into the qkv
 // projection's output or its gradient); probs and logits are (B, H, N, N); the
