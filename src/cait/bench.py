@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,11 @@ from torch import Tensor, nn
 
 from cait import runtime
 from cait.data import build_val_dataset, eval_transform
-from cait.models.build import load_for_inference
+from cait.models.build import load_for_inference, timm_model
 from cait.models.registry import create_model, get_variant
 
 __all__ = [
+    "COMPARE_WITH",
     "DTYPES",
     "BenchResult",
     "ModelTiming",
@@ -54,6 +56,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What `cait bench --compare` can time beside ours: timm's model of the same name.
+Compare = Literal["timm"]
+COMPARE_WITH: tuple[str, ...] = get_args(Compare)
 # LayerScale factor used for the output check: the released init (1e-5) would make every
 # residual branch invisible in the logits, so that any two models would "agree".
 CHECK_LAYERSCALE = 0.1
@@ -108,11 +113,11 @@ def _set_layerscale(model: nn.Module, value: float) -> None:
 
 
 def _build_timm(name: str, state_dict: dict[str, Tensor]) -> nn.Module:
-    import timm
-
-    if not timm.is_model(name):
-        raise ValueError(f"timm has no model named {name!r} to compare with")
-    ref = timm.create_model(name, pretrained=False)
+    """timm's model of the same name, with our weights."""
+    try:
+        ref = timm_model(name)
+    except ValueError as err:
+        raise ValueError(f"timm has no model named {name!r} to compare with") from err
     ref.load_state_dict(state_dict, strict=True)
     return ref
 
@@ -212,6 +217,117 @@ def _agreement(ours: nn.Module, ref: nn.Module, images: Tensor) -> tuple[float, 
     return diff, agree
 
 
+def _check_options(
+    dtype: str,
+    compare_dtype: str,
+    compare: str | None,
+    batch_size: int,
+    rounds: int,
+    steps: int,
+    warmup: int,
+) -> None:
+    """Raise ``ValueError`` for an option :func:`benchmark` cannot run with."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if compare_dtype not in DTYPES:
+        raise ValueError(f"compare dtype must be one of {sorted(DTYPES)}, got {compare_dtype!r}")
+    if compare is not None and compare not in COMPARE_WITH:
+        raise ValueError(f"compare must be one of {list(COMPARE_WITH)}, got {compare!r}")
+    if min(batch_size, rounds, steps) < 1 or warmup < 0:
+        raise ValueError("batch size, rounds and steps must be >= 1 and warmup >= 0")
+
+
+def _model_and_batch(
+    model_name: str, batch_size: int, seed: int, overrides: dict[str, object]
+) -> tuple[nn.Module, Tensor, Tensor]:
+    """Our model (LayerScale at :data:`CHECK_LAYERSCALE`) and a random batch of images
+    ``(B, C, H, W)`` and targets ``(B,)`` at the variant's resolution, on the CPU."""
+    ours = create_model(model_name, **overrides)
+    _set_layerscale(ours, CHECK_LAYERSCALE)
+    size = get_variant(model_name).img_size
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, ours.config.in_chans, size, size, generator=gen)
+    targets = torch.randint(0, max(ours.num_classes, 1), (batch_size,), generator=gen)
+    return ours, images, targets
+
+
+def _warm_up(
+    models: dict[str, tuple[nn.Module, str]],
+    images: Tensor,
+    targets: Tensor,
+    *,
+    train: bool,
+    autocast: bool,
+    compile: bool,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, Callable[[], None]]:
+    """Each model's step (compiled when ``compile``), run ``warmup`` times untimed (at least
+    once when compiled, so that compilation stays out of the timings)."""
+    step_fns = {}
+    for name, (model, dt) in models.items():
+        if compile:
+            model = torch.compile(model)
+        step_fns[name] = _make_step(model, images, targets, train, DTYPES[dt], autocast, device)
+        logger.info("warming up %s (%s, %d steps)", name, dt, warmup)
+        for _ in range(max(warmup, 1 if compile else 0)):
+            step_fns[name]()
+        _sync(device)
+    return step_fns
+
+
+def _timed_rounds(
+    step_fns: dict[str, Callable[[], None]],
+    rounds: int,
+    steps: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, list[float]]:
+    """Images/s of each model in each round; the models alternate, in an order that flips
+    every round (see the module docstring)."""
+    per_round: dict[str, list[float]] = {name: [] for name in step_fns}
+    order = list(step_fns)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step_fns[name]()
+            _sync(device)
+            per_round[name].append(steps * batch_size / (time.perf_counter() - start))
+        logger.info(
+            "round %d/%d: %s",
+            r + 1,
+            rounds,
+            ", ".join(f"{n} {v[-1]:.2f} img/s" for n, v in per_round.items()),
+        )
+    return per_round
+
+
+def _record_timings(
+    result: BenchResult,
+    models: dict[str, tuple[nn.Module, str]],
+    per_round: dict[str, list[float]],
+    peaks: dict[str, float | None],
+) -> None:
+    """Each model's median and rounds into ``result``, and the ratios beside timm's."""
+    for name, (_, dt) in models.items():
+        result.timings.append(
+            ModelTiming(
+                impl=name,
+                dtype=dt,
+                images_per_s=statistics.median(per_round[name]),
+                rounds=per_round[name],
+                peak_mem_mib=peaks[name],
+            )
+        )
+    if "timm" in models:
+        result.ratio = result.timings[0].images_per_s / result.timings[1].images_per_s
+        result.round_ratio = statistics.median(
+            a / b for a, b in zip(per_round["cait"], per_round["timm"], strict=True)
+        )
+
+
 def benchmark(
     model_name: str,
     batch_size: int = 32,
@@ -219,7 +335,7 @@ def benchmark(
     device: str = "cpu",
     compile: bool = False,
     train: bool = False,
-    compare: str | None = None,
+    compare: Compare | None = None,
     compare_dtype: str | None = None,
     autocast: bool = False,
     rounds: int = 5,
@@ -237,27 +353,14 @@ def benchmark(
     ``dtype``). ``overrides`` are config fields for our model (e.g. ``attn_impl``);
     ``threads`` sets torch's intra-op threads (default: leave as is).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     compare_dtype = compare_dtype or dtype
-    if compare_dtype not in DTYPES:
-        raise ValueError(f"compare dtype must be one of {sorted(DTYPES)}, got {compare_dtype!r}")
-    if compare not in (None, "timm"):
-        raise ValueError(f"can only compare with 'timm', got {compare!r}")
-    if min(batch_size, rounds, steps) < 1 or warmup < 0:
-        raise ValueError("batch size, rounds and steps must be >= 1 and warmup >= 0")
+    _check_options(dtype, compare_dtype, compare, batch_size, rounds, steps, warmup)
     dev = runtime.inference_device(device, "fp16" if "fp16" in (dtype, compare_dtype) else "none")
     runtime.seed_everything(seed)
     if threads is not None:
         torch.set_num_threads(threads)
 
-    ours = create_model(model_name, **overrides)
-    _set_layerscale(ours, CHECK_LAYERSCALE)
-    size = get_variant(model_name).img_size
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, ours.config.in_chans, size, size, generator=gen)
-    targets = torch.randint(0, max(ours.num_classes, 1), (batch_size,), generator=gen)
-    models: dict[str, tuple[nn.Module, str]] = {"cait": (ours, dtype)}
+    ours, images, targets = _model_and_batch(model_name, batch_size, seed, overrides)
     result = BenchResult(
         model=model_name,
         attn_impl=ours.config.attn_impl,
@@ -273,55 +376,26 @@ def benchmark(
         warmup=warmup,
     )
     images, targets = images.to(dev), targets.to(dev)
-    ours.to(dev)
+    models: dict[str, tuple[nn.Module, str]] = {"cait": (ours.to(dev), dtype)}
     if compare == "timm":
         ref = _build_timm(model_name, ours.state_dict()).to(dev)
         check = images[:CHECK_IMAGES]
         result.max_abs_diff, result.top1_agreement = _agreement(ours, ref, check)
         models["timm"] = (ref, compare_dtype)
 
-    step_fns = {}
-    for name, (model, dt) in models.items():
-        if compile:
-            model = torch.compile(model)
-        step_fns[name] = _make_step(model, images, targets, train, DTYPES[dt], autocast, dev)
-        logger.info("warming up %s (%s, %d steps)", name, dt, warmup)
-        for _ in range(max(warmup, 1 if compile else 0)):
-            step_fns[name]()
-        _sync(dev)
-
+    step_fns = _warm_up(
+        models,
+        images,
+        targets,
+        train=train,
+        autocast=autocast,
+        compile=compile,
+        warmup=warmup,
+        device=dev,
+    )
     peaks = {name: _peak_memory_mib(fn, dev) for name, fn in step_fns.items()}
-    per_round: dict[str, list[float]] = {name: [] for name in step_fns}
-    order = list(step_fns)
-    for r in range(rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            _sync(dev)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step_fns[name]()
-            _sync(dev)
-            per_round[name].append(steps * batch_size / (time.perf_counter() - start))
-        logger.info(
-            "round %d/%d: %s",
-            r + 1,
-            rounds,
-            ", ".join(f"{n} {v[-1]:.2f} img/s" for n, v in per_round.items()),
-        )
-    for name, (_, dt) in models.items():
-        result.timings.append(
-            ModelTiming(
-                impl=name,
-                dtype=dt,
-                images_per_s=statistics.median(per_round[name]),
-                rounds=per_round[name],
-                peak_mem_mib=peaks[name],
-            )
-        )
-    if compare == "timm":
-        result.ratio = result.timings[0].images_per_s / result.timings[1].images_per_s
-        result.round_ratio = statistics.median(
-            a / b for a, b in zip(per_round["cait"], per_round["timm"], strict=True)
-        )
+    per_round = _timed_rounds(step_fns, rounds, steps, batch_size, dev)
+    _record_timings(result, models, per_round, peaks)
     return result
 
 

@@ -10,13 +10,36 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
+
+from cait.analysis.ablation import GRIDS, run_ablation
+from cait.analysis.attention import save_attention_maps
+from cait.analysis.residuals import save_residual_report
+from cait.bench import COMPARE_WITH, DTYPES, benchmark, format_table
+from cait.inference import evaluate_checkpoint, predict
+from cait.models.build import convert_checkpoint
+from cait.models.config import AttnImpl
+from cait.models.registry import get_variant, list_models
+from cait.runtime import Amp, Device, DeviceType, torchrun_command
+from cait.training.config import (
+    DistillKind,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    load_recipe,
+)
+from cait.training.engine import NonFiniteLossError
+from cait.training.run import train
 
 __all__ = ["main"]
 
+# Every closed set of choices comes from the Literal the library defines for it.
+_DEVICES = get_args(Device)
+_DEVICE_TYPES = get_args(DeviceType)  # the analysis commands and bench take no "auto"
+_AMPS = get_args(Amp)
+
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from cait.models.registry import get_variant, list_models
-
     rows = []
     for name in list_models(args.pattern):
         v = get_variant(name)
@@ -54,8 +77,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from cait.models.build import convert_checkpoint
-
     state_dict = convert_checkpoint(args.src, args.dst, model_name=args.model)
     print(f"wrote {len(state_dict)} tensors to {args.dst}")
     return 0
@@ -82,10 +103,8 @@ _TRAIN_FLAGS = {
 }
 
 
-def train_config_from_args(args: argparse.Namespace):
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Recipe, then explicit flags, then ``--set`` overrides, validated."""
-    from cait.training.config import apply_overrides, config_from_dict, load_recipe
-
     data = load_recipe(args.recipe) if args.recipe else {}
     flags = [
         f"{key}={json.dumps(getattr(args, name))}"
@@ -98,9 +117,6 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cait.runtime import torchrun_command
-    from cait.training.run import train
-
     config = train_config_from_args(args)
     if args.nproc and "WORLD_SIZE" not in os.environ:  # relaunch under torchrun, without --nproc
         i = next(i for i, a in enumerate(args.argv) if a.split("=")[0] == "--nproc")
@@ -120,8 +136,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from cait.inference import evaluate_checkpoint
-
     r = evaluate_checkpoint(
         args.checkpoint,
         args.data,
@@ -146,8 +160,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from cait.inference import predict
-
     results = predict(
         args.checkpoint, args.images, topk=args.topk, model_name=args.model, device=args.device
     )
@@ -162,8 +174,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
-    from cait.analysis.attention import save_attention_maps
-
     results = save_attention_maps(
         args.checkpoint,
         args.images,
@@ -180,8 +190,6 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
 
 def _cmd_residuals(args: argparse.Namespace) -> int:
-    from cait.analysis.residuals import save_residual_report
-
     results = save_residual_report(
         args.checkpoint,
         args.data,
@@ -203,8 +211,6 @@ def _cmd_residuals(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
-    from cait.analysis.ablation import GRIDS, run_ablation
-
     if args.list:
         for g in GRIDS.values():
             print(
@@ -229,8 +235,6 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from cait.bench import benchmark, format_table
-
     overrides = {"attn_impl": args.attn_impl} if args.attn_impl else {}
     result = benchmark(
         args.model,
@@ -285,13 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue a run from its last.pt")
     p.add_argument("--init-from", help="fine-tune from a checkpoint, weights file, URL or Hub id")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    p.add_argument("--device", choices=_DEVICES)
+    p.add_argument("--amp", choices=_AMPS)
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--teacher", help="timm:NAME, torchvision:NAME or one of our checkpoints")
     p.add_argument("--teacher-weights", help="weights file for a timm/torchvision teacher")
-    p.add_argument("--distillation", choices=["none", "soft", "hard"])
+    p.add_argument("--distillation", choices=get_args(DistillKind))
     p.add_argument("--distill-alpha", type=float, help="weight of the distillation term")
     p.add_argument("--distill-tau", type=float, help="temperature of soft distillation")
     p.add_argument("--nproc", type=int, help="N processes on this machine, via torchrun")
@@ -303,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="variant, for official/timm weights without a config")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--device", choices=_DEVICES, default="auto")
+    p.add_argument("--amp", choices=_AMPS, default="none")
     p.add_argument("--crop-pct", type=float, help="override the variant's eval crop ratio")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_eval)
@@ -314,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--model", help="variant, for official/timm weights without a config")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=_DEVICES, default="auto")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_predict)
 
@@ -325,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="variant, for official/timm weights without a config")
     p.add_argument("--sa-block", type=int, help="also draw this self-attention block (from 0)")
     p.add_argument("--img-size", type=int, help="evaluate at this resolution instead")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu")
     p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("residuals", help="residual-branch / stream norm ratios per block")
@@ -336,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="variant, for official/timm weights without a config")
     p.add_argument("--num-images", type=int, default=256, help="validation images to average")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_residuals)
 
@@ -346,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder for the runs, results.md and results.png")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the grid's)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the grid's)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=_DEVICES, default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--set",
@@ -361,14 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="images/s and peak memory, optionally beside timm")
     p.add_argument("--model", required=True, help="variant name (see `cait models`)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--train", action="store_true", help="time a full training step")
-    p.add_argument("--compare", choices=["timm"], help="time timm's model alternately")
-    p.add_argument("--compare-dtype", choices=["fp32", "bf16", "fp16"], help="timm's dtype")
+    p.add_argument("--compare", choices=COMPARE_WITH, help="time timm's model alternately")
+    p.add_argument("--compare-dtype", choices=list(DTYPES), help="timm's dtype")
     p.add_argument("--autocast", action="store_true", help="autocast instead of casting")
-    p.add_argument("--attn-impl", choices=["fast", "plain", "recompute"], help="talking heads")
+    p.add_argument("--attn-impl", choices=get_args(AttnImpl), help="talking heads")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--steps", type=int, default=2, help="steps per timed round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
@@ -379,8 +383,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cait.training.engine import NonFiniteLossError
-
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import random
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ import torch.distributed as dist
 from cait.kernels.native import available as native_available
 
 __all__ = [
+    "Amp",
+    "Device",
+    "DeviceType",
     "DistInfo",
     "all_gather_objects",
     "all_reduce_max",
@@ -40,6 +43,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# The closed sets of the runtime settings, defined once (configs and the CLI read them).
+DeviceType = Literal["cpu", "cuda"]
+Device = Literal["auto", DeviceType]  # auto: CUDA when present
+Amp = Literal["none", "bf16", "fp16"]  # autocast dtype, or none for full fp32
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -56,7 +64,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def inference_device(device: str, amp: str) -> torch.device:
+def inference_device(device: str, amp: Amp) -> torch.device:
     """The device for evaluation or prediction, checking the AMP mode (no reseeding)."""
     dev = resolve_device(device)
     if amp == "fp16" and dev.type != "cuda":
@@ -65,7 +73,7 @@ def inference_device(device: str, amp: str) -> torch.device:
 
 
 def setup(
-    seed: int, device: str, amp: str, threads: int | None = None, local_rank: int = 0
+    seed: int, device: Device, amp: Amp, threads: int | None = None, local_rank: int = 0
 ) -> torch.device:
     """Seed every RNG, set threads and matmul precision, check the AMP mode; log it all.
 
@@ -96,7 +104,7 @@ def setup(
     return dev
 
 
-def autocast(device: torch.device, amp: str) -> torch.autocast:
+def autocast(device: torch.device, amp: Amp) -> torch.autocast:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "none")
 

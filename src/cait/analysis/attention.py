@@ -10,7 +10,7 @@ is the map that is drawn.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +97,7 @@ def attention_maps(model: CaiT, image: Tensor, sa_block: int | None = None) -> A
     if not out.ca and sa_block is None:
         raise ValueError(
             "this model has no class-attention blocks (class token early or avg pooling); "
-            "choose a self-attention block to draw instead (sa_block / --sa-block)"
+            "choose a self-attention block to draw instead (sa_block)"
         )
     ca = (
         torch.stack([t.attn[0] for t in out.ca]).float().cpu().numpy()
@@ -231,7 +231,7 @@ def save_attention_maps(
     loaded = model if isinstance(model, LoadedModel) else load_for_inference(model, model_name)
     if not isinstance(loaded.model, CaiT):
         raise ValueError("attention maps need a cait model, not a timm: model")
-    settings = loaded.settings if img_size is None else replace(loaded.settings, img_size=img_size)
+    settings = loaded.settings.replace(img_size=img_size)
     transform = eval_transform(settings)
     net = loaded.model.to(device)
     out_dir = Path(output)

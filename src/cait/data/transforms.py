@@ -8,13 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 
 from cait.models.registry import InputSpec
+from cait.schema import check_fields
 
 __all__ = ["AugmentConfig", "build_mixup", "eval_transform", "train_transform"]
+
+
+# timm's modes: RandomErasing fills with a constant, a random colour per box or random
+# pixels; Mixup draws one mixing factor per batch, per pair or per element.
+EraseMode = Literal["const", "rand", "pixel"]
+MixupMode = Literal["batch", "pair", "elem"]
 
 
 @dataclass(frozen=True)
@@ -27,17 +35,18 @@ class AugmentConfig:
     color_jitter: float = 0.3
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.25
-    re_mode: str = "pixel"
+    re_mode: EraseMode = "pixel"
     re_count: int = 1
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
+    mixup_mode: MixupMode = "batch"
     label_smoothing: float = 0.1
     repeated_aug: int = 3
 
     def __post_init__(self) -> None:
+        check_fields(self, "augment")
         for name in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:

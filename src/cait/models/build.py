@@ -190,7 +190,7 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
     if model_name is None:
         raise ValueError(
             f"{checkpoint} is not a cait checkpoint (it carries no model config): name the "
-            "variant its weights are for (model_name; --model on the command line)"
+            "variant its weights are for (the model name)"
         )
     variant = get_variant(model_name)
     state_dict = read_state_dict(checkpoint)

@@ -9,34 +9,38 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+from cait.schema import check_fields, reject_unknown
 
 __all__ = [
     "ATTN_IMPLS",
     "BRANCH_SCALES",
     "CLASS_TOKEN_POSITIONS",
+    "AttnImpl",
+    "BranchScale",
     "CaiTConfig",
+    "ClassTokenPosition",
     "DROP_PATH_SCHEDULES",
+    "DropPathSchedule",
     "POOLINGS",
+    "Pooling",
 ]
 
+# Each closed set of choices is defined once, as the Literal that annotates its field; the
+# tuples are its values (layers check their arguments against them).
 BranchScale = Literal["layerscale", "none", "rezero", "skipinit", "fixup"]
 ClassTokenPosition = Literal["late", "early"]
 Pooling = Literal["token", "avg"]
 DropPathSchedule = Literal["uniform", "linear"]
+# How talking heads are computed (see ``cait.models.layers.TalkingHeadAttention``); same maths.
 AttnImpl = Literal["fast", "plain", "recompute"]
 
-BRANCH_SCALES: tuple[str, ...] = ("layerscale", "none", "rezero", "skipinit", "fixup")
-CLASS_TOKEN_POSITIONS: tuple[str, ...] = ("late", "early")
-POOLINGS: tuple[str, ...] = ("token", "avg")
-DROP_PATH_SCHEDULES: tuple[str, ...] = ("uniform", "linear")
-# How talking heads are computed (see ``cait.models.layers.TalkingHeadAttention``); same maths.
-ATTN_IMPLS: tuple[str, ...] = ("fast", "plain", "recompute")
-
-
-def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{field} must be one of {choices}, got {value!r}")
+BRANCH_SCALES: tuple[str, ...] = get_args(BranchScale)
+CLASS_TOKEN_POSITIONS: tuple[str, ...] = get_args(ClassTokenPosition)
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+DROP_PATH_SCHEDULES: tuple[str, ...] = get_args(DropPathSchedule)
+ATTN_IMPLS: tuple[str, ...] = get_args(AttnImpl)
 
 
 def _check_rate(field: str, value: float) -> None:
@@ -110,10 +114,10 @@ class CaiTConfig:
     attn_impl: AttnImpl = "fast"
 
     def __post_init__(self) -> None:
-        self._check_types()
+        check_fields(self)  # types, and the Literal choices
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
@@ -131,11 +135,6 @@ class CaiTConfig:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if self.init_scale < 0:
             raise ValueError(f"init_scale must be >= 0, got {self.init_scale}")
-        _check_choice("branch_scale", self.branch_scale, BRANCH_SCALES)
-        _check_choice("class_token", self.class_token, CLASS_TOKEN_POSITIONS)
-        _check_choice("pooling", self.pooling, POOLINGS)
-        _check_choice("drop_path_schedule", self.drop_path_schedule, DROP_PATH_SCHEDULES)
-        _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         if self.attn_impl == "recompute" and self.attn_drop_rate > 0.0:
             raise ValueError(
                 "attn_impl='recompute' keeps no dropout mask: attn_drop_rate must be 0, "
@@ -163,17 +162,6 @@ class CaiTConfig:
                 "pooling='avg' ignores the class token, so a late class-attention stage would "
                 f"be unused: ca_depth must be 0, got {self.ca_depth}"
             )
-
-    def _check_types(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{f.name} must be an integer, got {value!r}")
-            if kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise ValueError(f"{f.name} must be a number, got {value!r}")
-            if kind == "bool" and not isinstance(value, bool):
-                raise ValueError(f"{f.name} must be true or false, got {value!r}")
 
     @property
     def num_class_tokens(self) -> int:
@@ -203,16 +191,12 @@ class CaiTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CaiTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown CaiTConfig fields {unknown}; known fields: {sorted(known)}")
+        """The config of a plain dict (checkpoint metadata): unknown fields raise, and the
+        values must have their declared types already (nothing is converted)."""
+        reject_unknown(cls, data, what="CaiTConfig fields")
         return cls(**data)
 
     def replace(self, **overrides: Any) -> CaiTConfig:
         """A copy with ``overrides`` applied; unknown field names raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown CaiTConfig fields {unknown}; known fields: {sorted(known)}")
+        reject_unknown(type(self), overrides, what="CaiTConfig fields")
         return dataclasses.replace(self, **overrides)

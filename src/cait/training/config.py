@@ -8,8 +8,6 @@ rate are computed by properties and functions, never written back into the confi
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,13 +17,20 @@ import yaml
 from cait.data.transforms import AugmentConfig
 from cait.models.build import input_spec, is_timm
 from cait.models.config import CaiTConfig
+from cait.runtime import Amp, Device
+from cait.schema import check_fields, convert_fields, from_dict
 
 __all__ = [
     "AugmentConfig",
     "DataConfig",
     "DistillConfig",
+    "DistillKind",
     "OptimConfig",
+    "ParallelMode",
+    "Schedule",
+    "SoftNormalisation",
     "TrainConfig",
+    "WandbMode",
     "apply_overrides",
     "config_from_dict",
     "load_recipe",
@@ -39,6 +44,14 @@ DIST_TIMEOUT_S = 600.0
 # Learning rates in the recipes are given for a global batch of 512 and scaled linearly
 # (DeiT main.py: ``lr * batch_size * world_size / 512``).
 LR_BASE_BATCH = 512
+
+# Closed sets of choices, each defined once: the field annotations below (checked by
+# cait.schema) and the CLI's choices read them.
+Schedule = Literal["cosine", "step", "constant"]
+DistillKind = Literal["none", "soft", "hard"]
+SoftNormalisation = Literal["per_sample", "deit_legacy"]
+WandbMode = Literal["offline", "online"]
+ParallelMode = Literal["ddp", "fsdp"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,7 @@ class DataConfig:
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, "data")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
@@ -82,7 +96,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    schedule: Schedule = "cosine"
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
@@ -92,14 +106,11 @@ class OptimConfig:
     accum_steps: int = 1
 
     def __post_init__(self) -> None:
+        check_fields(self, "optim")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(
-                f"optim.schedule must be cosine, step or constant, got {self.schedule!r}"
-            )
         if self.warmup_epochs < 0:
             raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.accum_steps < 1:
@@ -119,20 +130,22 @@ class DistillConfig:
     (DeiT's division by batch x classes).
     """
 
-    kind: Literal["none", "soft", "hard"] = "none"
+    kind: DistillKind = "none"
     teacher: str | None = None
     teacher_weights: str | None = None
     alpha: float = 0.5
     tau: float = 1.0
-    normalisation: Literal["per_sample", "deit_legacy"] = "per_sample"
+    normalisation: SoftNormalisation = "per_sample"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "soft", "hard"):
-            raise ValueError(f"distill.kind must be none, soft or hard, got {self.kind!r}")
+        check_fields(self, "distill")
         if self.kind != "none" and not self.teacher:
-            raise ValueError(f"{self.kind} distillation needs a teacher (--teacher SOURCE)")
+            raise ValueError(f"distill.kind={self.kind} needs a teacher: set distill.teacher")
         if self.kind == "none" and self.teacher:
-            raise ValueError("a teacher was given without --distillation hard|soft")
+            raise ValueError(
+                f"distill.teacher is set ({self.teacher}) but distill.kind is none: "
+                "set distill.kind to soft or hard"
+            )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"distill.alpha must be in [0, 1], got {self.alpha}")
         if self.tau <= 0:
@@ -154,8 +167,8 @@ class TrainConfig:
     output: str = "runs/train"
     epochs: int = 100
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    device: Device = "auto"
+    amp: Amp = "none"
     grad_checkpointing: bool = False
     ema: bool = True
     ema_decay: float = 0.99996
@@ -167,9 +180,9 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "cait"
-    wandb_mode: Literal["offline", "online"] = "offline"
+    wandb_mode: WandbMode = "offline"
     threads: int | None = None
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    parallel: ParallelMode = "ddp"
     dist_timeout: float = DIST_TIMEOUT_S
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -177,20 +190,15 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types and choices; the sections checked themselves
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
         if self.log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be positive, got {self.dist_timeout}")
         if self.parallel == "fsdp" and self.ema:
@@ -219,96 +227,16 @@ def scaled_lr(config: TrainConfig, world_size: int = 1) -> float:
     return config.optim.lr * global_batch / LR_BASE_BATCH
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a YAML value to a field's declared type, or raise ``ValueError``."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"{where} must be a list, got {value!r}")
-        item = args[0] if args else Any
-        return tuple(_coerce(v, item, where) for v in value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where} must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "5e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise ValueError(f"{where} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, where)
-    return value
-
-
-def _build(cls: type, data: Any, where: str = "") -> Any:
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or cls.__name__} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _coerce_model_args(args: dict[str, Any]) -> dict[str, Any]:
-    hints = typing.get_type_hints(CaiTConfig)
-    unknown = sorted(set(args) - set(hints))
-    if unknown:
-        raise ValueError(f"unknown model_args {unknown}; known: {sorted(hints)}")
-    return {k: _coerce(v, hints[k], f"model_args.{k}") for k, v in args.items()}
-
-
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """A validated :class:`TrainConfig` from a plain (YAML or checkpoint) dict.
 
     ``model_args`` are typed against :class:`~cait.models.config.CaiTConfig` and applied to the
     variant here, so an unknown model or a bad model field fails before anything runs.
     """
-    config = _build(TrainConfig, data)
+    config = from_dict(TrainConfig, data)
     if not is_timm(config.model):
-        config = dataclasses.replace(config, model_args=_coerce_model_args(config.model_args))
+        model_args = convert_fields(CaiTConfig, config.model_args, "model_args")
+        config = dataclasses.replace(config, model_args=model_args)
     input_spec(config.model, config.model_args)  # unknown model or bad model_args
     return config
 
@@ -330,7 +258,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ValueError(f"an override expects key=value, got {item!r}")
         value = yaml.safe_load(raw) if raw else None
         parts = key.strip().split(".")
         node = out
@@ -339,7 +267,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = {}
             elif not isinstance(child, dict):
-                raise ValueError(f"--set {key}: {part!r} is not a section")
+                raise ValueError(f"override {key}: {part!r} is not a section")
             node[part] = child = dict(child)
             node = child
         node[parts[-1]] = value
