@@ -92,12 +92,15 @@ def test_class_attention_block_updates_the_class_token_only():
     torch.manual_seed(0)
     block = ClassAttentionBlock(8, 2, init_scale=0.5).eval()
     x, cls = torch.randn(2, 4, 8), torch.randn(2, 1, 8)
-    out, trace = block.forward_trace(x, cls)
+    trace = []
+    out = block(x, cls, trace=trace)
     torch.testing.assert_close(out, block(x, cls))
-    assert out.shape == (2, 1, 8)
-    torch.testing.assert_close(trace.stream, cls)
+    assert out.shape == (2, 1, 8) and len(trace) == 1
+    torch.testing.assert_close(trace[0].stream, cls)
+    torch.testing.assert_close(trace[0].output, out)
     expected_attn = block.gamma_1 * block.attn(block.norm1(torch.cat((cls, x), 1)))[0]
-    torch.testing.assert_close(trace.attn_branch, expected_attn)
+    torch.testing.assert_close(trace[0].attn_branch, expected_attn)
+    assert trace[0].attn.shape == (2, 2, 1, 5)
 
 
 def test_self_attention_block_is_the_two_residual_equations():
@@ -108,9 +111,44 @@ def test_self_attention_block_is_the_two_residual_equations():
     y = x + block.gamma_1 * block.attn(block.norm1(x))[0]
     y = y + block.gamma_2 * block.mlp(block.norm2(y))
     torch.testing.assert_close(block(x), y)
-    out, trace = block.forward_trace(x)
+    trace = []
+    out = block(x, trace=trace)
     torch.testing.assert_close(out, y)
-    torch.testing.assert_close(trace.mid_stream, x + block.gamma_1 * block.attn(block.norm1(x))[0])
+    torch.testing.assert_close(trace[0].output, y)
+    torch.testing.assert_close(
+        trace[0].mid_stream, x + block.gamma_1 * block.attn(block.norm1(x))[0]
+    )
+    assert trace[0].attn.shape == (2, 3, 5, 5)
+
+
+@pytest.mark.parametrize("make", [SelfAttentionBlock, ClassAttentionBlock], ids=["sa", "ca"])
+def test_traced_branches_are_exact_at_tiny_layerscale(make):
+    # at LayerScale 1e-5 a branch is ~1e-5 of the stream: recovered as output - stream it
+    # would keep only a few bits, so the trace must hold the scaled branch itself
+    torch.manual_seed(0)
+    block = make(16, 2, init_scale=1e-5).eval()
+    x, cls = 100 * torch.randn(2, 6, 16), 100 * torch.randn(2, 1, 16)
+    sa = make is SelfAttentionBlock
+    args, stream, u = ((x,), x, x) if sa else ((x, cls), cls, torch.cat((cls, x), 1))
+    trace = []
+    with torch.no_grad():
+        block(*args, trace=trace)
+        a = block.attn(block.norm1(u), return_attn=True)[0]  # the plain path, as traced
+        mid = stream + block.gamma_1 * a
+        m = block.mlp(block.norm2(mid))
+    torch.testing.assert_close(trace[0].attn_branch, block.gamma_1 * a, atol=0, rtol=1e-5)
+    torch.testing.assert_close(trace[0].mlp_branch, block.gamma_2 * m, atol=0, rtol=1e-5)
+
+
+def test_traced_branches_carry_the_drop_path_of_training():
+    torch.manual_seed(0)
+    block = SelfAttentionBlock(8, 2, init_scale=0.5, drop_path=0.5).train()
+    x = torch.randn(64, 3, 8)
+    trace = []
+    out = block(x, trace=trace)
+    torch.testing.assert_close(trace[0].output, out)
+    dropped = trace[0].attn_branch.flatten(1).abs().amax(1) == 0
+    assert 0 < dropped.sum() < 64  # whole samples dropped, as in the untraced forward
 
 
 @pytest.mark.parametrize(

@@ -155,6 +155,21 @@ def test_gradient_checkpointing_recomputes_every_block(monkeypatch):
     assert calls == list(model.blocks) + list(model.blocks_token_only)
 
 
+def test_intermediates_are_not_checkpointed(monkeypatch):
+    # a recomputed block would append its trace twice; tracing runs every block once
+    torch.manual_seed(0)
+    model = tiny(init_scale=0.5).train()
+    model.set_grad_checkpointing(True)
+    import cait.models.cait as model_module
+
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: pytest.fail("checkpointed"))
+    x = torch.randn(2, 3, 16, 16)
+    out = model.forward_intermediates(x)
+    assert len(out.sa) == 2 and len(out.ca) == 2
+    out.logits.sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
 def test_reset_classifier_and_forward_head():
     model = tiny().eval()
     x = torch.randn(2, 3, 16, 16)

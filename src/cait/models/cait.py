@@ -8,7 +8,6 @@ With the knobs of :class:`~cait.models.config.CaiTConfig` the same class also ex
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -27,8 +26,6 @@ from cait.models.layers import (
 )
 
 __all__ = ["CaiT", "Intermediates"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -186,31 +183,53 @@ class CaiT(nn.Module):
         tokens = [t for t in (self.cls_token, self.dist_token) if t is not None]
         return torch.cat(tokens, dim=1).expand(batch, -1, -1)
 
-    def _stage_input(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def _embed(self, images: Tensor) -> Tensor:
+        """Images ``(B, in_chans, H_img, W_img)`` -> tokens with position embeddings."""
         x = self.patch_embed(images)  # (B, N, C); validates the input
-        p = self.config.patch_size
-        grid = (images.shape[-2] // p, images.shape[-1] // p)
         if self.config.class_token == "early":
             x = torch.cat((self._class_tokens(x.shape[0]), x), dim=1)  # (B, T + N, C)
-        x = self.pos_drop(x + self.pos_embed_for(*grid))
-        return x, grid
+        grid = self.patch_embed.grid(*images.shape[-2:])  # (rows, cols) of patches
+        return self.pos_drop(x + self.pos_embed_for(*grid))
 
-    def _run(self, block: nn.Module, *args: Tensor) -> Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
+    def _run(
+        self,
+        block: SelfAttentionBlock | ClassAttentionBlock,
+        *args: Tensor,
+        trace: list[BlockTrace] | None = None,
+    ) -> Tensor:
+        """One block, checkpointed when enabled and gradients are on.
+
+        A traced block runs as it is: recomputing it would append its trace a second time.
+        """
+        if trace is None and self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return block(*args, trace=trace)
+
+    def _stages(
+        self,
+        images: Tensor,
+        sa: list[BlockTrace] | None = None,
+        ca: list[BlockTrace] | None = None,
+    ) -> Tensor:
+        """Images -> normalised tokens ``(B, P + N, C)`` in CaiT's two stages (paper Section 3).
+
+        Self-attention over the patches, then class attention in which the class token reads
+        the frozen patches (Figure 2). Given lists, each block appends its trace to ``sa`` or
+        ``ca``; a traced block is never checkpointed.
+        """
+        x = self._embed(images)  # (B, N, C), or (B, T + N, C) with the class token early
+        for block in self.blocks:  # SA stage: self-attention over the patches
+            x = self._run(block, x, trace=sa)
+        if self.config.class_token == "late" and self.cls_token is not None:
+            cls = self._class_tokens(x.shape[0])  # (B, T, C): class (and distillation) token
+            for block in self.blocks_token_only:  # CA stage: the class token reads the patches
+                cls = self._run(block, x, cls, trace=ca)
+            x = torch.cat((cls, x), dim=1)  # (B, T + N, C)
+        return self.norm(x)  # (B, P + N, C)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(B, in_chans, H_img, W_img)`` -> normalised tokens ``(B, P + N, C)``."""
-        x, _ = self._stage_input(x)
-        for block in self.blocks:  # SA stage: patches only (plus the class token if early)
-            x = self._run(block, x)
-        if self.config.class_token == "late" and self.cls_token is not None:
-            cls = self._class_tokens(x.shape[0])  # (B, T, C): class (and distillation) token
-            for block in self.blocks_token_only:  # CA stage: the class token reads patches
-                cls = self._run(block, x, cls)
-            x = torch.cat((cls, x), dim=1)  # (B, T + N, C)
-        return self.norm(x)
+        return self._stages(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Tokens ``(B, P + N, C)`` -> logits ``(B, classes)`` (or pooled features).
@@ -241,19 +260,13 @@ class CaiT(nn.Module):
         ``torch.no_grad()`` unless gradients are wanted. The logits equal those of
         ``forward`` (up to the float rounding of the plain attention path it uses).
         """
-        x, grid = self._stage_input(x)
         sa: list[BlockTrace] = []
         ca: list[BlockTrace] = []
-        for block in self.blocks:
-            x, trace = block.forward_trace(x)
-            sa.append(trace)
-        if self.config.class_token == "late" and self.cls_token is not None:
-            cls = self._class_tokens(x.shape[0])
-            for block in self.blocks_token_only:
-                cls, trace = block.forward_trace(x, cls)
-                ca.append(trace)
-            x = torch.cat((cls, x), dim=1)
-        features = self.norm(x)
+        features = self._stages(x, sa, ca)  # (B, P + N, C)
         return Intermediates(
-            logits=self.forward_head(features), features=features, sa=sa, ca=ca, grid=grid
+            logits=self.forward_head(features),
+            features=features,
+            sa=sa,
+            ca=ca,
+            grid=self.patch_embed.grid(*x.shape[-2:]),
         )

@@ -346,14 +346,20 @@ class _ResidualBlock(nn.Module):
         self.gamma_1 = make_branch_scale(branch_scale, dim, init_scale)
         self.gamma_2 = make_branch_scale(branch_scale, dim, init_scale)
 
-    def _mlp_branch(self, x: Tensor) -> Tensor:
-        return self.drop_path(layer_scale(self.mlp(self.norm2(x)), self.gamma_2))
+    def _add(
+        self, x: Tensor, gamma: Tensor | None, branch: Tensor, keep: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """``x + drop_path(gamma * branch)``, and the scaled branch itself when ``keep``.
 
-    def _add(self, x: Tensor, branch: Tensor, gamma: Tensor | None) -> Tensor:
-        """``x + drop_path(gamma * branch)``; one pass (``addcmul``) when nothing is dropped."""
-        if gamma is not None and not (self.drop_path.training and self.drop_path.p > 0.0):
-            return torch.addcmul(x, gamma, branch)
-        return x + self.drop_path(layer_scale(branch, gamma))
+        Without a branch to keep and with nothing dropped, the add is one pass (``addcmul``,
+        see docs/BENCHMARKS.md). A kept branch is the exact tensor added to ``x``: recovering
+        it as ``output - x`` would lose all its precision at a LayerScale of 1e-5.
+        """
+        dropping = self.drop_path.training and self.drop_path.p > 0.0
+        if gamma is not None and not dropping and not keep:
+            return torch.addcmul(x, gamma, branch), None
+        scaled = self.drop_path(layer_scale(branch, gamma))
+        return x + scaled, (scaled if keep else None)
 
 
 class SelfAttentionBlock(_ResidualBlock):
@@ -386,25 +392,29 @@ class SelfAttentionBlock(_ResidualBlock):
             impl=attn_impl,
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self._add(x, self.attn(self.norm1(x))[0], self.gamma_1)
-        return self._add(x, self.mlp(self.norm2(x)), self.gamma_2)
+    def forward(self, x: Tensor, trace: list[BlockTrace] | None = None) -> Tensor:
+        """The two residual equations of an SA block with LayerScale (paper Section 2):
 
-    def forward_trace(self, x: Tensor) -> tuple[Tensor, BlockTrace]:
-        """Same as ``forward``, also returning the block's :class:`BlockTrace`."""
-        a, attn = self.attn(self.norm1(x), return_attn=True)
-        attn_branch = self.drop_path(layer_scale(a, self.gamma_1))
-        mlp_branch = self._mlp_branch(x + attn_branch)
-        trace = BlockTrace(stream=x, attn_branch=attn_branch, mlp_branch=mlp_branch, attn=attn)
-        return trace.output, trace
+        ``x = x + drop_path(gamma_1 * SA(norm1(x)))``;
+        ``x = x + drop_path(gamma_2 * FFN(norm2(x)))``.
+
+        Given a ``trace`` list, appends this block's :class:`BlockTrace` to it (the attention
+        map then comes from the plain attention path).
+        """
+        keep = trace is not None
+        stream = x  # (B, N, C)
+        a, attn = self.attn(self.norm1(x), return_attn=keep)
+        x, attn_branch = self._add(x, self.gamma_1, a, keep)
+        x, mlp_branch = self._add(x, self.gamma_2, self.mlp(self.norm2(x)), keep)
+        if trace is not None:
+            trace.append(BlockTrace(stream, attn_branch, mlp_branch, attn))
+        return x
 
 
 class ClassAttentionBlock(_ResidualBlock):
     """A CA block (paper Section 3): updates the class token(s) only; patches stay frozen.
 
-    ``tokens (B, T, C)``, ``x (B, N, C)`` -> ``tokens (B, T, C)``, with ``u = [tokens, x]``:
-    ``tokens = tokens + gamma_1 * CA(norm1(u))``;
-    ``tokens = tokens + gamma_2 * FFN(norm2(tokens))``.
+    ``x (B, N, C)`` patches, ``tokens (B, T, C)`` -> ``tokens (B, T, C)``.
     """
 
     def __init__(
@@ -423,20 +433,24 @@ class ClassAttentionBlock(_ResidualBlock):
         super().__init__(dim, mlp_ratio, drop, drop_path, branch_scale, init_scale)
         self.attn = ClassAttention(dim, num_heads, qkv_bias, attn_drop, drop, fused=fused)
 
-    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
-        u = torch.cat((tokens, x), dim=1)  # (B, T + N, C)
-        a = self.attn(self.norm1(u), num_queries=tokens.shape[1])[0]
-        tokens = self._add(tokens, a, self.gamma_1)
-        return self._add(tokens, self.mlp(self.norm2(tokens)), self.gamma_2)
+    def forward(self, x: Tensor, tokens: Tensor, trace: list[BlockTrace] | None = None) -> Tensor:
+        """The two residual equations of a CA block (paper Section 3), with ``u = [tokens, x]``:
 
-    def forward_trace(self, x: Tensor, tokens: Tensor) -> tuple[Tensor, BlockTrace]:
-        """Same as ``forward``, also returning the block's :class:`BlockTrace`."""
-        u = torch.cat((tokens, x), dim=1)
-        a, attn = self.attn(self.norm1(u), num_queries=tokens.shape[1], return_attn=True)
-        attn_branch = self.drop_path(layer_scale(a, self.gamma_1))
-        mlp_branch = self._mlp_branch(tokens + attn_branch)
-        trace = BlockTrace(stream=tokens, attn_branch=attn_branch, mlp_branch=mlp_branch, attn=attn)
-        return trace.output, trace
+        ``tokens = tokens + drop_path(gamma_1 * CA(norm1(u)))``;
+        ``tokens = tokens + drop_path(gamma_2 * FFN(norm2(tokens)))``.
+
+        Given a ``trace`` list, appends this block's :class:`BlockTrace` to it, with the class
+        tokens as its stream.
+        """
+        keep = trace is not None
+        stream = tokens  # (B, T, C)
+        u = torch.cat((tokens, x), dim=1)  # (B, T + N, C)
+        a, attn = self.attn(self.norm1(u), num_queries=tokens.shape[1], return_attn=keep)
+        tokens, attn_branch = self._add(tokens, self.gamma_1, a, keep)  # (B, T, C)
+        tokens, mlp_branch = self._add(tokens, self.gamma_2, self.mlp(self.norm2(tokens)), keep)
+        if trace is not None:
+            trace.append(BlockTrace(stream, attn_branch, mlp_branch, attn))
+        return tokens
 
 
 def resample_pos_embed(
