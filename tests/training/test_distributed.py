@@ -29,7 +29,8 @@ from cait.models.build import load_for_inference
 from cait.training.checkpoint import load_checkpoint
 from cait.training.config import apply_overrides, config_from_dict, load_recipe
 from cait.training.engine import evaluate
-from cait.training.run import TIMING_KEYS, train
+from cait.training.records import TIMING_KEYS
+from cait.training.run import train
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2

@@ -16,7 +16,13 @@ from cait.training.config import (
     scaled_lr,
 )
 from cait.training.engine import train_one_epoch
-from cait.training.optim import LRSchedule, ModelEma, build_optimizer, param_groups
+from cait.training.optim import (
+    LRSchedule,
+    ModelEma,
+    Optimisation,
+    build_optimizer,
+    param_groups,
+)
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=4)
 
@@ -92,18 +98,9 @@ def _one_epoch(batches, accum, amp="none", clip=None):
     model = cait.CaiT(cait.CaiTConfig(**TINY, init_scale=0.5))
     opt = build_optimizer(model, OptimConfig(), lr=1e-3)
     sched = LRSchedule(1e-3, OptimConfig(warmup_epochs=0, schedule="constant"), 1, 1)
+    optimisation = Optimisation(opt, sched, accum_steps=accum, clip_grad=clip)
     stats, step = train_one_epoch(
-        model,
-        batches,
-        opt,
-        sched,
-        0,
-        0,
-        torch.device("cpu"),
-        amp=amp,
-        accum_steps=accum,
-        clip_grad=clip,
-        progress=False,
+        model, batches, optimisation, 0, 0, torch.device("cpu"), amp=amp, progress=False
     )
     return model, stats, step
 
@@ -125,9 +122,8 @@ def test_gradient_clipping_limits_the_update():
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     sched = LRSchedule(1.0, OptimConfig(warmup_epochs=0, schedule="constant"), 1, 1)
-    train_one_epoch(
-        model, batches, opt, sched, 0, 0, torch.device("cpu"), clip_grad=0.01, progress=False
-    )
+    optimisation = Optimisation(opt, sched, clip_grad=0.01)
+    train_one_epoch(model, batches, optimisation, 0, 0, torch.device("cpu"), progress=False)
     delta = torch.cat(
         [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
     )
@@ -163,7 +159,7 @@ def test_overrides_are_typed_and_checked():
     assert config.optim.lr == 1e-3 and config.augment.scale == (0.5, 1.0)
     for bad, message in [
         ("model_args.ca_depth=1.5", "model_args.ca_depth must be an integer"),
-        ("model_args.depht=2", "unknown model_args"),
+        ("model_args.depht=2", r"unknown config keys \['model_args.depht'\]"),
         ("model_args.img_size=30", "img_size must be a multiple of patch_size"),
         ("optim.schedule=linear", "optim.schedule must be one of"),
         ("amp=fp8", "amp must be one of"),

@@ -22,7 +22,8 @@ import cait.training.losses
 from cait.cli import main as cli_main
 from cait.training.checkpoint import load_checkpoint
 from cait.training.config import apply_overrides, config_from_dict, load_recipe
-from cait.training.run import TIMING_KEYS, train
+from cait.training.records import TIMING_KEYS
+from cait.training.run import train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,7 +119,22 @@ def test_resume_is_exact_with_workers(tmp_path):
 def test_resume_with_another_model_fails_before_training(tmp_path):
     first = train(digits_config(tmp_path, "epochs=1"))
     config = digits_config(tmp_path, "model_args.depth=3", f"resume={first.output / 'last.pt'}")
-    with pytest.raises(ValueError, match="holds a checkpoint of another model"):
+    with pytest.raises(ValueError, match="resume=.*last.pt holds a checkpoint of another model"):
+        train(config)
+
+
+def test_init_from_refuses_a_timm_model(tmp_path):
+    config = config_from_dict(
+        {
+            "model": "timm:resnet10t",
+            "init_from": str(tmp_path / "weights.pth"),
+            "output": str(tmp_path / "run"),
+            "data": {"path": "digits"},
+            "progress": False,
+            "tensorboard": False,
+        }
+    )
+    with pytest.raises(ValueError, match="init_from loads CaiT/DeiT weights"):
         train(config)
 
 

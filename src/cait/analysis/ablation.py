@@ -22,7 +22,8 @@ from typing import Any
 from cait.models.registry import layerscale_init_for_depth
 from cait.training.config import apply_overrides, config_from_dict
 from cait.training.engine import NonFiniteLossError
-from cait.training.run import TIMING_KEYS, train
+from cait.training.records import EPOCH_SECONDS_KEY
+from cait.training.run import train
 
 __all__ = ["GRIDS", "AblationConfig", "Grid", "RunResult", "get_grid", "run_ablation"]
 
@@ -293,7 +294,7 @@ def _run_one(
             top1=h[-1]["val_top1"],
             best_top1=result.best_top1,
             epochs=len(h),
-            train_seconds=sum(m[TIMING_KEYS[1]] for m in h),
+            train_seconds=sum(m[EPOCH_SECONDS_KEY] for m in h),
         )
     done.parent.mkdir(parents=True, exist_ok=True)  # a run can fail before train() makes it
     done.write_text(json.dumps(outcome.to_dict(), indent=2))
@@ -315,14 +316,14 @@ def run_ablation(
 
     ``seeds`` (a count) and ``epochs`` shrink or grow the grid's budget; ``data`` defaults to
     the grid's (the digits for ``tiny`` and ``default``; ``paper`` needs a folder).
-    ``overrides`` are ``KEY=VALUE`` training settings applied to every run (as ``--set``),
-    e.g. ``data.batch_size=256`` or ``amp=bf16``.
+    ``overrides`` are ``KEY=VALUE`` training settings applied to every run (read by
+    ``apply_overrides``), e.g. ``data.batch_size=256`` or ``amp=bf16``.
     """
     overrides = list(overrides or [])
     grid = get_grid(grid) if isinstance(grid, str) else grid
     data = data or grid.data
     if not data:
-        raise ValueError(f"grid {grid.name!r} needs --data (an ImageFolder root)")
+        raise ValueError(f"grid {grid.name!r} needs data (an ImageFolder root)")
     if seeds is not None and seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if epochs is not None and epochs < 1:

@@ -1,17 +1,131 @@
-"""Training checkpoints: written atomically, read without unpickling arbitrary objects."""
+"""The run-checkpoint schema: what ``last.pt`` / ``best.pt`` hold, how they are written
+(atomically) and read (without unpickling arbitrary objects), how a resume is checked
+against them and takes its state back, and the weights file ``model.safetensors``.
+
+A run checkpoint holds the plain (unwrapped) state dicts of the model, the optimiser, the
+fp16 scaler and the EMA; the schedule's clock; every rank's RNG streams; the epoch, step,
+metrics history and best top-1; the run's config as a dict; and the model's metadata
+(:func:`cait.models.build.checkpoint_metadata`, except its name, which the config holds:
+``model`` is the weights).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
+from cait import runtime
 from cait.files import atomic_write, load_file_safely
+from cait.training.config import TrainConfig
+from cait.training.optim import ModelEma, Optimisation
+from cait.training.parallel import load_optimizer_state, model_state_dict, optimizer_state_dict
 
-__all__ = ["load_checkpoint", "save_checkpoint", "save_safetensors"]
+__all__ = [
+    "BEST",
+    "EMA_WEIGHTS",
+    "LAST",
+    "RESUME_FREE",
+    "WEIGHTS",
+    "RunProgress",
+    "check_resume",
+    "load_checkpoint",
+    "restore_rng",
+    "resume_run",
+    "run_state",
+    "save_checkpoint",
+    "save_run_checkpoint",
+    "save_run_weights",
+    "save_safetensors",
+    "warn_on_changed_settings",
+]
+
+logger = logging.getLogger(__name__)
+
+# The files of a run's output folder: the checkpoint after the latest epoch and after the
+# best one (by val top-1), and the weights (and EMA weights) at the end of the run.
+LAST = "last.pt"
+BEST = "best.pt"
+WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "model_ema.safetensors"
+
+# Settings that may change on resume without changing what is computed.
+RESUME_FREE = frozenset(
+    {
+        "resume",
+        "stop_after",
+        "output",
+        "progress",
+        "tensorboard",
+        "wandb",
+        "wandb_project",
+        "wandb_mode",
+        "threads",
+        "log_interval",
+        "data.workers",
+        "dist_timeout",
+        "parallel",  # DDP and FSDP compute the same steps (up to float rounding)
+    }
+)
+
+
+@dataclass
+class RunProgress:
+    """Where a run stands: the first epoch still to train (0-based), the optimiser step
+    (the schedule's clock), the metrics of the epochs done and the best val top-1."""
+
+    start_epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_top1: float = -1.0
+
+
+def run_state(
+    model: nn.Module,
+    opt: Optimisation,
+    progress: RunProgress,
+    epoch: int,
+    config: TrainConfig,
+    metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """The run checkpoint after ``epoch`` (0-based), ``progress`` already counting it.
+
+    ``metadata`` is :func:`cait.models.build.checkpoint_metadata` of the model. Under
+    ``torchrun`` this is a collective (gathering the sharded state and the ranks' RNG
+    states): every rank calls it; under FSDP only rank 0's holds the weights.
+    """
+    model_state = model_state_dict(model)
+    optim_state = optimizer_state_dict(model, opt.optimizer)
+    rng_ranks = runtime.all_gather_objects(runtime.get_rng_state())
+    world_size = len(rng_ranks)
+    return {
+        "model": model_state,
+        "optimizer": optim_state,
+        "schedule": {
+            "step": progress.step,
+            "peak_lr": opt.schedule.peak_lr,
+            "steps_per_epoch": opt.schedule.steps_per_epoch,
+            "world_size": world_size,
+        },
+        "scaler": opt.scaler.state_dict() if opt.scaler is not None else None,
+        "ema": opt.ema.state_dict() if opt.ema is not None else None,
+        "rng": rng_ranks[0],
+        # every rank's RNG streams (rank 0's is "rng"), so a resumed run draws the same
+        # augmentations on every rank
+        "rng_ranks": rng_ranks if world_size > 1 else None,
+        "epoch": epoch,
+        "step": progress.step,
+        "history": progress.history,
+        "best_top1": progress.best_top1,
+        "config": config.to_dict(),
+        **{k: v for k, v in metadata.items() if k != "model"},
+    }
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -38,7 +152,124 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def save_safetensors(
     state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, Any]
 ) -> None:
-    """Weights only, as safetensors, with JSON-encoded metadata (config, class names)."""
+    """Weights only, as safetensors, with JSON-encoded ``metadata``
+    (:func:`cait.models.build.checkpoint_metadata`)."""
     meta = {k: json.dumps(v) for k, v in metadata.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), meta))
+
+
+def save_run_checkpoint(state: dict[str, Any], out: Path, is_best: bool) -> None:
+    """``last.pt``, and ``best.pt`` too when the epoch is the best so far."""
+    save_checkpoint(state, out / LAST)
+    if is_best:
+        save_checkpoint(state, out / BEST)
+
+
+def save_run_weights(
+    model: nn.Module, ema: ModelEma | None, out: Path, metadata: dict[str, Any], write: bool
+) -> None:
+    """``model.safetensors`` (and ``model_ema.safetensors`` with an EMA), with ``metadata``
+    (:func:`cait.models.build.checkpoint_metadata`). Under FSDP gathering the weights is a
+    collective: every rank calls this, and only the one with ``write`` set writes."""
+    weights = model_state_dict(model)
+    if write:
+        save_safetensors(weights, out / WEIGHTS, metadata)
+        if ema is not None:
+            save_safetensors(ema.state_dict(), out / EMA_WEIGHTS, metadata)
+
+
+def check_resume(state: dict[str, Any], spec: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint of another model than ``spec`` (:func:`model_spec`) describes."""
+    saved = state["config"]
+    if saved.get("model") != spec["model"] or state.get("model_config") != spec["model_config"]:
+        theirs = f"{saved.get('model')} {state.get('model_config')}"
+        ours = f"{spec['model']} {spec['model_config']}"
+        raise ValueError(
+            f"resume={path} holds a checkpoint of another model:\n"
+            f"  checkpoint: {theirs}\n  this run:   {ours}"
+        )
+
+
+def resume_run(
+    state: dict[str, Any],
+    model: nn.Module,
+    opt: Optimisation,
+    config: TrainConfig,
+    info: runtime.DistInfo,
+) -> RunProgress:
+    """Take back a run's state from its checkpoint: the optimiser, scaler and EMA, this
+    rank's RNG streams, and where the run stands (the model's weights are loaded before it
+    is wrapped). Settings that make the run differ from an uninterrupted one are warned of.
+    """
+    warn_on_changed_settings(state, config, opt.schedule.steps_per_epoch, info.world_size)
+    load_optimizer_state(model, opt.optimizer, state["optimizer"])
+    if opt.scaler is not None and state.get("scaler"):
+        opt.scaler.load_state_dict(state["scaler"])
+    if opt.ema is not None and state.get("ema") is not None:
+        opt.ema.load_state_dict(state["ema"])
+    progress = RunProgress(
+        start_epoch=state["epoch"] + 1,
+        step=state["step"],
+        history=list(state["history"]),
+        best_top1=state["best_top1"],
+    )
+    restore_rng(state, info)
+    return progress
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "model_args":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def warn_on_changed_settings(
+    state: dict[str, Any], config: TrainConfig, steps_per_epoch: int, world_size: int
+) -> None:
+    """Resume continues exactly only with the same settings; say which ones changed."""
+    saved = _flatten(state["config"])
+    now = _flatten(config.to_dict())
+    changed = sorted(
+        k
+        for k in set(saved) | set(now)
+        if k not in RESUME_FREE and _plain(saved.get(k)) != _plain(now.get(k))
+    )
+    if changed:
+        logger.warning(
+            "resuming with changed settings, so the run will not match an uninterrupted one: %s",
+            ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed),
+        )
+    sched = state.get("schedule", {})
+    saved_world = sched.get("world_size", 1)
+    if saved_world != world_size:
+        logger.warning(
+            "resuming a run of %d process(es) on %d: the global batch and the order of "
+            "the images change, so the run will not match an uninterrupted one",
+            saved_world,
+            world_size,
+        )
+    if sched.get("steps_per_epoch") not in (None, steps_per_epoch):
+        logger.warning(
+            "steps per epoch changed from %s to %d: the schedule's clock shifts",
+            sched["steps_per_epoch"],
+            steps_per_epoch,
+        )
+
+
+def restore_rng(state: dict[str, Any], info: runtime.DistInfo) -> None:
+    """Each rank takes back its own RNG streams; from a checkpoint of another number of
+    processes only rank 0 can (the others keep the streams seeded for them)."""
+    ranks = state.get("rng_ranks")
+    if ranks is not None and len(ranks) == info.world_size:
+        runtime.set_rng_state(ranks[info.rank])
+    elif info.is_main:
+        runtime.set_rng_state(state["rng"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -15,11 +14,9 @@ from tqdm import tqdm
 
 from cait.runtime import all_gather_objects, all_reduce_max, all_reduce_sum, autocast, dist_info
 from cait.training.losses import DistillationLoss
-from cait.training.optim import LRSchedule, ModelEma
+from cait.training.optim import Optimisation
 
-__all__ = ["EpochStats", "NonFiniteLossError", "evaluate", "train_one_epoch"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["EpochStats", "NonFiniteLossError", "Objective", "evaluate", "train_one_epoch"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,23 +48,43 @@ def _check_finite(value: float, epoch: int, step: int) -> None:
         )
 
 
+@dataclass
+class Objective:
+    """What a training step minimises: ``criterion`` (plain cross-entropy by default) on the
+    batch as ``mixup`` mixes it, with ``teacher``'s logits on the same mixed images feeding
+    the distillation term."""
+
+    criterion: DistillationLoss = field(default_factory=lambda: DistillationLoss("none"))
+    mixup: Callable | None = None
+    teacher: nn.Module | None = None
+
+
+@dataclass
+class _Tally:
+    """This rank's running sums over one epoch. The loss stays on the device (read back only
+    at log points, so the loop does not wait on the device at every step)."""
+
+    loss_sum: torch.Tensor
+    images: int = 0
+    micro: int = 0  # micro-batches done
+    skipped: list[str] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+
+    def mean_loss(self) -> float:
+        """The mean loss over all ranks (a collective)."""
+        return _global_mean(self.loss_sum, max(1, self.micro))
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    schedule: LRSchedule,
+    opt: Optimisation,
     step: int,
     epoch: int,
     device: torch.device,
     *,
+    objective: Objective | None = None,
     amp: str = "none",
-    scaler: torch.amp.GradScaler | None = None,
-    mixup: Callable | None = None,
-    criterion: DistillationLoss | None = None,
-    teacher: nn.Module | None = None,
-    accum_steps: int = 1,
-    clip_grad: float | None = None,
-    ema: ModelEma | None = None,
     log_interval: int = 20,
     progress: bool = True,
     description: str = "",
@@ -75,11 +92,10 @@ def train_one_epoch(
 ) -> tuple[EpochStats, int]:
     """Train for one pass over ``loader``; returns the epoch's stats and the new step.
 
-    ``step`` counts optimiser steps (the schedule's clock). ``criterion`` defaults to plain
-    cross-entropy; with a ``teacher``, its logits on the same (mixed) images feed the
-    distillation term. The loss is accumulated on the
-    device and read back only every ``log_interval`` steps, so the loop does not wait on
-    the device at every step; the NaN/inf check runs at those points and at the end.
+    ``step`` counts optimiser steps (the schedule's clock); one is taken every
+    ``opt.accum_steps`` batches. The loss is read back only every ``log_interval`` steps,
+    where ``on_log(step, loss, lr)`` is called; the NaN/inf check runs at those points and
+    at the end.
 
     Under ``torchrun`` every rank runs this on its shard of the data with the same number of
     batches. The loss is averaged over all ranks where it is read back (the ranks' batches
@@ -88,76 +104,73 @@ def train_one_epoch(
     waiting. ``images`` in the stats counts all ranks' images.
     """
     model.train()
-    criterion = criterion if criterion is not None else DistillationLoss("none")
-    total = len(loader) // accum_steps  # type: ignore[arg-type]
+    objective = objective if objective is not None else Objective()
+    total = len(loader) // opt.accum_steps  # type: ignore[arg-type]
     bar = tqdm(total=total, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
-    loss_sum = torch.zeros((), device=device)
-    images = 0
-    skipped: list[str] = []
-    micro = 0
-    # DDP all-reduces gradients in every backward; between optimiser steps that is wasted
-    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
-    lr = schedule(step)
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
+    tally = _Tally(torch.zeros((), device=device))
+    lr = opt.schedule(step)
+    opt.optimizer.zero_grad(set_to_none=True)
     for x, target, bad in loader:
-        skipped += bad
+        tally.skipped += bad
         if x.numel() == 0:
             continue
         x = x.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        if mixup is not None:
-            x, target = mixup(x, target)
-        last_micro = (micro + 1) % accum_steps == 0
-        with contextlib.nullcontext() if last_micro else no_sync():
-            with autocast(device, amp):
-                outputs = model(x)
-                teacher_logits = teacher(x) if teacher is not None else None
-            out = criterion(outputs, target, teacher_logits)
-            loss = out.loss / accum_steps
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-        loss_sum += out.loss.detach()
-        images += x.shape[0]
-        micro += 1
-        if micro % accum_steps:
+        last_micro = (tally.micro + 1) % opt.accum_steps == 0
+        tally.loss_sum += _forward_backward(model, x, target, objective, opt, amp, last_micro)
+        tally.images += x.shape[0]
+        tally.micro += 1
+        if tally.micro % opt.accum_steps:
             continue
-        lr = schedule.apply(optimizer, step)
-        if scaler is not None:
-            if clip_grad is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            if clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model)
+        lr = opt.step(model, step)
         step += 1
-        done = micro // accum_steps
+        done = tally.micro // opt.accum_steps
         bar.update(1)
         if done % log_interval == 0 or done == total:
-            mean_loss = _global_mean(loss_sum, micro)
+            mean_loss = tally.mean_loss()
             _check_finite(mean_loss, epoch, step)
-            rate = images * dist_info().world_size / (time.perf_counter() - start)
+            rate = tally.images * dist_info().world_size / (time.perf_counter() - tally.start)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
             if on_log is not None:
                 on_log(step, mean_loss, lr)
         if done == total:
             break
     bar.close()
-    seconds = time.perf_counter() - start
-    mean_loss = _global_mean(loss_sum, max(1, micro))
+    return _epoch_stats(tally, lr, opt.accum_steps, epoch, step), step
+
+
+def _forward_backward(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    objective: Objective,
+    opt: Optimisation,
+    amp: str,
+    last_micro: bool,
+) -> torch.Tensor:
+    """One micro-batch (on the device): mix, forward the student and the teacher, backward.
+    Returns the micro-batch's loss, detached; the mixed batch keeps its size."""
+    if objective.mixup is not None:
+        x, target = objective.mixup(x, target)
+    # DDP all-reduces gradients in every backward; between optimiser steps that is wasted
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+    with contextlib.nullcontext() if last_micro else no_sync():
+        with autocast(x.device, amp):
+            outputs = model(x)
+            teacher_logits = objective.teacher(x) if objective.teacher is not None else None
+        out = objective.criterion(outputs, target, teacher_logits)
+        opt.backward(out.loss)
+    return out.loss.detach()
+
+
+def _epoch_stats(tally: _Tally, lr: float, accum_steps: int, epoch: int, step: int) -> EpochStats:
+    """The epoch's stats over all ranks (collectives); a non-finite loss raises."""
+    seconds = time.perf_counter() - tally.start
+    mean_loss = tally.mean_loss()
     _check_finite(mean_loss, epoch, step)
-    images *= dist_info().world_size  # every rank ran the same number of equal batches
-    skipped = [s for rank in all_gather_objects(skipped) for s in rank]
-    stats = EpochStats(mean_loss, lr, images, seconds, micro // accum_steps, skipped)
-    return stats, step
+    images = tally.images * dist_info().world_size  # every rank ran the same equal batches
+    skipped = [s for rank in all_gather_objects(tally.skipped) for s in rank]
+    return EpochStats(mean_loss, lr, images, seconds, tally.micro // accum_steps, skipped)
 
 
 def _global_mean(loss_sum: torch.Tensor, count: int) -> float:

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cait.training.config import OptimConfig
 
-__all__ = ["LRSchedule", "ModelEma", "build_optimizer", "param_groups"]
+__all__ = ["LRSchedule", "ModelEma", "Optimisation", "build_optimizer", "param_groups"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -98,3 +98,43 @@ class ModelEma:
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state)
+
+
+@dataclass
+class Optimisation:
+    """What an optimiser step needs and changes: the optimiser, its schedule, the fp16 loss
+    scaler, gradient accumulation and clipping, and the weight EMA."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler | None = None
+    ema: ModelEma | None = None
+    accum_steps: int = 1
+    clip_grad: float | None = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of one micro-batch's share of the step's loss (scaled under fp16)."""
+        loss = loss / self.accum_steps
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step(self, model: nn.Module, step: int) -> float:
+        """Optimiser step ``step`` with the accumulated gradients: set the learning rate,
+        clip, step, clear the gradients and move the EMA. Returns the learning rate."""
+        lr = self.schedule.apply(self.optimizer, step)
+        if self.scaler is not None:
+            if self.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if self.clip_grad is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(model)
+        return lr

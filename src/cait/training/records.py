@@ -1,10 +1,106 @@
-"""Training curves as a PNG (matplotlib, no display needed)."""
+"""A run's records: metrics.jsonl, TensorBoard, Weights & Biases, skipped_files.txt and the
+curves as a PNG (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["plot_curves"]
+from cait.training.config import TrainConfig
+
+__all__ = [
+    "EPOCH_SECONDS_KEY",
+    "IMAGES_PER_S_KEY",
+    "TIMING_KEYS",
+    "Recorder",
+    "SkippedFiles",
+    "plot_curves",
+]
+
+# Per-epoch metrics that measure time, not learning: they differ between two identical runs.
+IMAGES_PER_S_KEY = "images_per_s"
+EPOCH_SECONDS_KEY = "epoch_seconds"
+TIMING_KEYS = (IMAGES_PER_S_KEY, EPOCH_SECONDS_KEY)
+
+
+class Recorder:
+    """metrics.jsonl, TensorBoard and (optionally) Weights & Biases; rank 0 keeps one."""
+
+    def __init__(self, config: TrainConfig, out: Path, history: list[dict]) -> None:
+        self.path = out / "metrics.jsonl"
+        # rewrite from the checkpoint's history: lines of epochs after it are dropped
+        self.path.write_text("".join(json.dumps(m) + "\n" for m in history))
+        self.tb = None
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.wandb = None
+        if config.wandb:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ValueError("wandb logging was asked for but wandb is not installed") from err
+            self.wandb = wandb.init(
+                project=config.wandb_project,
+                mode=config.wandb_mode,
+                dir=str(out),
+                config=config.to_dict(),
+            )
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss_step", loss, step)
+            self.tb.add_scalar("train/lr", lr, step)
+
+    def epoch(self, metrics: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "epoch"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"epoch/{k}", v, metrics["epoch"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=metrics["epoch"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class SkippedFiles:
+    """Every unreadable file a run left out, each once, listed in ``skipped_files.txt``.
+
+    A fresh run starts the list anew; a resumed one keeps it (the files found unreadable
+    while building the datasets are listed once, by whichever run found them first). Only
+    the process with ``write`` set (rank 0) touches the file.
+    """
+
+    def __init__(self, path: Path, upfront: list[str], *, fresh: bool, write: bool) -> None:
+        self.path = path
+        self.write = write
+        if write and fresh:
+            path.unlink(missing_ok=True)
+        if write and upfront and not path.exists():
+            with open(path, "w") as f:
+                f.writelines(s + "\n" for s in upfront)
+        self.seen: set[str] = set(upfront)
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+    def add(self, names: Iterable[str]) -> list[str]:
+        """Record ``names``; returns those not seen before, sorted."""
+        new = sorted(set(names) - self.seen)
+        self.seen.update(new)
+        if new and self.write:
+            with open(self.path, "a") as f:
+                f.writelines(s + "\n" for s in new)
+        return new
 
 
 def plot_curves(history: list[dict], path: str | Path) -> Path:

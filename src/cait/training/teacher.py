@@ -69,7 +69,7 @@ class Teacher(nn.Module):
 def _load_weights(model: nn.Module, weights: str | None, source: str) -> None:
     if weights is None:
         raise ValueError(
-            f"teacher {source} needs a weights file (--teacher-weights PATH); training from "
+            f"teacher {source} needs a weights file (distill.teacher_weights); training from "
             "an untrained teacher would distil noise"
         )
     state_dict = read_state_dict(weights)
