@@ -22,13 +22,13 @@ from cait.models.config import AttnImpl
 from cait.models.registry import get_variant, list_models
 from cait.runtime import Amp, Device, DeviceType, torchrun_command
 from cait.training.config import (
-    DistillKind,
     TrainConfig,
     apply_overrides,
     config_from_dict,
     load_recipe,
 )
 from cait.training.engine import NonFiniteLossError
+from cait.training.losses import DistillKind
 from cait.training.run import train
 
 __all__ = ["main"]

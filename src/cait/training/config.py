@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -19,16 +19,16 @@ from cait.models.build import input_spec, is_timm
 from cait.models.config import CaiTConfig
 from cait.runtime import Amp, Device
 from cait.schema import check_fields, convert_fields, from_dict
+from cait.training.losses import DistillKind, SoftNormalisation
 
 __all__ = [
     "AugmentConfig",
     "DataConfig",
     "DistillConfig",
-    "DistillKind",
     "OptimConfig",
+    "PARALLEL_MODES",
     "ParallelMode",
     "Schedule",
-    "SoftNormalisation",
     "TrainConfig",
     "WandbMode",
     "apply_overrides",
@@ -48,10 +48,9 @@ LR_BASE_BATCH = 512
 # Closed sets of choices, each defined once: the field annotations below (checked by
 # cait.schema) and the CLI's choices read them.
 Schedule = Literal["cosine", "step", "constant"]
-DistillKind = Literal["none", "soft", "hard"]
-SoftNormalisation = Literal["per_sample", "deit_legacy"]
 WandbMode = Literal["offline", "online"]
 ParallelMode = Literal["ddp", "fsdp"]
+PARALLEL_MODES: tuple[str, ...] = get_args(ParallelMode)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ without a distillation token, the class-token logits) with a frozen teacher's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from torch import Tensor
 
 __all__ = [
     "DISTILLATION_KINDS",
+    "SOFT_NORMALISATIONS",
+    "DistillKind",
+    "SoftNormalisation",
     "DistillationLoss",
     "LossOutput",
     "classification_loss",
@@ -24,8 +27,12 @@ __all__ = [
     "soft_distillation",
 ]
 
-DISTILLATION_KINDS = ("none", "soft", "hard")
+# The distillation kinds and the soft loss's normalisations, each defined once (the
+# training config and the CLI read them).
+DistillKind = Literal["none", "soft", "hard"]
 SoftNormalisation = Literal["per_sample", "deit_legacy"]
+DISTILLATION_KINDS: tuple[str, ...] = get_args(DistillKind)
+SOFT_NORMALISATIONS: tuple[str, ...] = get_args(SoftNormalisation)
 
 
 @dataclass
@@ -94,21 +101,23 @@ class DistillationLoss:
 
     def __init__(
         self,
-        kind: str = "hard",
+        kind: DistillKind = "hard",
         alpha: float = 0.5,
         tau: float = 1.0,
         label_smoothing: float = 0.0,
         normalisation: SoftNormalisation = "per_sample",
     ) -> None:
         if kind not in DISTILLATION_KINDS:
-            raise ValueError(f"distillation must be one of {DISTILLATION_KINDS}, got {kind!r}")
+            raise ValueError(
+                f"distillation must be one of {list(DISTILLATION_KINDS)}, got {kind!r}"
+            )
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
         if tau <= 0:
             raise ValueError(f"distillation tau must be positive, got {tau}")
-        if normalisation not in ("per_sample", "deit_legacy"):
+        if normalisation not in SOFT_NORMALISATIONS:
             raise ValueError(
-                f"normalisation must be 'per_sample' or 'deit_legacy', got {normalisation!r}"
+                f"normalisation must be one of {list(SOFT_NORMALISATIONS)}, got {normalisation!r}"
             )
         self.kind = kind
         self.alpha = alpha

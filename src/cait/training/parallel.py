@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.nn.parallel import DistributedDataParallel
 
 from cait.runtime import DistInfo
+from cait.training.config import PARALLEL_MODES, ParallelMode
 
 __all__ = [
     "is_sharded",
@@ -29,7 +30,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def wrap_model(model: nn.Module, parallel: str, info: DistInfo, device: torch.device) -> nn.Module:
+def wrap_model(
+    model: nn.Module, parallel: ParallelMode, info: DistInfo, device: torch.device
+) -> nn.Module:
     """``model`` (already on ``device``) made data-parallel over ``info.world_size`` ranks.
 
     ``ddp``: DistributedDataParallel, which broadcasts rank 0's weights at construction and
@@ -44,8 +47,8 @@ def wrap_model(model: nn.Module, parallel: str, info: DistInfo, device: torch.de
     if parallel == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    if parallel != "fsdp":
-        raise ValueError(f"parallel must be ddp or fsdp, got {parallel!r}")
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {list(PARALLEL_MODES)}, got {parallel!r}")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
