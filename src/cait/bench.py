@@ -55,7 +55,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = runtime.DTYPES  # the precisions a benchmark runs in
 # What `cait bench --compare` can time beside ours: timm's model of the same name.
 Compare = Literal["timm"]
 COMPARE_WITH: tuple[str, ...] = get_args(Compare)

@@ -395,8 +395,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"{rank}cait {args.command}: error: {err}", file=sys.stderr)
+        print(f"{rank}cait {args.command}: error: {_in_flags(str(err))}", file=sys.stderr)
         return 2
+
+
+# Library messages name a function's parameter; on the command line it is this flag.
+_PARAMETER_FLAGS = {"`model_name`": "--model NAME"}
+
+
+def _in_flags(message: str) -> str:
+    for parameter, flag in _PARAMETER_FLAGS.items():
+        message = message.replace(parameter, flag)
+    return message
 
 
 if __name__ == "__main__":

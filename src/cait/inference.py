@@ -9,10 +9,12 @@ from torch.utils.data import DataLoader
 
 from cait import runtime
 from cait.data import build_val_dataset, collate_samples, eval_transform, read_image
-from cait.models.build import load_for_inference
+from cait.models.build import LoadedModel, load_for_inference
 from cait.training.engine import evaluate
 
-__all__ = ["evaluate_checkpoint", "predict"]
+# LoadedModel and load_for_inference live in cait.models.build; named here too because
+# cait.inference exported them before the package layout
+__all__ = ["LoadedModel", "evaluate_checkpoint", "load_for_inference", "predict"]
 
 logger = logging.getLogger(__name__)
 

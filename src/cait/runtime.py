@@ -28,6 +28,7 @@ __all__ = [
     "all_gather_objects",
     "all_reduce_max",
     "all_reduce_sum",
+    "DTYPES",
     "autocast",
     "dist_info",
     "distributed",
@@ -104,8 +105,12 @@ def setup(
     return dev
 
 
+# Precision names (``--dtype``, ``--amp``) and their torch dtypes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, amp: Amp) -> torch.autocast:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
+    dtype = DTYPES.get(amp, torch.float32)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "none")
 
 

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cait
@@ -111,6 +112,18 @@ def test_convert_cli_round_trip(tmp_path):
     dst = cait.create_model("cait_tiny_32", depth=2).eval()
     cait.load_pretrained(dst, out)
     assert _same_logits(src, dst, size=32)
+
+
+def test_convert_records_the_source_and_the_checked_variant(tmp_path):
+    official = tmp_path / "TINY.pth"
+    torch.save({"model": cait.create_model("cait_tiny_32").state_dict()}, official)
+    out = tmp_path / "tiny.safetensors"
+    assert cli_main(["convert", str(official), str(out), "--model", "cait_tiny_32"]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "source": "TINY.pth", "model": "cait_tiny_32"}
+    cait.convert_checkpoint(official, tmp_path / "plain.safetensors")
+    with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "source": "TINY.pth"}
 
 
 def test_convert_cli_refuses_weights_of_another_model(tmp_path, capsys):

@@ -190,3 +190,10 @@ def test_run_weights_carry_the_model_metadata(tmp_path):
         assert torch.equal(loaded.model.state_dict()[key], value), key
     save_run_weights(model, None, tmp_path / "other", metadata, write=False)  # not rank 0
     assert not (tmp_path / "other").exists()
+
+
+def test_a_file_with_a_model_config_but_no_model_name_is_refused_by_name(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save({"model_config": {}, "data_settings": {}, "class_names": []}, path)
+    with pytest.raises(ValueError, match="odd.pt looks like a cait checkpoint but lacks"):
+        load_for_inference(str(path))

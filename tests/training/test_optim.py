@@ -170,3 +170,12 @@ def test_overrides_are_typed_and_checked():
             config_from_dict(apply_overrides({}, [bad]))
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides({}, ["epochs"])
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("img_size", 0, "data.img_size must be >= 1"), ("interpolation", "", "data.interpolation")],
+)
+def test_data_settings_that_cannot_mean_the_models_default_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({"data": {field: value}})

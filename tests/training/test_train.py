@@ -394,4 +394,4 @@ def test_eval_and_predict_official_weights_on_an_imagenet_folder(tmp_path, capsy
     assert preds[0]["name"] == names[preds[0]["class"]]
     assert names[0].startswith("tench")
     assert cli_main(["eval", "--checkpoint", str(weights), "--data", "digits"]) == 2
-    assert "name the variant its weights are for" in capsys.readouterr().err
+    assert "pass --model NAME, the variant its weights are for" in capsys.readouterr().err

@@ -39,7 +39,7 @@ DIGITS = "digits"
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 # Folders with at most this many files are decoded once up front, so that every unreadable
-# file is found and reported before training (about a minute for 20k small files).
+# file is found and reported before training; larger ones are checked as they are read.
 VERIFY_UP_TO = 20_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # Errors PIL raises for files that are not (complete) images.

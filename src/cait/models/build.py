@@ -32,6 +32,7 @@ from cait.models.registry import (
 
 __all__ = [
     "TIMM_PREFIX",
+    "TORCHVISION_PREFIX",
     "LoadedModel",
     "build_model",
     "checkpoint_metadata",
@@ -44,9 +45,11 @@ __all__ = [
     "model_spec",
     "read_checkpoint_metadata",
     "timm_model",
+    "torchvision_model",
 ]
 
 TIMM_PREFIX = "timm:"
+TORCHVISION_PREFIX = "torchvision:"
 # timm's fallbacks for a model without a pretrained config (timm.data.resolve_data_config)
 _TIMM_DEFAULT_SPEC = InputSpec(224, 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
 
@@ -70,6 +73,17 @@ def timm_model(name: str, **kwargs: Any) -> nn.Module:
     import timm
 
     return timm.create_model(_timm_bare_name(name), pretrained=False, **kwargs)
+
+
+def torchvision_model(name: str, **kwargs: Any) -> nn.Module:
+    """An untrained torchvision model from ``torchvision:NAME``."""
+    import torchvision
+
+    bare = name.removeprefix(TORCHVISION_PREFIX)
+    try:
+        return torchvision.models.get_model(bare, weights=None, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"unknown torchvision model {bare!r}") from err
 
 
 def build_model(name: str, model_args: dict[str, Any], num_classes: int) -> nn.Module:
@@ -142,10 +156,14 @@ def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | N
     if not (isinstance(obj, dict) and "model_config" in obj):
         return None
     # a run checkpoint keeps the name in its config ("model" holds the weights)
-    return {
-        "model": obj["config"]["model"],
-        **{k: obj[k] for k in ("model_config", "data_settings", "class_names")},
-    }
+    config = obj.get("config")
+    name = config.get("model") if isinstance(config, dict) else obj.get("model")
+    missing = [k for k in ("model_config", "data_settings", "class_names") if k not in obj]
+    if not isinstance(name, str) or missing:
+        raise ValueError(
+            f"{path} looks like a cait checkpoint but lacks its model name or {missing}"
+        )
+    return {"model": name, **{k: obj[k] for k in ("model_config", "data_settings", "class_names")}}
 
 
 @dataclass
@@ -189,8 +207,8 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
         return LoadedModel(model.eval(), settings, names, folders)
     if model_name is None:
         raise ValueError(
-            f"{checkpoint} is not a cait checkpoint (it carries no model config): name the "
-            "variant its weights are for (the model name)"
+            f"{checkpoint} is not a cait checkpoint (it carries no model config): pass "
+            "`model_name`, the variant its weights are for"
         )
     variant = get_variant(model_name)
     state_dict = read_state_dict(checkpoint)
@@ -210,5 +228,6 @@ def convert_checkpoint(
     With ``model_name`` the weights are first loaded strictly into that variant, so a file
     that does not fit it is refused before anything is written.
     """
-    model = create_model(model_name) if model_name is not None else None
-    return convert_weights(src, dst, model)
+    if model_name is None:
+        return convert_weights(src, dst)
+    return convert_weights(src, dst, create_model(model_name), {"model": model_name})

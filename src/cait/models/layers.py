@@ -402,9 +402,13 @@ class SelfAttentionBlock(_ResidualBlock):
         map then comes from the plain attention path).
         """
         keep = trace is not None
-        stream = x  # (B, N, C)
+        # the input and the attention output are held only for a trace: the untraced forward
+        # pass is memory-bound, and two more (B, N, C) tensors alive through the MLP cost
+        # measurable speed (docs/BENCHMARKS.md, "Before and after the package layout")
+        stream = x if keep else None  # (B, N, C)
         a, attn = self.attn(self.norm1(x), return_attn=keep)
         x, attn_branch = self._add(x, self.gamma_1, a, keep)
+        del a
         x, mlp_branch = self._add(x, self.gamma_2, self.mlp(self.norm2(x)), keep)
         if trace is not None:
             trace.append(BlockTrace(stream, attn_branch, mlp_branch, attn))

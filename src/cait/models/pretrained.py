@@ -254,18 +254,22 @@ def load_pretrained(
 
 
 def convert_weights(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], model: CaiT | None = None
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    model: CaiT | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Tensor]:
     """Convert an official (or any supported) checkpoint to a plain safetensors file.
 
     With ``model`` the weights are first loaded strictly into it, so a file that does not fit
-    is refused before anything is written.
+    is refused before anything is written. ``metadata`` joins the header's ``format`` and
+    ``source`` entries.
     """
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise ValueError(f"destination must end with .safetensors, got {dst.name}")
     state_dict = read_state_dict(src)
-    metadata = {"format": "pt", "source": Path(str(src)).name}
+    metadata = {"format": "pt", "source": Path(str(src)).name, **(metadata or {})}
     if model is not None:
         load_pretrained(model, state_dict)
     tensors = {k: v.contiguous() for k, v in state_dict.items()}

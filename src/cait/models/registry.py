@@ -235,7 +235,7 @@ for _name, _dim, _depth, _heads in _SMALL:
     )
 
 # The demo model for the bundled digits (8x8 scans brought to 16x16): a 4x4 grid of 16
-# tokens keeps a training epoch around a second on 2 CPU cores. Grayscale digits are fed as
+# tokens keeps a training epoch short on a CPU (docs/BENCHMARKS.md). Grayscale digits are fed as
 # 3 equal channels, normalised with mean/std 0.5.
 register_variant(
     Variant(

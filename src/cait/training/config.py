@@ -80,6 +80,10 @@ class DataConfig:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise ValueError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.img_size is not None and self.img_size < 1:
+            raise ValueError(f"data.img_size must be >= 1 (or unset), got {self.img_size}")
+        if self.interpolation is not None and not self.interpolation:
+            raise ValueError("data.interpolation must be a mode such as bicubic (or unset)")
 
 
 @dataclass(frozen=True)

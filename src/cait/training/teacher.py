@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cait.models.build import TIMM_PREFIX, load_for_inference, timm_model
+from cait.models.build import (
+    TORCHVISION_PREFIX,
+    input_spec,
+    is_timm,
+    load_for_inference,
+    timm_model,
+    torchvision_model,
+)
 from cait.models.pretrained import read_state_dict
 from cait.models.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
@@ -87,20 +94,13 @@ def load_teacher(
     device: torch.device | str = "cpu",
 ) -> Teacher:
     """Build a frozen teacher and check that it predicts ``num_classes`` classes."""
-    if source.startswith(TIMM_PREFIX):
+    if is_timm(source):
         model = timm_model(source, num_classes=num_classes)
         _load_weights(model, weights, source)
-        cfg = model.pretrained_cfg or {}
-        mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-        size = None
-    elif source.startswith("torchvision:"):
-        import torchvision
-
-        name = source[len("torchvision:") :]
-        try:
-            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-        except ValueError as err:
-            raise ValueError(f"unknown torchvision model {name!r} for the teacher") from err
+        spec = input_spec(source)  # timm's pretrained config (ImageNet statistics without one)
+        mean, std, size = spec.mean, spec.std, None
+    elif source.startswith(TORCHVISION_PREFIX):
+        model = torchvision_model(source, num_classes=num_classes)
         _load_weights(model, weights, source)
         mean, std, size = IMAGENET_MEAN, IMAGENET_STD, None
     else:
