@@ -2,7 +2,8 @@
 
 The package in five wings, imports pointing one way (a test keeps it so):
 ``kernels`` <- ``models`` <- ``data`` <- ``training`` <- ``analysis``, ``inference``,
-``bench`` <- ``cli``; see the README's "Layout" section.
+``bench`` <- ``cli``; see the README's "Layout" section. ``import cait`` loads the model
+side only; training is ``cait.training.train`` (it imports timm's data pipeline).
 """
 
 from cait.models import (
@@ -21,7 +22,6 @@ from cait.models import (
     register_variant,
     resample_pos_embed,
 )
-from cait.training import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,6 @@ __all__ = [
     "InputSpec",
     "Intermediates",
     "LoadReport",
-    "TrainConfig",
     "Variant",
     "convert_checkpoint",
     "create_model",
@@ -41,5 +40,4 @@ __all__ = [
     "read_state_dict",
     "register_variant",
     "resample_pos_embed",
-    "train",
 ]

@@ -188,6 +188,10 @@ def _evaluate_rank(rank: int, init_file: str, size: int, results: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # gloo's threads can still abort this process in the C++ destructors run at exit (seen
+    # about once in three runs of tests/training/ on 2 busy cores): the results are saved,
+    # so leave without running them
+    os._exit(0)
 
 
 def test_distributed_evaluation_counts_every_image_once(tmp_path):
