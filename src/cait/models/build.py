@@ -21,7 +21,12 @@ from torch import nn
 from cait.files import load_file_safely
 from cait.models.cait import CaiT
 from cait.models.config import CaiTConfig
-from cait.models.pretrained import convert_weights, load_pretrained, read_state_dict
+from cait.models.pretrained import (
+    convert_weights,
+    load_pretrained,
+    read_state_dict,
+    unwrap_state_dict,
+)
 from cait.models.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -152,7 +157,11 @@ def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | N
         if "model_config" not in raw:
             return None
         return {k: json.loads(v) for k, v in raw.items() if k != "format"}
-    obj = load_file_safely(path)
+    return _metadata_in(load_file_safely(path), path)
+
+
+def _metadata_in(obj: Any, path: Path) -> dict[str, Any] | None:
+    """The metadata of a loaded torch checkpoint (``None`` for a file without it)."""
     if not (isinstance(obj, dict) and "model_config" in obj):
         return None
     # a run checkpoint keeps the name in its config ("model" holds the weights)
@@ -195,13 +204,20 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
     Our checkpoints (``last.pt``, ``best.pt``, ``model.safetensors``) carry their config;
     for official or timm weights, name the variant with ``model_name``.
     """
-    meta = read_checkpoint_metadata(checkpoint)
+    path = Path(checkpoint)
+    if path.is_file() and path.suffix != ".safetensors":
+        source: Any = load_file_safely(path)  # read once, for the metadata and the weights
+        meta = _metadata_in(source, path)
+    else:  # a safetensors header holds the metadata; a URL or Hub id holds none
+        source, meta = checkpoint, read_checkpoint_metadata(checkpoint)
+    state_dict = unwrap_state_dict(source) if isinstance(source, dict) else None
     if meta is not None:
         model = model_from_spec(meta)
         if isinstance(model, CaiT):
-            load_pretrained(model, checkpoint)
+            load_pretrained(model, state_dict if state_dict is not None else checkpoint)
         else:
-            model.load_state_dict(read_state_dict(checkpoint), strict=True)
+            sd = state_dict if state_dict is not None else read_state_dict(checkpoint)
+            model.load_state_dict(sd, strict=True)
         settings = InputSpec.from_dict(meta["data_settings"])
         names = folders = list(meta["class_names"])
         return LoadedModel(model.eval(), settings, names, folders)
@@ -211,7 +227,8 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
             "`model_name`, the variant its weights are for"
         )
     variant = get_variant(model_name)
-    state_dict = read_state_dict(checkpoint)
+    if state_dict is None:
+        state_dict = read_state_dict(checkpoint)
     head = state_dict.get("head.weight")
     num_classes = head.shape[0] if head is not None else variant.config.num_classes
     model = create_model(model_name, num_classes=num_classes)
