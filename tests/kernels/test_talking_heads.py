@@ -444,3 +444,20 @@ def test_compiled_inference_and_training_on_cuda():
         ref = eager.eval()(x)
         scale = ref.abs().max()
         torch.testing.assert_close(compiled.eval()(x) / scale, ref / scale, **TOL)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_exported_attention_keeps_the_batch_symbolic(impl, grad):
+    """``torch.export`` with a dynamic batch: the fast path has no Python loop over the
+    batch while exporting, so one program runs at batch 1 and 7 and equals the plain path
+    (the default CPU chunking would have fixed the batch at the example's size)."""
+    plain, fast = _attention_pair(impl)
+    example = torch.randn(4, 7, 24)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.set_grad_enabled(grad):
+        program = torch.export.export(fast, (example,), dynamic_shapes=({0: batch},)).module()
+    for size in (1, 7):
+        x = torch.randn(size, 7, 24)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x)[0], plain(x)[0], **TOL)

@@ -152,7 +152,12 @@ class _Scratch:
         return buffer[: math.prod(shape)].view(shape)
 
 
-def _chunks(batch: int, chunk: int) -> list[slice]:
+def _chunks(batch: int, chunk: int | None) -> list[slice]:
+    """The batch in slices of ``chunk`` images; ``None`` is the whole batch as one slice,
+    with no Python loop over its size (which ``torch.export`` and ``torch.compile`` may leave
+    symbolic)."""
+    if chunk is None:
+        return [slice(0, batch)]
     return [slice(lo, min(lo + chunk, batch)) for lo in range(0, batch, chunk)]
 
 
@@ -175,10 +180,10 @@ def _map_chunks(
             results[i] = body(items[i], buffers)
 
     n = min(workers, len(items))
-    if n == 1:
-        work()
-    else:
-        run_on_cpu_workers([work] * n)
+    if n == 1:  # one worker, this thread: a plain loop (all a compiler sees)
+        buffers = scratch()
+        return [body(item, buffers) for item in items]
+    run_on_cpu_workers([work] * n)
     return results  # type: ignore[return-value]
 
 
@@ -188,7 +193,7 @@ def _forward(
     w_w: Tensor,
     b_w: Tensor,
     num_heads: int,
-    chunk: int,
+    chunk: int | None,
     workers: int,
     keep: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -239,7 +244,7 @@ def _backward(
     g_out: Tensor,
     probs_kept: list[Tensor],
     logits_kept: list[Tensor],
-    chunk: int,
+    chunk: int | None,
     workers: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward pass over the batch, chunk by chunk: ``(g_qkv (B, N, 3, H, hd), g_w_l,
@@ -364,7 +369,7 @@ class _TalkingHeads(torch.autograd.Function):
         b_w: Tensor,
         num_heads: int,
         recompute: bool,
-        chunk: int,
+        chunk: int | None,
         workers: int,
         use_native: bool,
     ) -> Tensor:
@@ -452,8 +457,10 @@ def talking_heads_attention(
     tensor (default :data:`CPU_CHUNK_BYTES` on the CPU, the whole batch elsewhere; ``0`` for
     the whole batch), on the CPU shared between ``workers`` threads of one intra-op thread
     each (default: torch's thread count; :func:`cait.kernels.cpu_workers.run_on_cpu_workers`),
-    with smaller chunks when there are fewer than ``workers`` of them; elsewhere, and under
-    ``torch.compile``, one.
+    with smaller chunks when there are fewer than ``workers`` of them; elsewhere one.
+    Under ``torch.compile`` and ``torch.export`` the whole batch is one chunk and no Python
+    code loops over its size, so the batch dimension can stay symbolic (an exported program
+    or a compiled graph with a dynamic batch).
     """
     B, N, _ = qkv.shape
     on_cpu = qkv.device.type == "cpu"
@@ -470,14 +477,19 @@ def talking_heads_attention(
             "(cait.kernels.native logged why when it tried)"
         )
     if chunk_bytes is None:
-        chunk_bytes = CPU_CHUNK_BYTES if on_cpu else 0
+        chunk_bytes = CPU_CHUNK_BYTES if on_cpu and not _compiling() else 0
     if workers is None:
         workers = torch.get_num_threads() if on_cpu and not _compiling() else 1
     elif workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    per_image = num_heads * N * N * qkv.element_size()
-    chunk = max(1, chunk_bytes // per_image) if chunk_bytes > 0 else B
-    chunk = min(chunk, math.ceil(B / workers))
+    chunk: int | None
+    if chunk_bytes > 0:
+        per_image = num_heads * N * N * qkv.element_size()
+        chunk = min(max(1, chunk_bytes // per_image), math.ceil(B / workers))
+    elif workers > 1:
+        chunk = math.ceil(B / workers)
+    else:  # the whole batch as one chunk, its size never looped over (it may be symbolic)
+        chunk = None
     w_l = w_l * scale
     params = (w_l, b_l, w_w, b_w)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, *params)):
