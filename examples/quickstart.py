@@ -24,11 +24,11 @@ print(f"cait_tiny_32: {params / 1e6:.2f}M parameters, config {model.config}")
 
 with torch.no_grad():
     logits = model(x)
-    out = model.forward_intermediates(x)
+    out = model.forward_trace(x)
 print(
     "logits",
     tuple(logits.shape),
-    "| same as forward_intermediates:",
+    "| same as forward_trace:",
     torch.allclose(logits, out.logits, atol=1e-5),
 )
 cls_attn = out.ca[-1].attn[0, :, 0, 1:]  # (H, N): where each head of the last CA block looks

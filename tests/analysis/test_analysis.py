@@ -193,7 +193,7 @@ def test_residual_ratios_equal_a_direct_computation(tmp_path):
     images = torch.stack([dataset[i][0] for i in range(7)])
     for label, model in models.items():
         with torch.no_grad():
-            out = model.forward_intermediates(images)
+            out = model.forward_trace(images)
         traces = out.sa + out.ca
         mine = [r for r in rows if r["label"] == label]
         assert len(mine) == len(traces) == len(model.blocks) + 2

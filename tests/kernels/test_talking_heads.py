@@ -281,7 +281,7 @@ def test_intermediates_match_fast_forward():
     model = randomize_(cait.create_model("cait_digits_16")).eval()
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_intermediates(x).logits, model(x), **TOL)
+        torch.testing.assert_close(model.forward_trace(x).logits, model(x), **TOL)
 
 
 def test_old_config_dicts_load_with_the_default_impl():

@@ -85,7 +85,7 @@ def test_intermediates_give_forward_logits_and_normalised_attention(layout, talk
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         logits = model(x)
-        out = model.forward_intermediates(x)
+        out = model.forward_trace(x)
     torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=1e-5)
     n_sa = 16 + (1 if layout["class_token"] == "early" else 0)
     assert len(out.sa) == 2 and len(out.ca) == layout["ca_depth"]
@@ -107,7 +107,7 @@ def test_any_resolution_multiple_of_patch_size():
     model = tiny().eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 24, 32)).shape == (1, 5)
-        out = model.forward_intermediates(torch.randn(1, 3, 24, 32))
+        out = model.forward_trace(torch.randn(1, 3, 24, 32))
     assert out.sa[0].attn.shape[-1] == 6 * 8 and out.grid == (6, 8)
 
 
@@ -164,7 +164,7 @@ def test_intermediates_are_not_checkpointed(monkeypatch):
 
     monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: pytest.fail("checkpointed"))
     x = torch.randn(2, 3, 16, 16)
-    out = model.forward_intermediates(x)
+    out = model.forward_trace(x)
     assert len(out.sa) == 2 and len(out.ca) == 2
     out.logits.sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None

@@ -66,9 +66,13 @@ TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_c
 
 @pytest.mark.parametrize("position", ["late", "early"])
 def test_distilled_model_tuple_in_training_mean_in_eval(position):
+    """timm's semantics: the pair only in training after set_distilled_training(), the mean
+    of both heads otherwise; pre-logits are the mean of both tokens."""
     ca = 2 if position == "late" else 0
     model = cait.CaiT(cait.CaiTConfig(**TINY, distilled=True, class_token=position, ca_depth=ca))
     x = torch.randn(3, 3, 16, 16)
+    assert model.train()(x).shape == (3, 5)  # not asked for the pair
+    model.set_distilled_training(True)
     cls, dist = model.train()(x)
     assert cls.shape == dist.shape == (3, 5)
     model.eval()
@@ -76,7 +80,10 @@ def test_distilled_model_tuple_in_training_mean_in_eval(position):
         cls, dist = model.train()(x)
         mean = model.eval()(x)
         torch.testing.assert_close(mean, (cls + dist) / 2)
-        inter = model.forward_intermediates(x)
+        tokens = model.forward_features(x)
+        pooled = model.forward_head(tokens, pre_logits=True)
+        torch.testing.assert_close(pooled, (tokens[:, 0] + tokens[:, 1]) / 2)
+        inter = model.forward_trace(x)
     torch.testing.assert_close(inter.logits, mean, atol=1e-5, rtol=1e-5)
     if position == "late":
         assert inter.ca[0].attn.shape == (3, 2, 2, 18)  # cls and dist query [cls, dist, patches]
@@ -84,6 +91,7 @@ def test_distilled_model_tuple_in_training_mean_in_eval(position):
 
 def test_both_tokens_get_gradients():
     model = cait.CaiT(cait.CaiTConfig(**TINY, distilled=True, init_scale=0.5)).train()
+    model.set_distilled_training(True)
     cls, dist = model(torch.randn(2, 3, 16, 16))
     loss = DistillationLoss("hard")((cls, dist), torch.tensor([0, 1]), torch.randn(2, 5))
     loss.loss.backward()
@@ -116,9 +124,19 @@ def test_deit_distilled_matches_timm_in_both_modes():
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), ref.eval()(x), atol=1e-4, rtol=0)
-        ref.set_distilled_training(True)
+        # training mode without set_distilled_training: the mean, as timm gives it
+        torch.testing.assert_close(model.train()(x), ref.train()(x), atol=1e-4, rtol=0)
+        for m in (model, ref):
+            m.set_distilled_training(True)
         for ours, theirs in zip(model.train()(x), ref.train()(x), strict=True):
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+        features = model.eval().forward_features(x)
+        torch.testing.assert_close(
+            model.forward_head(features, pre_logits=True),
+            ref.eval().forward_head(ref.forward_features(x), pre_logits=True),
+            atol=1e-4,
+            rtol=0,
+        )
 
 
 def test_teacher_errors_before_training(tmp_path):

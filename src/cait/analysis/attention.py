@@ -1,7 +1,7 @@
 """Class-attention maps (paper Section 5, Figures 6 and 7): where each head of each
 class-attention block looks, overlaid on the image.
 
-The maps come from :meth:`cait.CaiT.forward_intermediates`, never from hooks. In a CA block
+The maps come from :meth:`cait.CaiT.forward_trace`, never from hooks. In a CA block
 the class token is the only query (paper Eq. 6-8); its attention row covers the class
 token(s) and the ``N`` patches and sums to 1. The patch part, reshaped to the patch grid,
 is the map that is drawn.
@@ -82,16 +82,14 @@ class AttentionMaps:
 def attention_maps(model: CaiT, image: Tensor, sa_block: int | None = None) -> AttentionMaps:
     """The attention maps of one normalised image ``(in_chans, H_img, W_img)``."""
     if not isinstance(model, CaiT):
-        raise ValueError(
-            f"attention maps need a cait model with forward_intermediates, got {type(model)}"
-        )
+        raise ValueError(f"attention maps need a cait model with forward_trace, got {type(model)}")
     depth = len(model.blocks)
     if sa_block is not None and not 0 <= sa_block < depth:
         raise ValueError(f"sa_block must be in [0, {depth - 1}], got {sa_block}")
     was_training = model.training
     model.eval()
     try:
-        out = model.forward_intermediates(image[None])
+        out = model.forward_trace(image[None])
     finally:
         model.train(was_training)
     if not out.ca and sa_block is None:

@@ -95,7 +95,7 @@ def residual_ratios(
     images = 0
     stages: list[str] = []
     for batch, *_ in tqdm(loader, desc=f"residuals {label}", disable=not progress, leave=False):
-        out = model.forward_intermediates(batch.to(device))
+        out = model.forward_trace(batch.to(device))
         traces = out.sa + out.ca
         stages = ["sa"] * len(out.sa) + ["ca"] * len(out.ca)
         a, m, n = branch_ratios(traces)

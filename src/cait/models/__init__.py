@@ -11,7 +11,7 @@ from cait.models.build import (
     input_spec,
     load_for_inference,
 )
-from cait.models.cait import CaiT, Intermediates
+from cait.models.cait import CaiT, Intermediates, ModelTrace
 from cait.models.config import CaiTConfig
 from cait.models.layers import BlockTrace, resample_pos_embed
 from cait.models.pretrained import LoadReport, load_pretrained, read_state_dict
@@ -30,6 +30,7 @@ __all__ = [
     "CaiTConfig",
     "InputSpec",
     "Intermediates",
+    "ModelTrace",
     "LoadReport",
     "LoadedModel",
     "Variant",

@@ -20,7 +20,7 @@ from torch import nn
 
 from cait.files import load_file_safely
 from cait.models.cait import CaiT
-from cait.models.config import CaiTConfig
+from cait.models.config import CaiTConfig, pretrained_cfg
 from cait.models.pretrained import (
     convert_weights,
     load_pretrained,
@@ -121,6 +121,12 @@ def input_spec(name: str, model_args: dict[str, Any] | None = None) -> InputSpec
 def model_spec(name: str, model: nn.Module, model_args: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint stores to rebuild ``model``: its name and its full config."""
     if isinstance(model, CaiT):
+        if model.global_pool != model.config.pooling:
+            raise ValueError(
+                f"global_pool={model.global_pool!r} differs from the config's pooling "
+                f"{model.config.pooling!r}, and checkpoints record the config only: set "
+                "the config's pooling instead"
+            )
         return {"model": name, "model_config": model.config.to_dict()}
     return {"model": name, "model_config": {"num_classes": model.num_classes, **model_args}}
 
@@ -219,6 +225,10 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
             sd = state_dict if state_dict is not None else read_state_dict(checkpoint)
             model.load_state_dict(sd, strict=True)
         settings = InputSpec.from_dict(meta["data_settings"])
+        if isinstance(model, CaiT):  # timm's data config then gives the checkpoint's inputs
+            model.pretrained_cfg = pretrained_cfg(
+                model.config, settings, architecture=meta["model"]
+            )
         names = folders = list(meta["class_names"])
         return LoadedModel(model.eval(), settings, names, folders)
     if model_name is None:

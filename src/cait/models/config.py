@@ -15,12 +15,19 @@ from cait.schema import check_fields, reject_unknown
 
 __all__ = [
     "ATTN_IMPLS",
+    "CAIT_CROP_PCT",
+    "DEIT_CROP_PCT",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "InputSpec",
+    "pretrained_cfg",
     "BRANCH_SCALES",
     "CLASS_TOKEN_POSITIONS",
     "AttnImpl",
     "BranchScale",
     "CaiTConfig",
     "ClassTokenPosition",
+    "default_input_spec",
     "DROP_PATH_SCHEDULES",
     "DropPathSchedule",
     "POOLINGS",
@@ -41,6 +48,40 @@ CLASS_TOKEN_POSITIONS: tuple[str, ...] = get_args(ClassTokenPosition)
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 DROP_PATH_SCHEDULES: tuple[str, ...] = get_args(DropPathSchedule)
 ATTN_IMPLS: tuple[str, ...] = get_args(AttnImpl)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Evaluation crop ratios: CaiT models are evaluated on the full resized image (crop 1.0,
+# README_cait.md); DeiT models use the classic 0.875 center crop (DeiT main.py).
+CAIT_CROP_PCT = 1.0
+DEIT_CROP_PCT = 0.875
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects of its input images: side length, the eval crop ratio (resize
+    to ``img_size / crop_pct``, then center-crop), the resize interpolation and the
+    per-channel normalisation. Each variant carries one; checkpoints record it."""
+
+    img_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def replace(self, **changes: Any) -> InputSpec:
+        """A copy with the given fields changed; ``None`` values leave a field as it is."""
+        given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items()}
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        """From :meth:`to_dict`'s output (lists, as JSON and YAML give them, become tuples)."""
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
 
 def _check_rate(field: str, value: float) -> None:
@@ -200,3 +241,45 @@ class CaiTConfig:
         """A copy with ``overrides`` applied; unknown field names raise ``ValueError``."""
         reject_unknown(type(self), overrides, what="CaiTConfig fields")
         return dataclasses.replace(self, **overrides)
+
+
+def default_input_spec(config: CaiTConfig) -> InputSpec:
+    """The input spec of a model known only by its config: ImageNet statistics, bicubic
+    resizing and the crop of its family (1.0 for CaiT, 0.875 for ViT/DeiT)."""
+    crop = DEIT_CROP_PCT if config.class_token == "early" else CAIT_CROP_PCT
+    return InputSpec(config.img_size, crop, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+
+
+def pretrained_cfg(
+    config: CaiTConfig,
+    spec: InputSpec | None = None,
+    *,
+    architecture: str | None = None,
+    url: str | None = None,
+    hf_hub_id: str | None = None,
+) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` of a model: what ``timm.data.resolve_data_config`` reads
+    (input size, crop, interpolation, mean, std), the names of the first conv and of the
+    classifier(s), the class count and where the weights are. ``spec`` defaults to
+    :func:`default_input_spec`. Position embeddings are resized to any input that the
+    patch size divides, so the input size is not fixed."""
+    spec = spec or default_input_spec(config)
+    size = (config.in_chans, spec.img_size, spec.img_size)
+    classifier: str | tuple[str, str] = ("head", "head_dist") if config.distilled else "head"
+    return {
+        "architecture": architecture,
+        "url": url or "",
+        "hf_hub_id": hf_hub_id,
+        "num_classes": config.num_classes,
+        "input_size": size,
+        "fixed_input_size": False,
+        "pool_size": None,
+        "crop_pct": spec.crop_pct,
+        "crop_mode": "center",
+        "interpolation": spec.interpolation,
+        "mean": tuple(spec.mean),
+        "std": tuple(spec.std),
+        "first_conv": "patch_embed.proj",
+        "classifier": classifier,
+        "license": "apache-2.0",
+    }

@@ -30,9 +30,11 @@ __all__ = [
     "PatchEmbed",
     "SelfAttentionBlock",
     "TalkingHeadAttention",
+    "check_images",
     "drop_path",
     "layer_scale",
     "make_branch_scale",
+    "patch_grid",
     "resample_pos_embed",
     "uses_pre_norm",
 ]
@@ -43,6 +45,38 @@ LAYERNORM_EPS = 1e-6
 # Truncated-normal std for Linear weights, pos_embed and cls_token (official ``_init_weights``,
 # inherited from ViT).
 INIT_STD = 0.02
+
+
+# torch.fx (torchvision's create_feature_extractor, timm's FX feature wrappers) traces
+# Python control flow on values it cannot see. The functions below branch on shapes, devices
+# or flags, so a traced graph calls them as they are (each one node, run at call time):
+# the input checks, the fast attention kernel and stochastic depth keep working there.
+torch.fx.wrap("talking_heads_attention")
+
+
+@torch.fx.wrap
+def check_images(x: Tensor, in_chans: int, patch_size: int) -> Tensor:
+    """``x`` unchanged if it is a ``(B, in_chans, H, W)`` batch whose sides ``patch_size``
+    divides; otherwise a ``ValueError`` that says what was expected."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"expected a 4-D image batch (B, {in_chans}, H, W), got shape {tuple(x.shape)}"
+        )
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]}")
+    patch_grid(x.shape[2], x.shape[3], patch_size)
+    return x
+
+
+def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """The ``(rows, cols)`` of patches in an image; a side the patch size does not divide
+    raises ``ValueError``."""
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"input height and width must be multiples of the patch size {patch_size}, "
+            f"got {height}x{width}"
+        )
+    return height // patch_size, width // patch_size
 
 
 class PatchEmbed(nn.Module):
@@ -56,28 +90,17 @@ class PatchEmbed(nn.Module):
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid ``(rows, cols)`` for an image, validating its size."""
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(
-                f"input height and width must be multiples of the patch size {p}, "
-                f"got {height}x{width}"
-            )
-        return height // p, width // p
+        return patch_grid(height, width, self.patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4:
-            raise ValueError(
-                f"expected a 4-D image batch (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]}")
-        self.grid(x.shape[2], x.shape[3])
+        x = check_images(x, self.in_chans, self.patch_size)
         x = self.proj(x)  # (B, C, H_img/p, W_img/p)
         # token-major in memory: a transposed view would carry a channel-first layout into
         # the residual stream, and every LayerNorm (forward and backward) would copy it
         return x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C)
 
 
+@torch.fx.wrap
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     """Stochastic depth (Huang et al. 2016): drop the whole branch per sample with prob. ``p``.
 
@@ -301,7 +324,7 @@ class ClassAttention(nn.Module):
 
 @dataclass
 class BlockTrace:
-    """What one residual block did, for introspection (see ``CaiT.forward_intermediates``).
+    """What one residual block did, for introspection (see ``CaiT.forward_trace``).
 
     ``stream`` is the residual stream entering the block; ``attn_branch`` and ``mlp_branch``
     are the scaled branch outputs added to it (after drop-path, which is the identity in

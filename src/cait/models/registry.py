@@ -8,14 +8,21 @@ ablation knobs, and a few small variants serve CPU work and the demos.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
-from cait.models.cait import CaiT
-from cait.models.config import CaiTConfig
+from cait.models.cait import CaiT, GlobalPool
+from cait.models.config import (
+    CAIT_CROP_PCT,
+    DEIT_CROP_PCT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CaiTConfig,
+    InputSpec,
+    pretrained_cfg,
+)
 from cait.models.pretrained import load_pretrained
 
 __all__ = [
@@ -30,40 +37,7 @@ __all__ = [
     "register_variant",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Evaluation crop ratios: CaiT models are evaluated on the full resized image (crop 1.0,
-# README_cait.md); DeiT models use the classic 0.875 center crop (DeiT main.py).
-CAIT_CROP_PCT = 1.0
-DEIT_CROP_PCT = 0.875
-
 _OFFICIAL_URL = "https://dl.fbaipublicfiles.com/deit/{}.pth"
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model expects of its input images: side length, the eval crop ratio (resize
-    to ``img_size / crop_pct``, then center-crop), the resize interpolation and the
-    per-channel normalisation. Each variant carries one; checkpoints record it."""
-
-    img_size: int
-    crop_pct: float
-    interpolation: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def replace(self, **changes: Any) -> InputSpec:
-        """A copy with the given fields changed; ``None`` values leave a field as it is."""
-        given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items()}
-        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
-        """From :meth:`to_dict`'s output (lists, as JSON and YAML give them, become tuples)."""
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
 
 def layerscale_init_for_depth(depth: int) -> float:
@@ -107,6 +81,19 @@ class Variant:
     @property
     def input_spec(self) -> InputSpec:
         return InputSpec(self.img_size, self.crop_pct, self.interpolation, self.mean, self.std)
+
+    def pretrained_cfg(self, config: CaiTConfig | None = None) -> dict[str, Any]:
+        """timm's ``pretrained_cfg`` for this variant, built with ``config`` (the variant's
+        own by default; a model built with overrides passes its own, for its input size and
+        class count)."""
+        config = config or self.config
+        return pretrained_cfg(
+            config,
+            self.input_spec.replace(img_size=config.img_size),
+            architecture=self.name,
+            url=self.url,
+            hf_hub_id=self.hf_hub_id,
+        )
 
 
 _VARIANTS: dict[str, Variant] = {}
@@ -272,14 +259,22 @@ def get_variant(name: str) -> Variant:
         raise ValueError(f"unknown model {name!r}{hint}") from None
 
 
-def create_model(name: str, pretrained: bool | str = False, **overrides: Any) -> CaiT:
+def create_model(
+    name: str,
+    pretrained: bool | str = False,
+    global_pool: GlobalPool | None = None,
+    **overrides: Any,
+) -> CaiT:
     """Build a variant, with config fields overridden by keyword.
 
     ``pretrained=True`` loads the variant's released weights (needs the network, or the
     file in torch hub's cache); a string is any source :func:`cait.load_pretrained` takes.
+    ``global_pool`` is timm's (``token``, ``avg`` or ``""``; the config's pooling by
+    default). The model's ``pretrained_cfg`` is the variant's, at the model's input size.
     """
     variant = get_variant(name)
-    model = CaiT(variant.config.replace(**overrides))
+    model = CaiT(variant.config.replace(**overrides), global_pool=global_pool)
+    model.pretrained_cfg = variant.pretrained_cfg(model.config)
     if pretrained:
         if isinstance(pretrained, str):
             source = pretrained

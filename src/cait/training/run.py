@@ -217,6 +217,9 @@ def _build_model(
         report = load_pretrained(model, config.init_from)
         logger.info("initialised from %s (%s)", config.init_from, report)
     model.to(device)
+    if isinstance(model, CaiT) and model.config.distilled:
+        # both heads' logits in training, for the distillation loss (DeiT); their mean in eval
+        model.set_distilled_training(True)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     logger.info(
