@@ -224,9 +224,8 @@ class CaiT(nn.Module):
 
         The embeddings and tokens are layer 0 and SA block ``i`` is layer ``i + 1``. The CA
         blocks share the ids of the last SA blocks and the final norm that of the last
-        block, as in timm's CaiT; without a CA stage (ViT/DeiT) the norm is a layer of its
-        own, as in timm's ViT. The head comes last. ``coarse`` changes nothing: every
-        block is its own group either way.
+        block, as timm groups its CaiT and ViT/DeiT models. The head comes last. ``coarse``
+        changes nothing: every block is its own group either way.
         """
         depth, ca_depth = len(self.blocks), len(self.blocks_token_only)
         stem = ("cls_token", "dist_token", "pos_embed", "patch_embed.")
@@ -239,7 +238,7 @@ class CaiT(nn.Module):
             if name.startswith("blocks_token_only."):
                 return max(1, int(name.split(".")[1]) + depth - ca_depth + 1)
             if name.startswith("norm."):
-                return depth if ca_depth else depth + 1
+                return depth
             return math.inf
 
         return layer_id
