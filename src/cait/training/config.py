@@ -92,6 +92,8 @@ class OptimConfig:
 
     ``lr`` is for a global batch of 512 (see :func:`scaled_lr`). Defaults: the DeiT/CaiT
     ImageNet recipe (lr 5e-4, weight decay 0.05, 5 warmup epochs from 1e-6, min lr 1e-5).
+    ``layer_decay`` (in (0, 1], off by default as in the CaiT recipes) scales each layer's
+    rate by ``layer_decay ** (layers above it)``, the head's by 1 (as in ELECTRA and BEiT).
     """
 
     lr: float = 5e-4
@@ -107,6 +109,7 @@ class OptimConfig:
     decay_rate: float = 0.5
     clip_grad: float | None = None
     accum_steps: int = 1
+    layer_decay: float | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "optim")
@@ -120,6 +123,10 @@ class OptimConfig:
             raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"optim.clip_grad must be positive, got {self.clip_grad}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(
+                f"optim.layer_decay must be in (0, 1] (or null), got {self.layer_decay}"
+            )
 
 
 @dataclass(frozen=True)
