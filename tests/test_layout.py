@@ -3,12 +3,14 @@
 The wings, lowest first (README, "Layout"):
 
     files, schema  <-  kernels  <-  models  <-  data  <-  runtime  <-  training
-        <-  analysis, inference, bench  <-  cli  <-  the package's __init__ and __main__
+        <-  analysis, inference, export, bench  <-  cli
+        <-  the package's __init__ and __main__
 
 A module may import its own wing or a lower one; wings of the same level (analysis,
-inference, bench) do not import each other. Module-level imports of the whole package form
-no cycle, and no function imports ``cait`` modules locally except in the CLI (a local import
-is how a cycle hides). The model side (``kernels``, ``models``) imports no distributed code.
+inference, export, bench) do not import each other. Module-level imports of the whole
+package form no cycle, and no function imports ``cait`` modules locally except in the CLI
+(a local import is how a cycle hides). The model side (``kernels``, ``models``) imports no
+distributed code.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ LEVELS = {
     "cait.training": 5,
     "cait.analysis": 6,
     "cait.inference": 6,
+    "cait.export": 6,
     "cait.bench": 6,
     "cait.cli": 7,
     "cait": 8,  # cait/__init__.py and cait/__main__.py: the public API on top of it all

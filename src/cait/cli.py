@@ -16,6 +16,7 @@ from cait.analysis.ablation import GRIDS, run_ablation
 from cait.analysis.attention import save_attention_maps
 from cait.analysis.residuals import save_residual_report
 from cait.bench import COMPARE_WITH, DTYPES, benchmark, format_table
+from cait.export import DEFAULT_EXAMPLE_BATCH, FORMATS, export_checkpoint
 from cait.inference import evaluate_checkpoint, predict
 from cait.models.build import convert_checkpoint
 from cait.models.config import AttnImpl
@@ -256,6 +257,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        r = export_checkpoint(
+            args.checkpoint,
+            args.format,
+            args.output,
+            model_name=args.model,
+            batch=args.batch,
+            opset=args.opset,
+            dynamic_size=args.dynamic_size,
+            overwrite=args.force,
+            push_to_hub=args.push_to_hub,
+        )
+    except ValueError as err:  # a multi-line message (a weights mismatch) on one line
+        raise ValueError("; ".join(s.strip() for s in str(err).splitlines() if s.strip())) from err
+    shapes = "any batch" + (", any height and width" if r.dynamic_size else "")
+    detail = (
+        f", opset {r.opset}" if r.opset else f", timm {r.architecture}" if r.architecture else ""
+    )
+    print(f"wrote {r.output} ({r.format}{detail}, {shapes})")
+    figures = ", ".join(
+        f"batch {c.batch} at {c.size[0]}x{c.size[1]}: {c.max_abs_diff:.2e}" for c in r.checks
+    )
+    print(f"max |logits - eager logits| ({r.reference}): {figures} (tolerance {r.tolerance:.0e})")
+    if r.pushed_to:
+        print(f"pushed to {r.pushed_to}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cait", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -362,6 +392,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the grids and exit")
     p.set_defaults(func=_cmd_ablate)
 
+    p = sub.add_parser("export", help="export to ONNX, torch.export (.pt2) or a timm folder")
+    p.add_argument("checkpoint", help="our checkpoint, or official/timm weights with --model")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--output", required=True, help=".onnx or .pt2 file, or the timm folder")
+    p.add_argument("--model", help="variant, for official/timm weights without a config")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_EXAMPLE_BATCH,
+        help="batch size of the traced example (the export takes any)",
+    )
+    p.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
+    p.add_argument("--dynamic-size", action="store_true", help="any height and width too")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the timm folder to this repo")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("bench", help="images/s and peak memory, optionally beside timm")
     p.add_argument("--model", required=True, help="variant name (see `cait models`)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -400,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # Library messages name a function's parameter; on the command line it is this flag.
-_PARAMETER_FLAGS = {"`model_name`": "--model NAME"}
+_PARAMETER_FLAGS = {"`model_name`": "--model NAME", "`overwrite`": "--force"}
 
 
 def _in_flags(message: str) -> str:

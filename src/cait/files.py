@@ -19,6 +19,10 @@ __all__ = ["atomic_write", "load_file_safely"]
 
 # Files cait writes are readable by everyone, like any file a user writes.
 FILE_MODE = 0o644
+# torch.save writes a zip archive; the legacy format (torch < 1.6) is a pickle stream, which
+# opens with the PROTO opcode 0x80 (pickle protocol 2 and later).
+_ZIP_START = b"PK\x03\x04"
+_PICKLE_START = b"\x80"
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
@@ -51,10 +55,20 @@ def load_file_safely(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(str(path), device="cpu")
+    with open(path, "rb") as f:
+        start = f.read(len(_ZIP_START))
+    if not start.startswith((_ZIP_START, _PICKLE_START)):
+        raise ValueError(f"{path} is not a torch checkpoint (neither a zip archive nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refusing to load {path}: it holds objects other than tensors and plain "
             f"containers, and loading never unpickles arbitrary code ({err})"
+        ) from err
+    except (EOFError, KeyError, RuntimeError) as err:  # what torch.load raises on other bytes
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"{path} is not a torch checkpoint: torch cannot read it "
+            f"({type(err).__name__}: {first})"
         ) from err
