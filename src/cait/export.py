@@ -285,6 +285,21 @@ def _example_and_shapes(
     return example, shapes, sizes
 
 
+@contextmanager
+def _size_oblivious(enable: bool) -> Iterator[None]:
+    """With symbolic image sizes, torch.export reasons about sizes "obliviously": it no
+    longer assumes a symbolic size is not 1 where a tensor's layout would differ at 1
+    (torch's 0/1 specialisation). Without it, a program traced at batch 2 with free height
+    and width carries guards that reject batch 1 when it runs."""
+    if not enable:
+        yield
+        return
+    from torch.fx.experimental import _config as fx_config  # torch's switch for this
+
+    with fx_config.patch(backed_size_oblivious=True):
+        yield
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
@@ -356,7 +371,7 @@ def _export_onnx(
     written: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
-        with _quiet_loggers(_ONNX_CHATTY_LOGGERS):
+        with _quiet_loggers(_ONNX_CHATTY_LOGGERS), _size_oblivious(dynamic_size):
             program = _onnx_program(model, example, shapes, opset)
         program.save(tmp)
         written["opset"] = _onnx_opset(onnx.load(str(tmp), load_external_data=False))
@@ -435,7 +450,7 @@ def _export_pt2(
 
     def write(tmp: Path) -> None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _size_oblivious(dynamic_size):
                 program = torch.export.export(model, (example,), dynamic_shapes=(shapes,))
         except Exception as err:  # the exporter's own errors are many; all end the export
             raise ExportError(
@@ -445,14 +460,7 @@ def _export_pt2(
             torch.export.save(program, f)
         with open(tmp, "rb") as f:
             loaded = torch.export.load(f).module()
-        try:
-            checks.append(_parity(model, loaded, what, sizes, example.shape[1], TOLERANCES["pt2"]))
-        except ExportError as err:
-            if not dynamic_size:
-                raise
-            raise ExportError(
-                f"dynamic height and width cannot be exported as pt2 for this model: {err}"
-            ) from err
+        checks.append(_parity(model, loaded, what, sizes, example.shape[1], TOLERANCES["pt2"]))
 
     atomic_write(output, write)
     return ExportResult("pt2", output, what, TOLERANCES["pt2"], checks[0], dynamic_size)

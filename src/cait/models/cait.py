@@ -25,6 +25,7 @@ from cait.models.layers import (
     ClassAttentionBlock,
     PatchEmbed,
     SelfAttentionBlock,
+    is_symbolic,
     patch_grid,
     resample_pos_embed,
 )
@@ -479,6 +480,8 @@ def _position_embeddings(
     class tokens kept as they are). A function of its own so that torch.fx records one call
     where the image size, known only at run time, decides whether to resize."""
     grid = patch_grid(height, width, patch_size)
-    if grid == (grid_size, grid_size):
+    # an exported or compiled graph with a symbolic image size resizes at every size: a
+    # shortcut for the native size would become a guard that rejects all the others
+    if not is_symbolic(height, width) and grid == (grid_size, grid_size):
         return pos_embed
     return resample_pos_embed(pos_embed, grid, prefix, old_grid=(grid_size, grid_size))

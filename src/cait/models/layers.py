@@ -33,6 +33,7 @@ __all__ = [
     "check_images",
     "drop_path",
     "layer_scale",
+    "is_symbolic",
     "make_branch_scale",
     "patch_grid",
     "resample_pos_embed",
@@ -66,6 +67,13 @@ def check_images(x: Tensor, in_chans: int, patch_size: int) -> Tensor:
         raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]}")
     patch_grid(x.shape[2], x.shape[3], patch_size)
     return x
+
+
+def is_symbolic(*sizes: int) -> bool:
+    """Whether any size is a symbol (``torch.export`` or ``torch.compile`` with a dynamic
+    dimension) rather than a number: a Python branch on it would become a guard that fixes
+    it."""
+    return any(isinstance(s, torch.SymInt) for s in sizes)
 
 
 def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
@@ -303,12 +311,22 @@ class ClassAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: Tensor, num_queries: int = 1, return_attn: bool = False
+        self,
+        x: Tensor,
+        num_queries: int = 1,
+        return_attn: bool = False,
+        queries: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Returns the update of the class tokens and, when asked, ``(B, H, T, T + N)``."""
+        """Returns the update of the class tokens and, when asked, ``(B, H, T, T + N)``.
+
+        ``queries`` may hold ``x[:, :T]`` as a tensor of its own (contiguous): projecting a
+        slice of ``x`` makes ``torch.export`` assume a batch other than 1 (the slice is
+        contiguous only for one image), which a symbolic image size cannot avoid.
+        """
         B, N, C = x.shape
         H, T = self.num_heads, num_queries
-        q = self.q(x[:, :T]).reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hd)
+        queries = x[:, :T] if queries is None else queries  # (B, T, C)
+        q = self.q(queries).reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hd)
         k = self.k(x).reshape(B, N, H, C // H).transpose(1, 2)  # (B, H, N, hd)
         v = self.v(x).reshape(B, N, H, C // H).transpose(1, 2)  # (B, H, N, hd)
         attn = None
@@ -472,7 +490,11 @@ class ClassAttentionBlock(_ResidualBlock):
         keep = trace is not None
         stream = tokens  # (B, T, C)
         u = torch.cat((tokens, x), dim=1)  # (B, T + N, C)
-        a, attn = self.attn(self.norm1(u), num_queries=tokens.shape[1], return_attn=keep)
+        # the class tokens' rows of norm1(u), normalised on their own (each row is)
+        queries = self.norm1(tokens)  # (B, T, C)
+        a, attn = self.attn(
+            self.norm1(u), num_queries=tokens.shape[1], return_attn=keep, queries=queries
+        )
         tokens, attn_branch = self._add(tokens, self.gamma_1, a, keep)  # (B, T, C)
         tokens, mlp_branch = self._add(tokens, self.gamma_2, self.mlp(self.norm2(tokens)), keep)
         if trace is not None:
@@ -504,8 +526,8 @@ def resample_pos_embed(
         old_grid = (side, side)
     if old_grid[0] * old_grid[1] != n_old:
         raise ValueError(f"old_grid {old_grid} does not match {n_old} position embeddings")
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
+    if not is_symbolic(*new_grid) and tuple(old_grid) == tuple(new_grid):
+        return pos_embed  # (a symbolic grid is resampled at any size, rather than guarded)
     C = pos_embed.shape[-1]
     grid = grid_tokens.float().reshape(1, old_grid[0], old_grid[1], C).permute(0, 3, 1, 2)
     grid = F.interpolate(
