@@ -73,3 +73,17 @@ def test_a_config_error_is_one_line_naming_the_config_key(tmp_path, capsys):
     assert main(["train", "--output", str(tmp_path), "--set", "optim.schedule=linear"]) == 2
     assert "optim.schedule must be one of ['cosine', 'step', 'constant']" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_an_unreadable_safetensors_file_is_one_line(command, tmp_path, capsys):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    image = tmp_path / "x.png"
+    argv = [command, "--checkpoint", str(bad)] + (
+        ["--data", "digits"] if command == "eval" else [str(image)]
+    )
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"cait {command}: error: ") and "\n" not in err
+    assert "is not a readable safetensors file" in err

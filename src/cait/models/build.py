@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from cait.files import load_file_safely
@@ -158,8 +158,11 @@ def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | N
     if not path.is_file():
         return None
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.metadata() or {}
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
         if "model_config" not in raw:
             return None
         return {k: json.loads(v) for k, v in raw.items() if k != "format"}
