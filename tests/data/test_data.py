@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +103,18 @@ def test_randaugment_survives_zero_bit_posterize():
     random.seed(0)
     for _ in range(50):
         assert transform(img).shape == (3, 16, 16)
+
+
+def test_building_the_digits_leaves_pythons_random_as_it_was():
+    """sklearn's first import (rich, when installed, draws from `random` at import) must
+    not shift the seeded streams of a run: checked in a fresh process, where sklearn is not
+    imported yet."""
+    code = (
+        "import random\n"
+        "random.seed(0)\n"
+        "before = random.getstate()\n"
+        "from cait.data.datasets import DigitsDataset\n"
+        "DigitsDataset('train')\n"
+        "assert random.getstate() == before, 'the digits moved random'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -10,6 +10,7 @@ silently: each sample carries the files it had to skip, the loop collects and re
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -89,8 +90,15 @@ class DigitsDataset(Dataset):
     def __init__(self, split: str, transform: Callable | None = None) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        # sklearn imports rich for its progress bars when rich is installed, and that import
+        # draws from Python's global `random`. Here, after the run was seeded, it would shift
+        # every later draw of the first run in a process and of no other (a resumed or second
+        # run would differ), so the import leaves the state as it found it.
+        state = random.getstate()
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
+
+        random.setstate(state)
 
         digits = load_digits()
         index = np.arange(len(digits.target))
