@@ -27,6 +27,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LEVELS = {
     "cait.files": 0,
     "cait.schema": 0,
+    "cait.threads": 0,
     "cait.kernels": 1,
     "cait.models": 2,
     "cait.data": 3,

@@ -22,16 +22,19 @@ step, including the allocator's and the BLAS library's scratch space.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import gc
 import logging
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +44,20 @@ from cait import runtime
 from cait.data import build_val_dataset, eval_transform
 from cait.models.build import load_for_inference, timm_model
 from cait.models.registry import create_model, get_variant
+from cait.threads import adapt as adapt_threads
+from cait.threads import use_threads
 
 __all__ = [
     "COMPARE_WITH",
     "DTYPES",
     "BenchResult",
+    "LoadResult",
     "ModelTiming",
     "benchmark",
+    "benchmark_under_load",
     "checkpoint_precision_agreement",
+    "competitors",
+    "format_load_table",
     "format_table",
     "precision_agreement",
 ]
@@ -292,6 +301,7 @@ def _timed_rounds(
             _sync(device)
             start = time.perf_counter()
             for _ in range(steps):
+                adapt_threads()  # as training does between steps (cait.threads)
                 step_fns[name]()
             _sync(device)
             per_round[name].append(steps * batch_size / (time.perf_counter() - start))
@@ -351,14 +361,15 @@ def benchmark(
     in fp32 on the device that the logits of the batch's first :data:`CHECK_IMAGES` images
     agree, then times both (timm in ``compare_dtype``, by default
     ``dtype``). ``overrides`` are config fields for our model (e.g. ``attn_impl``);
-    ``threads`` sets torch's intra-op threads (default: leave as is).
+    ``threads`` pins torch's intra-op threads (default: the process's thread policy, which
+    the CLI sets to follow other processes' load; :mod:`cait.threads`).
     """
     compare_dtype = compare_dtype or dtype
     _check_options(dtype, compare_dtype, compare, batch_size, rounds, steps, warmup)
     dev = runtime.inference_device(device, "fp16" if "fp16" in (dtype, compare_dtype) else "none")
     runtime.seed_everything(seed)
     if threads is not None:
-        torch.set_num_threads(threads)
+        use_threads(threads)
 
     ours, images, targets = _model_and_batch(model_name, batch_size, seed, overrides)
     result = BenchResult(
@@ -395,6 +406,7 @@ def benchmark(
     )
     peaks = {name: _peak_memory_mib(fn, dev) for name, fn in step_fns.items()}
     per_round = _timed_rounds(step_fns, rounds, steps, batch_size, dev)
+    result.threads = torch.get_num_threads()  # where the thread policy ended (cait.threads)
     _record_timings(result, models, per_round, peaks)
     return result
 
@@ -420,6 +432,87 @@ def format_table(result: BenchResult) -> str:
             f"ratios); fp32 logits max |diff| "
             f"{r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.0%}"
         )
+    return "\n".join(lines)
+
+
+# A competitor keeps one core busy in pure Python (no threads of its own), and gives up on
+# its own after this many seconds should this process die without stopping it.
+COMPETITOR_MAX_S = 900
+_BUSY = (
+    "import sys, time\n"
+    "end = time.monotonic() + float(sys.argv[1])\n"
+    "while time.monotonic() < end:\n"
+    "    pass\n"
+)
+
+
+@contextlib.contextmanager
+def competitors(
+    count: int, max_seconds: float = COMPETITOR_MAX_S
+) -> Iterator[list[subprocess.Popen]]:
+    """``count`` busy processes, one core's worth of work each, for the ``with`` block:
+    the load of another job on the machine. Each stops at the end of the block, or by
+    itself after ``max_seconds``."""
+    if count < 0:
+        raise ValueError(f"the number of competitors must be >= 0, got {count}")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _BUSY, str(max_seconds)]) for _ in range(count)
+    ]
+    try:
+        time.sleep(0.5 if count else 0.0)  # running before the first timed step
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+@dataclass
+class LoadResult:
+    """The same benchmark idle and beside ``competitors`` busy processes."""
+
+    competitors: int
+    idle: BenchResult
+    loaded: BenchResult
+
+    def slowdowns(self) -> dict[str, float]:
+        """Idle images/s over loaded images/s, per model (2.0: twice the idle time)."""
+        loaded = {t.impl: t.images_per_s for t in self.loaded.timings}
+        return {t.impl: t.images_per_s / loaded[t.impl] for t in self.idle.timings}
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "slowdowns": self.slowdowns()}
+
+
+def benchmark_under_load(model_name: str, load: int, **kwargs: Any) -> LoadResult:
+    """:func:`benchmark` idle, then again with ``load`` busy competitor processes that it
+    starts and stops itself (:func:`competitors`)."""
+    if load < 1:
+        raise ValueError(f"load must be at least 1 competitor, got {load}")
+    idle = benchmark(model_name, **kwargs)
+    with competitors(load):
+        loaded = benchmark(model_name, **kwargs)
+    return LoadResult(load, idle, loaded)
+
+
+def format_load_table(result: LoadResult) -> str:
+    """What ``cait bench --load N`` prints: images/s idle and loaded, and the slowdown."""
+    r = result
+    lines = [
+        f"{r.idle.model} {r.idle.mode} batch {r.idle.batch_size}: idle and with "
+        f"{r.competitors} busy competitor process{'es' if r.competitors > 1 else ''} "
+        f"(threads at the end: {r.idle.threads} idle, {r.loaded.threads} loaded; cait.threads)",
+        f"{'impl':<6}{'idle img/s':>12}{'loaded img/s':>14}{'slowdown':>10}",
+    ]
+    loaded = {t.impl: t.images_per_s for t in r.loaded.timings}
+    for t in r.idle.timings:
+        lines.append(
+            f"{t.impl:<6}{t.images_per_s:>12.2f}{loaded[t.impl]:>14.2f}"
+            f"{r.slowdowns()[t.impl]:>9.2f}x"
+        )
+    if r.loaded.ratio is not None:
+        lines.append(f"cait / timm: {r.idle.ratio:.2f}x idle, {r.loaded.ratio:.2f}x loaded")
     return "\n".join(lines)
 
 

@@ -15,13 +15,21 @@ from typing import get_args
 from cait.analysis.ablation import GRIDS, run_ablation
 from cait.analysis.attention import save_attention_maps
 from cait.analysis.residuals import save_residual_report
-from cait.bench import COMPARE_WITH, DTYPES, benchmark, format_table
+from cait.bench import (
+    COMPARE_WITH,
+    DTYPES,
+    benchmark,
+    benchmark_under_load,
+    format_load_table,
+    format_table,
+)
 from cait.export import DEFAULT_EXAMPLE_BATCH, FORMATS, export_checkpoint
 from cait.inference import evaluate_checkpoint, predict
 from cait.models.build import convert_checkpoint
 from cait.models.config import AttnImpl
 from cait.models.registry import get_variant, list_models
 from cait.runtime import Amp, Device, DeviceType, torchrun_command
+from cait.threads import use_threads
 from cait.training.config import (
     TrainConfig,
     apply_overrides,
@@ -101,6 +109,7 @@ _TRAIN_FLAGS = {
     "distillation": "distill.kind",
     "distill_alpha": "distill.alpha",
     "distill_tau": "distill.tau",
+    "threads": "threads",
 }
 
 
@@ -237,8 +246,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     overrides = {"attn_impl": args.attn_impl} if args.attn_impl else {}
-    result = benchmark(
-        args.model,
+    options = dict(
         batch_size=args.batch_size,
         dtype=args.dtype,
         device=args.device,
@@ -253,6 +261,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         **overrides,
     )
+    if args.load:
+        loaded = benchmark_under_load(args.model, args.load, **options)
+        print(json.dumps(loaded.to_dict(), indent=2) if args.json else format_load_table(loaded))
+        return 0
+    result = benchmark(args.model, **options)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
     return 0
 
@@ -284,6 +297,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if r.pushed_to:
         print(f"pushed to {r.pushed_to}")
     return 0
+
+
+def _threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: as many as the cores other processes leave "
+        "free, up to torch's count, re-checked every 2 s; OMP_NUM_THREADS also pins it)",
+    )
+
+
+# commands that compute in this process with torch's threads (train sets them from its
+# config, in cait.runtime.setup)
+_THREADED_COMMANDS = ("eval", "predict", "attention", "residuals", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-alpha", type=float, help="weight of the distillation term")
     p.add_argument("--distill-tau", type=float, help="temperature of soft distillation")
     p.add_argument("--nproc", type=int, help="N processes on this machine, via torchrun")
+    _threads_flag(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a validation split")
@@ -341,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=_AMPS, default="none")
     p.add_argument("--crop-pct", type=float, help="override the variant's eval crop ratio")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _threads_flag(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes for image files")
@@ -350,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="variant, for official/timm weights without a config")
     p.add_argument("--device", choices=_DEVICES, default="auto")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _threads_flag(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("attention", help="class-attention maps of images, drawn over them")
@@ -360,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sa-block", type=int, help="also draw this self-attention block (from 0)")
     p.add_argument("--img-size", type=int, help="evaluate at this resolution instead")
     p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu")
+    _threads_flag(p)
     p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("residuals", help="residual-branch / stream norm ratios per block")
@@ -372,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _threads_flag(p)
     p.set_defaults(func=_cmd_residuals)
 
     p = sub.add_parser("ablate", help="train a grid of ablation configurations, tabulate")
@@ -407,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-size", action="store_true", help="any height and width too")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the timm folder to this repo")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    _threads_flag(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("bench", help="images/s and peak memory, optionally beside timm")
@@ -423,9 +456,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--steps", type=int, default=2, help="steps per timed round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time it idle, then again beside N busy processes it starts and stops itself",
+    )
+    _threads_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
+
     return parser
 
 
@@ -440,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command in _THREADED_COMMANDS:
+            use_threads(args.threads)
         return args.func(args)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
         print(f"{rank}cait {args.command}: error: {_in_flags(str(err))}", file=sys.stderr)

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from cait import runtime
 from cait.data import build_val_dataset, collate_samples, eval_transform, read_image
 from cait.models.build import LoadedModel, load_for_inference
+from cait.threads import adapt as adapt_threads
 from cait.training.engine import evaluate
 
 # LoadedModel and load_for_inference live in cait.models.build; named here too because
@@ -66,6 +67,7 @@ def predict(
     transform = eval_transform(loaded.settings)
     results = []
     for image in images:
+        adapt_threads()
         img = read_image(image)
         probs = model(transform(img)[None].to(dev)).float().softmax(-1)[0]
         k = min(topk, probs.numel())

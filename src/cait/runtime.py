@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from cait.kernels.native import available as native_available
+from cait.threads import ensure_policy, use_threads
 
 __all__ = [
     "Amp",
@@ -66,7 +67,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def inference_device(device: str, amp: Amp) -> torch.device:
-    """The device for evaluation or prediction, checking the AMP mode (no reseeding)."""
+    """The device for evaluation or prediction, checking the AMP mode (no reseeding); on
+    the way, the process gets a thread policy if it has none (:mod:`cait.threads`)."""
+    ensure_policy()
     dev = resolve_device(device)
     if amp == "fp16" and dev.type != "cuda":
         raise ValueError("amp 'fp16' needs a CUDA device (use 'bf16' on the CPU)")
@@ -80,18 +83,17 @@ def setup(
 
     Under ``torchrun`` a CUDA process takes the GPU of its ``local_rank``.
     """
+    use_threads(threads)  # pinned, or following other processes' load (cait.threads)
     dev = inference_device(device, amp)
     if dev.type == "cuda" and dist_info().world_size > 1:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-    if threads is not None:
-        torch.set_num_threads(threads)
     # full fp32 matmuls unless AMP is asked for: results must not depend on TF32 defaults
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     seed_everything(seed)
     logger.info(
-        "runtime: python %s, torch %s, device %s, amp %s, threads %d, seed %d, TF32 off%s",
+        "runtime: python %s, torch %s, device %s, amp %s, threads %d now, seed %d, TF32 off%s",
         platform.python_version(),
         torch.__version__,
         dev,

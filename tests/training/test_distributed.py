@@ -46,7 +46,8 @@ TOLERANCE = 1e-5
 
 
 def _config(tmp_path: Path, *overrides: str):
-    """The digits recipe shrunk to seconds: a 1-block model, 2 epochs."""
+    """The digits recipe shrunk to seconds: a 1-block model, 2 epochs, one thread per process
+    (as torchrun sets it; results are compared across runs, cait.threads)."""
     base = load_recipe(ROOT / "recipes" / "digits.yaml")
     defaults = [
         f"output={tmp_path}",
@@ -54,6 +55,7 @@ def _config(tmp_path: Path, *overrides: str):
         "epochs=2",
         "progress=false",
         "tensorboard=false",
+        "threads=1",
     ]
     return config_from_dict(apply_overrides(base, defaults + list(overrides)))
 
@@ -221,7 +223,7 @@ EQUIVALENCE = [*DETERMINISTIC, "optim.clip_grad=1.0"]
 
 def _train_two(output: Path, *extra: str) -> str:
     """``torchrun -m cait train`` on 2 processes x batch 64, the equivalence settings."""
-    sets = ["model_args.depth=1", "tensorboard=false", *EQUIVALENCE]
+    sets = ["model_args.depth=1", "tensorboard=false", "threads=1", *EQUIVALENCE]
     args = ["--recipe", str(ROOT / "recipes" / "digits.yaml"), "--output", str(output)]
     args += ["--no-progress", "--data", "digits", "--epochs", "2", "--batch-size", "64"]
     proc = _torchrun("-m", "cait", "train", *args, *extra, *[a for s in sets for a in ("--set", s)])
@@ -286,7 +288,8 @@ _RESUME_SCRIPT = textwrap.dedent(
     root, out = sys.argv[1], sys.argv[2]
     base = load_recipe(root + "/recipes/digits.yaml")
     common = ["model_args.depth=1", "epochs=2", "progress=false", "tensorboard=false",
-              "data.batch_size=128", "augment.repeated_aug=3", "model_args.drop_path_rate=0.1"]
+              "data.batch_size=128", "augment.repeated_aug=3", "model_args.drop_path_rate=0.1",
+              "threads=1"]  # pinned: the runs are compared bit for bit (cait.threads)
 
     def run(*extra):
         return train(config_from_dict(apply_overrides(base, common + list(extra))))
@@ -331,7 +334,7 @@ _FSDP_SCRIPT = textwrap.dedent(
     base = load_recipe(root + "/recipes/digits.yaml")
     common = ["model_args.depth=2", "epochs=2", "progress=false", "tensorboard=false",
               "data.batch_size=128", "parallel=fsdp", "ema=false", "grad_checkpointing=true",
-              f"output={out}/run"]
+              f"output={out}/run", "threads=1"]
 
     def run(*extra):
         return train(config_from_dict(apply_overrides(base, common + list(extra))))

@@ -29,7 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def digits_config(tmp_path: Path, *overrides: str, recipe: bool = True):
-    """The digits recipe shrunk to seconds: a 2-block model, a few epochs, no progress bar."""
+    """The digits recipe shrunk to seconds: a 2-block model, a few epochs, no progress bar.
+
+    The thread count is pinned: these runs are compared bit for bit, and torch's CPU ops sum
+    in an order that depends on it (a count that followed the machine's load could differ
+    between two runs; cait.threads)."""
     base = load_recipe(ROOT / "recipes" / "digits.yaml") if recipe else {}
     defaults = [
         f"output={tmp_path / 'run'}",
@@ -37,6 +41,7 @@ def digits_config(tmp_path: Path, *overrides: str, recipe: bool = True):
         "epochs=3",
         "progress=false",
         "tensorboard=false",
+        "threads=2",
     ]
     return config_from_dict(apply_overrides(base, defaults + list(overrides)))
 

@@ -170,6 +170,8 @@ class TrainConfig:
     (DistributedDataParallel) or ``fsdp`` (PyTorch's ``fully_shard`` of every block and the
     root, for models whose weights and optimiser state do not fit one device).
     ``dist_timeout`` (seconds) bounds the wait of any collective for the other ranks.
+    ``threads`` pins torch's CPU threads; ``null`` follows the cores other processes leave
+    free (:mod:`cait.threads`).
     """
 
     model: str = "cait_digits_16"
@@ -211,6 +213,10 @@ class TrainConfig:
             raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be positive, got {self.dist_timeout}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(
+                f"threads must be >= 1 (or null to follow the load), got {self.threads}"
+            )
         if self.parallel == "fsdp" and self.ema:
             raise ValueError(
                 "parallel=fsdp does not keep an EMA (it would hold the full weights on every "

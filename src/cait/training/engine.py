@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cait.runtime import all_gather_objects, all_reduce_max, all_reduce_sum, autocast, dist_info
+from cait.threads import adapt as adapt_threads
 from cait.training.losses import DistillationLoss
 from cait.training.optim import Optimisation
 
@@ -124,6 +125,7 @@ def train_one_epoch(
             continue
         lr = opt.step(model, step)
         step += 1
+        adapt_threads()  # the thread count for the next step, after other processes' load
         done = tally.micro // opt.accum_steps
         bar.update(1)
         if done % log_interval == 0 or done == total:
@@ -206,6 +208,7 @@ def evaluate(
     most = _most_batches(loader, device)
     passes, last = 0, None
     for x, target, bad in tqdm(loader, desc=description, disable=not progress, leave=False):
+        adapt_threads()
         skipped += bad
         if x.numel() == 0:
             continue
