@@ -21,12 +21,15 @@ from torch import Tensor
 
 from cait.data import eval_transform, read_image
 from cait.models.build import LoadedModel, load_for_inference
-from cait.models.cait import CaiT
+from cait.models.cait import CaiT, ModelTrace
 
 __all__ = [
     "AttentionMaps",
     "GridLayout",
     "attention_maps",
+    "display_image",
+    "maps_from_trace",
+    "overlay_maps",
     "render_attention_grid",
     "save_attention_maps",
 ]
@@ -77,6 +80,21 @@ class AttentionMaps:
         rows = attn[:, 0, prefix:] if prefix else attn[:, prefix:, prefix:].mean(axis=1)
         return rows.reshape(-1, *self.grid)
 
+    def patch_attention(self, patch: int) -> np.ndarray:
+        """Where one patch looks in the chosen SA block: the attention row of patch
+        ``patch`` (row-major in the grid) as a query, over the patches: ``(H, grid_h, grid_w)``.
+
+        With the class token early the row also gives weight to the class token; the
+        patch part is returned as it is (it sums to less than 1).
+        """
+        if self.self_attention is None:
+            raise ValueError("no self-attention block was recorded (pass sa_block)")
+        n = self.grid[0] * self.grid[1]
+        if not 0 <= patch < n:
+            raise ValueError(f"patch must be in [0, {n - 1}], got {patch}")
+        prefix = self.self_attention.shape[-1] - n
+        return self.self_attention[:, prefix + patch, prefix:].reshape(-1, *self.grid)
+
 
 @torch.no_grad()
 def attention_maps(model: CaiT, image: Tensor, sa_block: int | None = None) -> AttentionMaps:
@@ -92,23 +110,34 @@ def attention_maps(model: CaiT, image: Tensor, sa_block: int | None = None) -> A
         out = model.forward_trace(image[None])
     finally:
         model.train(was_training)
-    if not out.ca and sa_block is None:
+    return maps_from_trace(out, model.config.num_class_tokens, sa_block)
+
+
+def maps_from_trace(
+    trace: ModelTrace, num_class_tokens: int, sa_block: int | None = None
+) -> AttentionMaps:
+    """The maps of the first image of a :meth:`~cait.CaiT.forward_trace` result.
+
+    ``num_class_tokens`` is the model's ``config.num_class_tokens``; ``sa_block`` picks the
+    self-attention block to keep (``None``: none).
+    """
+    if not trace.ca and sa_block is None:
         raise ValueError(
             "this model has no class-attention blocks (class token early or avg pooling); "
             "choose a self-attention block to draw instead (sa_block)"
         )
     ca = (
-        torch.stack([t.attn[0] for t in out.ca]).float().cpu().numpy()
-        if out.ca
+        torch.stack([t.attn[0] for t in trace.ca]).float().cpu().numpy()
+        if trace.ca
         else np.zeros((0, 0, 0, 0), np.float32)
     )
-    sa = out.sa[sa_block].attn[0].float().cpu().numpy() if sa_block is not None else None
+    sa = trace.sa[sa_block].attn[0].float().cpu().numpy() if sa_block is not None else None
     return AttentionMaps(
         class_attention=ca,
         self_attention=sa,
-        grid=out.grid,
-        num_class_tokens=model.config.num_class_tokens,
-        prediction=int(out.logits[0].argmax()),
+        grid=trace.grid,
+        num_class_tokens=num_class_tokens,
+        prediction=int(trace.logits[0].argmax()),
     )
 
 
@@ -150,6 +179,27 @@ def _upsample(maps: np.ndarray, size: int) -> np.ndarray:
     return (up / peak[:, None, None]).numpy()
 
 
+def overlay_maps(
+    image: np.ndarray, maps: np.ndarray, size: int = CELL_PX
+) -> tuple[Image.Image, list[Image.Image]]:
+    """The image as a ``size x size`` picture, and each map over a grey copy of it.
+
+    ``image`` is ``(h, w, 3)`` in ``[0, 1]``; ``maps`` is ``(K, gh, gw)``. Each map is
+    upsampled bilinearly and scaled to its own maximum, so colours compare places within a
+    map, not between maps.
+    """
+    pic = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).resize(
+        (size, size), Image.Resampling.BICUBIC
+    )
+    grey = np.asarray(pic.convert("L"), dtype=np.float32)[..., None].repeat(3, -1) / 255
+    heat = _upsample(maps, size)
+    overlays = []
+    for k in range(len(maps)):
+        blend = (1 - OVERLAY_ALPHA) * grey + OVERLAY_ALPHA * _heat(heat[k])
+        overlays.append(Image.fromarray((blend * 255).round().astype(np.uint8)))
+    return pic, overlays
+
+
 def render_attention_grid(
     image: np.ndarray,
     maps: np.ndarray,
@@ -157,37 +207,25 @@ def render_attention_grid(
     col_titles: list[str],
     cell: int = CELL_PX,
 ) -> Image.Image:
-    """A grid picture: each row shows the image, then each map of that row over it.
-
-    ``image`` is ``(h, w, 3)`` in ``[0, 1]``; ``maps`` is ``(rows, K, gh, gw)``. Each map is
-    scaled to its own maximum, so colours compare places within a map, not between maps.
-    """
+    """A grid picture: each row shows the image, then each map of that row over it
+    (:func:`overlay_maps`); ``maps`` is ``(rows, K, gh, gw)``."""
     rows, k = maps.shape[:2]
     layout = GridLayout(rows, k + 1, cell)
     canvas = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    pic = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).resize(
-        (cell, cell), Image.Resampling.BICUBIC
-    )
-    grey = np.asarray(pic.convert("L"), dtype=np.float32)[..., None].repeat(3, -1) / 255
     for r in range(rows):
-        heat = _upsample(maps[r], cell)
-        for c in range(k + 1):
+        pic, overlays = overlay_maps(image, maps[r], cell)
+        for c, (tile, title) in enumerate(
+            zip([pic, *overlays], [row_titles[r], *col_titles], strict=True)
+        ):
             left, top, _, _ = layout.box(r, c)
-            if c == 0:
-                tile = pic
-                title = row_titles[r]
-            else:
-                blend = (1 - OVERLAY_ALPHA) * grey + OVERLAY_ALPHA * _heat(heat[c - 1])
-                tile = Image.fromarray((blend * 255).round().astype(np.uint8))
-                title = col_titles[c - 1]
             canvas.paste(tile, (left, top))
             draw.text((left + 2, top - TITLE_PX + 2), title, fill="black", font=font)
     return canvas
 
 
-def _display_image(tensor: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+def display_image(tensor: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """Undo the normalisation: the picture the model saw, ``(h, w, 3)`` in ``[0, 1]``."""
     m = torch.tensor(mean)[:, None, None]
     s = torch.tensor(std)[:, None, None]
@@ -240,7 +278,7 @@ def save_attention_maps(
     for path, stem, picture in zip(images, _unique_stems(images), pictures, strict=True):
         x = transform(picture)
         maps = attention_maps(net, x.to(device), sa_block)
-        shown = _display_image(x, settings.mean, settings.std)
+        shown = display_image(x, settings.mean, settings.std)
         name = loaded.class_names[maps.prediction] if loaded.class_names else str(maps.prediction)
         record: dict = {"image": str(path), "prediction": maps.prediction, "name": name}
         if maps.class_attention.size:

@@ -15,6 +15,7 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -23,10 +24,20 @@ from tqdm import tqdm
 
 from cait.data import build_val_dataset, collate_samples, eval_transform
 from cait.models.build import LoadedModel, load_for_inference
-from cait.models.cait import CaiT
+from cait.models.cait import CaiT, ModelTrace
 from cait.models.layers import BlockTrace
 
-__all__ = ["ResidualRatios", "branch_ratios", "residual_ratios", "save_residual_report"]
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the CLI
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "ResidualRatios",
+    "branch_ratios",
+    "residual_figure",
+    "residual_ratios",
+    "save_residual_report",
+    "trace_ratios",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +90,22 @@ def branch_ratios(traces: list[BlockTrace]) -> tuple[Tensor, Tensor, int]:
     return attn, mlp, tokens
 
 
+def _stages(trace: ModelTrace) -> list[str]:
+    return ["sa"] * len(trace.sa) + ["ca"] * len(trace.ca)
+
+
+def trace_ratios(trace: ModelTrace, label: str = "image") -> ResidualRatios:
+    """The mean ratios over the images of one :meth:`~cait.CaiT.forward_trace` result."""
+    attn, mlp, tokens = branch_ratios(trace.sa + trace.ca)
+    return ResidualRatios(
+        label=label,
+        stages=_stages(trace),
+        attn=(attn / tokens).tolist(),
+        mlp=(mlp / tokens).tolist(),
+        images=trace.logits.shape[0],
+    )
+
+
 @torch.no_grad()
 def residual_ratios(
     model: CaiT,
@@ -96,9 +123,8 @@ def residual_ratios(
     stages: list[str] = []
     for batch, *_ in tqdm(loader, desc=f"residuals {label}", disable=not progress, leave=False):
         out = model.forward_trace(batch.to(device))
-        traces = out.sa + out.ca
-        stages = ["sa"] * len(out.sa) + ["ca"] * len(out.ca)
-        a, m, n = branch_ratios(traces)
+        stages = _stages(out)
+        a, m, n = branch_ratios(out.sa + out.ca)
         attn_sum = a if attn_sum is None else attn_sum + a
         mlp_sum = m if mlp_sum is None else mlp_sum + m
         count = n if count is None else count + n
@@ -114,12 +140,13 @@ def residual_ratios(
     )
 
 
-def plot_residual_ratios(results: list[ResidualRatios], path: str | Path) -> Path:
-    """Attention and MLP ratios per layer, one line per model, log scale."""
+def residual_figure(results: list[ResidualRatios], size: tuple[float, float] = (11, 4)) -> Figure:
+    """Attention and MLP ratios per layer, one line per model, log scale (``size`` in
+    inches at 100 dpi)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4), dpi=100)
+    fig = Figure(figsize=size, dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, branch in zip(axes, ("attn", "mlp"), strict=True):
@@ -137,8 +164,13 @@ def plot_residual_ratios(results: list[ResidualRatios], path: str | Path) -> Pat
     axes[0].set_ylabel("||branch|| / ||residual stream||")
     axes[0].legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_residual_ratios(results: list[ResidualRatios], path: str | Path) -> Path:
+    """:func:`residual_figure` saved as a picture."""
     path = Path(path)
-    fig.savefig(path)
+    residual_figure(results).savefig(path)
     return path
 
 
