@@ -68,6 +68,10 @@ def load_image(path: str | Path) -> Image.Image:
         img.load()  # decode now, so that truncated files fail here
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
+        if img.mode.startswith("I;16"):
+            # 16-bit grayscale (PNG, TIFF): PIL's conversion clips at 255, which turns most
+            # of the picture white; keep the top 8 bits instead
+            img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
         return img.convert("RGB")
 
 
