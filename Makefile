@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml Makefile
 	# other torch builds); pip takes them from the machine's local wheel store when present.
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e ".[dev]"
+	# the browser of the app's tests (tests/test_app.py): Debian's chromium, driven by
+	# Playwright through its executable path; without it those tests are skipped
+	command -v chromium >/dev/null || apt-get install -y chromium \
+		|| (apt-get update && apt-get install -y chromium) \
+		|| echo "could not install chromium (apt-get, as root): the browser tests of cait app will be skipped"
 	touch $(STAMP)
 
 install: $(STAMP)

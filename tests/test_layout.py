@@ -3,7 +3,7 @@
 The wings, lowest first (README, "Layout"):
 
     files, schema  <-  kernels  <-  models  <-  data  <-  runtime  <-  training
-        <-  analysis, inference, export, bench  <-  cli
+        <-  analysis, inference, export, bench  <-  app  <-  cli
         <-  the package's __init__ and __main__
 
 A module may import its own wing or a lower one; wings of the same level (analysis,
@@ -37,8 +37,9 @@ LEVELS = {
     "cait.inference": 6,
     "cait.export": 6,
     "cait.bench": 6,
-    "cait.cli": 7,
-    "cait": 8,  # cait/__init__.py and cait/__main__.py: the public API on top of it all
+    "cait.app": 7,
+    "cait.cli": 8,
+    "cait": 9,  # cait/__init__.py and cait/__main__.py: the public API on top of it all
 }
 TOP = {"cait", "cait.__main__"}
 LOCAL_IMPORTS_ALLOWED = {"cait.cli"}

@@ -299,6 +299,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    from cait.app import launch_app  # gradio takes seconds to import: only for this command
+
+    launch_app(args.checkpoint, args.model, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def _threads_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
@@ -310,7 +317,7 @@ def _threads_flag(p: argparse.ArgumentParser) -> None:
 
 # commands that compute in this process with torch's threads (train sets them from its
 # config, in cait.runtime.setup)
-_THREADED_COMMANDS = ("eval", "predict", "attention", "residuals", "export", "bench")
+_THREADED_COMMANDS = ("eval", "predict", "attention", "residuals", "export", "bench", "app")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,6 +474,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
 
+    p = sub.add_parser("app", help="a web page: predictions and attention maps of any image")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="a checkpoint to serve; repeat it for a model chooser",
+    )
+    p.add_argument("--model", help="variant, for official/timm weights without a config")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (this machine)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also a public gradio.live link")
+    _threads_flag(p)
+    p.set_defaults(func=_cmd_app)
     return parser
 
 
