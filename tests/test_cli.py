@@ -87,3 +87,10 @@ def test_an_unreadable_safetensors_file_is_one_line(command, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"cait {command}: error: ") and "\n" not in err
     assert "is not a readable safetensors file" in err
+
+
+def test_a_missing_checkpoint_is_not_found_not_a_missing_model_name(tmp_path, capsys):
+    missing = tmp_path / "nope" / "model.safetensors"
+    assert main(["eval", "--checkpoint", str(missing), "--data", "digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"cait eval: error: checkpoint not found: {missing} (not a file, URL or Hub id)"

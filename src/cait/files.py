@@ -62,9 +62,10 @@ def load_file_safely(path: str | os.PathLike[str]) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(
             f"refusing to load {path}: it holds objects other than tensors and plain "
-            f"containers, and loading never unpickles arbitrary code ({err})"
+            f"containers, and loading never unpickles arbitrary code ({first})"
         ) from err
     except (EOFError, KeyError, RuntimeError) as err:  # what torch.load raises on other bytes
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -23,6 +23,7 @@ from cait.models.cait import CaiT
 from cait.models.config import CaiTConfig, pretrained_cfg
 from cait.models.pretrained import (
     convert_weights,
+    is_hub_id,
     load_pretrained,
     read_state_dict,
     unwrap_state_dict,
@@ -234,6 +235,9 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
             )
         names = folders = list(meta["class_names"])
         return LoadedModel(model.eval(), settings, names, folders)
+    remote = checkpoint.startswith(("http://", "https://")) or is_hub_id(checkpoint)
+    if not path.exists() and not remote:
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (not a file, URL or Hub id)")
     if model_name is None:
         raise ValueError(
             f"{checkpoint} is not a cait checkpoint (it carries no model config): pass "

@@ -25,6 +25,7 @@ from cait.models.cait import CaiT
 from cait.models.layers import resample_pos_embed
 
 __all__ = [
+    "is_hub_id",
     "LoadReport",
     "adapt_state_dict",
     "convert_weights",
@@ -80,6 +81,14 @@ def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
     return out
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether a source that is no local file names a Hugging Face Hub repo (``hf-hub:ID``,
+    or ``owner/name`` without a weights-file suffix)."""
+    return text.startswith("hf-hub:") or bool(
+        _HF_ID.match(text) and not text.endswith(_FILE_SUFFIXES)
+    )
+
+
 def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Read a state dict from a path, URL or Hugging Face Hub id (see the module docstring)."""
     text = str(source)
@@ -91,7 +100,7 @@ def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
     path = Path(text).expanduser()
     if path.exists():
         return unwrap_state_dict(load_file_safely(path))
-    if text.startswith("hf-hub:") or (_HF_ID.match(text) and not text.endswith(_FILE_SUFFIXES)):
+    if is_hub_id(text):
         from huggingface_hub import hf_hub_download
 
         repo_id = text.removeprefix("hf-hub:")
