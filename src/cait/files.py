@@ -62,14 +62,18 @@ def load_file_safely(path: str | os.PathLike[str]) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(
             f"refusing to load {path}: it holds objects other than tensors and plain "
-            f"containers, and loading never unpickles arbitrary code ({first})"
+            f"containers, and loading never unpickles arbitrary code ({_first_line(err)})"
         ) from err
     except (EOFError, KeyError, RuntimeError) as err:  # what torch.load raises on other bytes
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(
             f"{path} is not a torch checkpoint: torch cannot read it "
-            f"({type(err).__name__}: {first})"
+            f"({type(err).__name__}: {_first_line(err)})"
         ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's message cut to its first line (errors reach users on one line)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""

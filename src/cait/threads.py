@@ -193,6 +193,9 @@ class ThreadPolicy:
         return target
 
 
+# The process's policy. It is module state because what it governs, torch's intra-op
+# thread count, is process state already: the steps that call adapt() (training, evaluation,
+# benchmarks) need not be handed it through every signature.
 _policy: ThreadPolicy | None = None
 
 

@@ -7,6 +7,7 @@ features, FX), with the input sizes timm uses there. Written in our own words.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -101,7 +102,7 @@ def test_loaded_checkpoint_carries_its_input_spec(tmp_path):
     save_file(
         model.state_dict(),
         str(path),
-        metadata={k: __import__("json").dumps(v) for k, v in meta.items()},
+        metadata={k: json.dumps(v) for k, v in meta.items()},
     )
     loaded = load_for_inference(str(path)).model
     config = timm.data.resolve_data_config({}, model=loaded)

@@ -489,12 +489,11 @@ class ClassAttentionBlock(_ResidualBlock):
         """
         keep = trace is not None
         stream = tokens  # (B, T, C)
-        u = torch.cat((tokens, x), dim=1)  # (B, T + N, C)
-        # the class tokens' rows of norm1(u), normalised on their own (each row is)
+        # norm1(u) row by row: the class tokens' rows, normalised on their own, are the
+        # queries as a tensor of their own (see ClassAttention), then the patches' rows
         queries = self.norm1(tokens)  # (B, T, C)
-        a, attn = self.attn(
-            self.norm1(u), num_queries=tokens.shape[1], return_attn=keep, queries=queries
-        )
+        u = torch.cat((queries, self.norm1(x)), dim=1)  # norm1(u), (B, T + N, C)
+        a, attn = self.attn(u, num_queries=tokens.shape[1], return_attn=keep, queries=queries)
         tokens, attn_branch = self._add(tokens, self.gamma_1, a, keep)  # (B, T, C)
         tokens, mlp_branch = self._add(tokens, self.gamma_2, self.mlp(self.norm2(tokens)), keep)
         if trace is not None:
