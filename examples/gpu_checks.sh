@@ -9,8 +9,8 @@
 # line) and summary.txt. On the device tool, run it as it is: the tool sets $OUT to the
 # folder it brings back. Each step has its own time limit, 540 s in all (the tool's cap on
 # one command is 600 s); a benchmark that fails or runs out of time is marked FAILED and
-# the next one runs. Not yet run on a GPU. COMPILE=1 adds a compiled inference benchmark
-# (180 s more).
+# the next one runs. Run on an H200 on 2026-11-30 (261 s; figures in docs/BENCHMARKS.md).
+# COMPILE=1 adds a compiled inference benchmark (180 s more).
 set -uo pipefail
 PY=${PY:-python3}
 OUT=${OUT:-runs/gpu}
