@@ -5,18 +5,26 @@ download) and an ImageFolder tree (``DIR/train/<class>/*``, ``DIR/val/<class>/*`
 
 Unreadable files (truncated, empty, not an image) never crash a run and are never dropped
 silently: each sample carries the files it had to skip, the loop collects and reports them.
+
+Folders are outside input, read by these rules (docs/TRAINING.md, "How data folders are
+read"): entries whose name starts with ``.`` are ignored at every level; symbolic links to
+folders and files are followed, a linked folder that leads back to one already walked (a
+loop) is skipped; a class with no readable image, and a file that is both in ``train/`` and
+in ``val/`` once links are resolved, are errors.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 __all__ = [
@@ -26,8 +34,11 @@ __all__ = [
     "UNREADABLE_IMAGE_ERRORS",
     "build_datasets",
     "build_val_dataset",
+    "check_disjoint",
+    "class_folders",
     "collate_samples",
     "export_digits",
+    "find_images",
     "load_image",
     "read_image",
 ]
@@ -56,7 +67,8 @@ Sample = tuple["torch.Tensor | Image.Image | None", int, tuple[str, ...]]
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB (grayscale, RGBA and palette images are converted).
+    """Open an image as RGB, upright (grayscale, RGBA, palette and 16-bit images are
+    converted; an EXIF Orientation tag is applied, as a viewer does).
 
     Raises ``OSError``/``ValueError`` subclasses from PIL when the file cannot be read; an
     empty file raises ``ValueError`` naming it.
@@ -66,6 +78,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError("empty file")
     with Image.open(path) as img:
         img.load()  # decode now, so that truncated files fail here
+        # phones store pictures as the sensor saw them and say how to turn them in EXIF
+        ImageOps.exif_transpose(img, in_place=True)
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
         if img.mode.startswith("I;16"):
@@ -75,15 +89,105 @@ def load_image(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
+URL_SCHEMES = ("http://", "https://")
+
+
 def read_image(path: str | Path) -> Image.Image:
-    """:func:`load_image` for files a user named: a missing file raises
-    ``FileNotFoundError``, an unreadable one ``ValueError`` naming it."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+    """:func:`load_image` for files a user named, with a one-line error naming the path: a
+    missing file raises ``FileNotFoundError``; a URL, ``-``, a folder, a file the user may
+    not read or one that is not an image raise ``ValueError``."""
+    text = str(path)
+    if text == "-":
+        raise ValueError("reading an image from standard input is not supported")
+    if text.lower().startswith(URL_SCHEMES):
+        raise ValueError(f"URLs are not read: download {text} first")
+    try:
+        mode = Path(path).stat().st_mode
+    except PermissionError:  # a folder on the way may not be searched
+        raise ValueError(f"permission denied: {path}") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except OSError as err:  # a link loop, a name too long
+        raise ValueError(f"cannot read image {path}: {err.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{path} is a folder, not an image file")
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+        raise ValueError(f"{path} is not a regular file")
     try:
         return load_image(path)
+    except PermissionError:
+        raise ValueError(f"permission denied: {path}") from None
     except UNREADABLE_IMAGE_ERRORS as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+        raise ValueError(f"cannot read image {path}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _hidden(name: str) -> bool:
+    """``.DS_Store``, ``.ipynb_checkpoints``, ``._x.jpg`` (macOS), ``.git``: never data."""
+    return name.startswith(".")
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether an entry is a folder or a link to one; a link that leads nowhere or to itself
+    is not (it is kept as a file, if named like an image, and reported when read)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _list_dir(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((e for e in entries if not _hidden(e.name)), key=lambda e: e.name)
+    except PermissionError:
+        raise ValueError(f"permission denied: {folder}") from None
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class names under ``root``: its folders (linked ones too), hidden ones left out."""
+    return [e.name for e in _list_dir(root) if _is_dir(e)]
+
+
+def find_images(folder: Path) -> list[Path]:
+    """The image files under a class folder, sorted, hidden entries left out.
+
+    Links are followed; a linked folder whose real path was walked already, or that holds
+    ``folder`` itself (a link back up, which would loop), is skipped with a warning. A file
+    link that leads nowhere is kept, so that reading it reports it.
+    """
+    real = os.path.realpath(folder)
+    walked = {real}
+    todo = [(folder, real)]
+    files = []
+    while todo:
+        current, current_real = todo.pop()
+        for entry in _list_dir(current):
+            path = current / entry.name
+            if _is_dir(entry):
+                # a plain folder's real path is its parent's plus its name: no system call
+                sub = (
+                    os.path.realpath(path)
+                    if entry.is_symlink()
+                    else os.path.join(current_real, entry.name)
+                )
+                if sub in walked or os.path.commonpath([real, sub]) == sub:
+                    logger.warning(
+                        "%s: skipped, it leads to %s, which this class folder already holds "
+                        "or is in (a link loop)",
+                        path,
+                        sub,
+                    )
+                    continue
+                walked.add(sub)
+                todo.append((path, sub))
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(path)
+    return sorted(files)
 
 
 class DigitsDataset(Dataset):
@@ -147,7 +251,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        found = class_folders(self.root)
         if classes is None:
             if not found:
                 raise ValueError(f"no class folders in {self.root}")
@@ -160,11 +264,9 @@ class ImageFolderDataset(Dataset):
         self.samples: list[tuple[Path, int]] = []
         for label, name in enumerate(self.classes):
             folder = self.root / name
-            if not folder.is_dir():
+            if name not in found:  # evaluation on a subset of the classes
                 continue
-            files = sorted(
-                p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            )
+            files = find_images(folder)
             if not files:
                 raise ValueError(f"class folder {folder} has no image files")
             self.samples += [(p, label) for p in files]
@@ -182,6 +284,7 @@ class ImageFolderDataset(Dataset):
                 self.root,
                 len(self.samples),
             )
+            self._check_each_class_reads()
         self.targets = [t for _, t in self.samples]
         self.transform = transform
         self.substitute = substitute
@@ -189,17 +292,27 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _no_readable_image(self, label: int, count: int, problem: str) -> ValueError:
+        return ValueError(
+            f"class folder {self.root / self.classes[label]} has no readable image "
+            f"({count} file(s), e.g. {problem})"
+        )
+
     def _verify(self) -> None:
         readable = []
+        problems: dict[int, list[str]] = {}
         for path, label in self.samples:
             try:
                 load_image(path)
                 readable.append((path, label))
             except UNREADABLE_IMAGE_ERRORS as err:
-                self.skipped.append(f"{path}: {err}")
+                problems.setdefault(label, []).append(f"{path}: {_first_line(err)}")
+        kept = {label for _, label in readable}
+        for label, listed in problems.items():
+            if label not in kept:  # a class of unreadable files would be an empty class
+                raise self._no_readable_image(label, len(listed), listed[0])
         self.samples = readable
-        if not self.samples:
-            raise ValueError(f"no readable images under {self.root}")
+        self.skipped = [p for listed in problems.values() for p in listed]
         if self.skipped:
             logger.warning(
                 "%s: %d unreadable file(s) left out:\n  %s",
@@ -208,12 +321,31 @@ class ImageFolderDataset(Dataset):
                 "\n  ".join(self.skipped),
             )
 
+    def _check_each_class_reads(self) -> None:
+        """Decode files of each class until one reads (usually the first), so that a class
+        of unreadable files is an error now rather than an empty class in the model."""
+        pending = dict.fromkeys((t for _, t in self.samples), 0)
+        first_problem: dict[int, str] = {}
+        for i, (_, label) in enumerate(self.samples):
+            if label not in pending:
+                continue
+            _, problem = self._read(i)
+            if not problem:
+                del pending[label]
+            else:
+                pending[label] += 1
+                first_problem.setdefault(label, problem)
+            if not pending:
+                break
+        for label, count in pending.items():
+            raise self._no_readable_image(label, count, first_problem[label])
+
     def _read(self, index: int) -> tuple[Image.Image | None, str]:
         path, _ = self.samples[index]
         try:
             return load_image(path), ""
         except UNREADABLE_IMAGE_ERRORS as err:
-            return None, f"{path}: {err}"
+            return None, f"{path}: {_first_line(err)}"
 
     def __getitem__(self, index: int) -> Sample:
         skipped: list[str] = []
@@ -256,24 +388,65 @@ def build_datasets(
     if not root.is_dir():
         raise FileNotFoundError(f"data path not found: {root} (expected a folder or 'digits')")
     for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise FileNotFoundError(
-                f"{root} has no '{split}' folder (expected {root}/{split}/<class>/)"
-            )
+        _require_split(root, split)
     train = ImageFolderDataset(root / "train", train_tf, substitute=True)
     val = ImageFolderDataset(root / "val", eval_tf, classes=train.classes, substitute=False)
+    check_disjoint(train, val)
     return train, val, train.classes
+
+
+def _require_split(root: Path, split: str) -> None:
+    if not (root / split).is_dir():
+        raise FileNotFoundError(
+            f"{root} has no {split}/ folder (expected {root}/{split}/<class>/<image>)"
+        )
+
+
+def _real_paths(samples: Sequence[tuple[Path, int]]) -> list[str]:
+    """Each file's real path (links resolved), resolving each folder once: a file that is
+    not itself a link is its folder's real path plus its name."""
+    folders: dict[Path, str] = {}
+    real = []
+    for path, _ in samples:
+        if path.parent not in folders:
+            folders[path.parent] = os.path.realpath(path.parent)
+        if path.is_symlink():
+            real.append(os.path.realpath(path))
+        else:
+            real.append(os.path.join(folders[path.parent], path.name))
+    return real
+
+
+def check_disjoint(train: ImageFolderDataset, val: ImageFolderDataset) -> None:
+    """Refuse a validation split that shares files with training once links are resolved
+    (a linked class folder, a linked file, ``val`` linked to ``train``): its scores would
+    be measured on training images."""
+    val_files = dict(zip(_real_paths(val.samples), (p for p, _ in val.samples), strict=True))
+    shared = [
+        (path, val_files[real])
+        for (path, _), real in zip(train.samples, _real_paths(train.samples), strict=True)
+        if real in val_files
+    ]
+    if shared:
+        path, other = shared[0]
+        raise ValueError(
+            f"train/ and val/ share {len(shared)} files, e.g. {path} and {other} are the same "
+            "file (a symbolic link?): validation would score training images"
+        )
 
 
 def build_val_dataset(
     path: str, eval_tf: Callable, classes: Sequence[str] | None = None
 ) -> Dataset:
-    """The validation split alone (for ``cait eval``)."""
+    """The validation split alone (for ``cait eval``): ``DIR/val``, or ``DIR`` itself when
+    it holds class folders (neither ``val/`` nor ``train/``)."""
     if path == DIGITS:
         return DigitsDataset("val", eval_tf)
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data path not found: {root} (expected a folder or 'digits')")
+    if (root / "train").is_dir():  # a dataset root, whose train/ is not a class
+        _require_split(root, "val")
     val_root = root / "val" if (root / "val").is_dir() else root
     return ImageFolderDataset(val_root, eval_tf, classes=classes, substitute=False)
 
