@@ -2,7 +2,7 @@
 
 The wings, lowest first (README, "Layout"):
 
-    files, schema  <-  kernels  <-  models  <-  data  <-  runtime  <-  training
+    files, schema, threads, progress  <-  kernels  <-  models  <-  data  <-  runtime  <-  training
         <-  analysis, inference, export, bench  <-  app  <-  cli
         <-  the package's __init__ and __main__
 
@@ -26,6 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # module (or package) prefix -> level; the longest matching prefix wins
 LEVELS = {
     "cait.files": 0,
+    "cait.progress": 0,
     "cait.schema": 0,
     "cait.threads": 0,
     "cait.kernels": 1,

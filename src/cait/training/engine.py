@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from cait.progress import progress_bar
 from cait.runtime import all_gather_objects, all_reduce_max, all_reduce_sum, autocast, dist_info
 from cait.threads import adapt as adapt_threads
 from cait.training.losses import DistillationLoss
@@ -26,16 +26,25 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class EpochStats:
+    """One epoch over all ranks. ``seconds`` is the whole epoch; ``images_per_s`` leaves out
+    the first optimiser step (warm-up: the C++ kernel's load or build, allocations), counting
+    the images after it over the time after it, when the epoch has more than one step."""
+
     loss: float
     lr: float
     images: int
     seconds: float
     steps: int
     skipped: list[str] = field(default_factory=list)
+    timed_images: int | None = None  # after the warm-up step; None: the epoch had one step
+    timed_seconds: float = 0.0
 
     @property
     def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        images, seconds = self.images, self.seconds
+        if self.timed_images is not None:
+            images, seconds = self.timed_images, self.timed_seconds
+        return images / seconds if seconds > 0 else 0.0
 
 
 def _check_finite(value: float, epoch: int, step: int) -> None:
@@ -70,10 +79,22 @@ class _Tally:
     micro: int = 0  # micro-batches done
     skipped: list[str] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
+    warm: float | None = None  # when the first optimiser step (the warm-up) ended
+    warm_images: int = 0  # this rank's images up to then
 
     def mean_loss(self) -> float:
         """The mean loss over all ranks (a collective)."""
         return _global_mean(self.loss_sum, max(1, self.micro))
+
+    def end_warm_up(self, device: torch.device) -> None:
+        _synchronize(device)
+        self.warm, self.warm_images = time.perf_counter(), self.images
+
+    def rate(self) -> float:
+        """All ranks' images per second since the warm-up (since the start before it ends)."""
+        start, images = (self.start, 0) if self.warm is None else (self.warm, self.warm_images)
+        seconds = time.perf_counter() - start
+        return (self.images - images) * dist_info().world_size / seconds if seconds > 0 else 0.0
 
 
 def train_one_epoch(
@@ -107,37 +128,39 @@ def train_one_epoch(
     model.train()
     objective = objective if objective is not None else Objective()
     total = len(loader) // opt.accum_steps  # type: ignore[arg-type]
-    bar = tqdm(total=total, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     tally = _Tally(torch.zeros((), device=device))
     lr = opt.schedule(step)
     opt.optimizer.zero_grad(set_to_none=True)
-    for x, target, bad in loader:
-        tally.skipped += bad
-        if x.numel() == 0:
-            continue
-        x = x.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        last_micro = (tally.micro + 1) % opt.accum_steps == 0
-        tally.loss_sum += _forward_backward(model, x, target, objective, opt, amp, last_micro)
-        tally.images += x.shape[0]
-        tally.micro += 1
-        if tally.micro % opt.accum_steps:
-            continue
-        lr = opt.step(model, step)
-        step += 1
-        adapt_threads()  # the thread count for the next step, after other processes' load
-        done = tally.micro // opt.accum_steps
-        bar.update(1)
-        if done % log_interval == 0 or done == total:
-            mean_loss = tally.mean_loss()
-            _check_finite(mean_loss, epoch, step)
-            rate = tally.images * dist_info().world_size / (time.perf_counter() - tally.start)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-            if on_log is not None:
-                on_log(step, mean_loss, lr)
-        if done == total:
-            break
-    bar.close()
+    with progress_bar(total, description, progress) as bar:
+        for x, target, bad in loader:
+            tally.skipped += bad
+            if x.numel() == 0:
+                continue
+            x = x.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            last_micro = (tally.micro + 1) % opt.accum_steps == 0
+            tally.loss_sum += _forward_backward(model, x, target, objective, opt, amp, last_micro)
+            tally.images += x.shape[0]
+            tally.micro += 1
+            if tally.micro % opt.accum_steps:
+                continue
+            lr = opt.step(model, step)
+            step += 1
+            adapt_threads()  # the thread count for the next step, after other processes' load
+            done = tally.micro // opt.accum_steps
+            if done == 1:
+                tally.end_warm_up(device)
+            bar.update(1)
+            if done % log_interval == 0 or done == total:
+                mean_loss = tally.mean_loss()
+                _check_finite(mean_loss, epoch, step)
+                bar.set_postfix(
+                    loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{tally.rate():.0f}"
+                )
+                if on_log is not None:
+                    on_log(step, mean_loss, lr)
+            if done == total:
+                break
     return _epoch_stats(tally, lr, opt.accum_steps, epoch, step), step
 
 
@@ -172,7 +195,18 @@ def _epoch_stats(tally: _Tally, lr: float, accum_steps: int, epoch: int, step: i
     _check_finite(mean_loss, epoch, step)
     images = tally.images * dist_info().world_size  # every rank ran the same equal batches
     skipped = [s for rank in all_gather_objects(tally.skipped) for s in rank]
-    return EpochStats(mean_loss, lr, images, seconds, tally.micro // accum_steps, skipped)
+    steps = tally.micro // accum_steps
+    stats = EpochStats(mean_loss, lr, images, seconds, steps, skipped)
+    if steps > 1 and tally.warm is not None:
+        stats.timed_images = (tally.images - tally.warm_images) * dist_info().world_size
+        stats.timed_seconds = seconds - (tally.warm - tally.start)
+    return stats
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it counts that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _global_mean(loss_sum: torch.Tensor, count: int) -> float:
@@ -190,7 +224,13 @@ def evaluate(
     progress: bool = False,
     description: str = "eval",
 ) -> dict:
-    """Top-1, top-5 (or top-k for fewer classes), mean loss and image count on ``loader``.
+    """Top-1, top-5 (or top-k for fewer classes), mean loss, image count and images/s on
+    ``loader``.
+
+    ``images_per_s`` leaves out the first batch, the warm-up (the C++ kernel's load, or its
+    build on a machine's first run, and the first allocations): it counts the images after
+    the first batch over the time from its end. With a single batch it is that batch's rate,
+    warm-up included.
 
     Under ``torchrun`` each rank evaluates its own shard (``ShardSampler``: no padding, no
     image twice) and the sums of losses, hits and images are added over the ranks, so the
@@ -202,51 +242,66 @@ def evaluate(
     # loss sum, top-1 hits, top-5 hits, images: float64 holds the counts exactly
     sums = torch.zeros(4, device=device, dtype=torch.float64)
     skipped: list[str] = []
-    start = time.perf_counter()
+    start, warm, warm_images = time.perf_counter(), None, 0.0
     # agreed before the first forward pass: a collective between two forward passes of an
     # FSDP model would be matched with the other ranks' weight gathers and hang
     most = _most_batches(loader, device)
     passes, last = 0, None
-    for x, target, bad in tqdm(loader, desc=description, disable=not progress, leave=False):
-        adapt_threads()
-        skipped += bad
-        if x.numel() == 0:
-            continue
-        x = last = x.to(device, non_blocking=True)
-        passes += 1
-        target = target.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = model(x)
-        if isinstance(logits, tuple):  # a distilled model left in training mode
-            logits = (logits[0] + logits[1]) / 2
-        logits = logits.float()
-        k = min(5, logits.shape[-1])
-        hits = logits.topk(k, dim=-1).indices == target[:, None]
-        sums += torch.stack(
-            [
-                torch.nn.functional.cross_entropy(logits, target, reduction="sum").double(),
-                hits[:, 0].sum().double(),
-                hits.any(dim=-1).sum().double(),
-                torch.tensor(float(x.shape[0]), device=device, dtype=torch.float64),
-            ]
-        )
+    total = len(loader) if hasattr(loader, "__len__") else None
+    with progress_bar(total, description, progress) as bar:
+        for x, target, bad in loader:
+            bar.update(1)
+            adapt_threads()
+            skipped += bad
+            if x.numel() == 0:
+                continue
+            x = last = x.to(device, non_blocking=True)
+            passes += 1
+            target = target.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits = model(x)
+            if isinstance(logits, tuple):  # a distilled model left in training mode
+                logits = (logits[0] + logits[1]) / 2
+            logits = logits.float()
+            k = min(5, logits.shape[-1])
+            hits = logits.topk(k, dim=-1).indices == target[:, None]
+            sums += torch.stack(
+                [
+                    torch.nn.functional.cross_entropy(logits, target, reduction="sum").double(),
+                    hits[:, 0].sum().double(),
+                    hits.any(dim=-1).sum().double(),
+                    torch.tensor(float(x.shape[0]), device=device, dtype=torch.float64),
+                ]
+            )
+            if passes == 1:  # the warm-up batch: the timed figure starts after it
+                _synchronize(device)
+                warm, warm_images = time.perf_counter(), float(x.shape[0])
     if passes < most and last is None:
         raise ValueError("this rank has no readable evaluation batch to keep step with")
     for _ in range(most - passes):  # results discarded
         with autocast(device, amp):
             model(last)
+    _synchronize(device)
+    end = time.perf_counter()
+    timed = torch.tensor([warm_images, float(passes > 1)], device=device, dtype=torch.float64)
     all_reduce_sum(sums)
+    all_reduce_sum(timed)  # the warm-up images of every rank, and how many ranks timed more
     skipped = [s for rank in all_gather_objects(skipped) for s in rank]
-    seconds = time.perf_counter() - start
     loss_sum, correct1, correct5, images = sums.tolist()
     images = int(images)
     n = max(1, images)
+    seconds = end - start
+    warm_images_all, ranks_timed = timed.tolist()
+    if warm is not None and ranks_timed > 0:  # steady state: after every rank's first batch
+        images_timed, seconds = images - warm_images_all, end - warm
+    else:
+        images_timed = images
     return {
         "top1": 100.0 * correct1 / n,
         "top5": 100.0 * correct5 / n,
         "loss": loss_sum / n,
         "images": images,
-        "images_per_s": images / seconds if seconds > 0 else 0.0,
+        "images_per_s": images_timed / seconds if seconds > 0 else 0.0,
         "skipped": skipped,
     }
 
