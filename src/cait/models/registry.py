@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from cait.models.cait import CaiT, GlobalPool
 from cait.models.config import (
@@ -34,7 +37,10 @@ __all__ = [
     "get_variant",
     "layerscale_init_for_depth",
     "list_models",
+    "parameter_count_m",
     "register_variant",
+    "variant_rows",
+    "variant_table",
 ]
 
 _OFFICIAL_URL = "https://dl.fbaipublicfiles.com/deit/{}.pth"
@@ -284,3 +290,94 @@ def create_model(
             raise ValueError(f"{name!r} has no released weights")
         load_pretrained(model, source)
     return model
+
+
+def parameter_count_m(variant: Variant) -> float:
+    """The variant's parameter count in millions: the table's figure, or counted on a model
+    built on the meta device (no memory, milliseconds) for rows that have none."""
+    if variant.params_m is not None:
+        return variant.params_m
+    with torch.device("meta"):
+        model = CaiT(variant.config)
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+# The columns of `cait models` and of README.md's variant table, in order: heading, value.
+_COLUMNS: list[tuple[str, str]] = [
+    ("name", "name"),
+    ("embed dim", "embed_dim"),
+    ("SA depth", "depth"),
+    ("heads", "heads"),
+    ("img", "img_size"),
+    ("LayerScale ε", "init_scale"),
+    ("params", "params_m"),
+    ("top-1", "top1"),
+]
+_NONE = "–"  # an empty cell: no LayerScale (DeiT), no reported top-1 (no released weights)
+
+
+def variant_rows(pattern: str = "*") -> list[dict[str, Any]]:
+    """One dict per variant matching ``pattern``, in the table's order: its name, sizes,
+    LayerScale ε (None without LayerScale), parameters in millions (counted where the table
+    has no figure), reported top-1, crop ratio and weights URL."""
+    rows = []
+    for name, v in _VARIANTS.items():
+        if not fnmatch.fnmatch(name, pattern):
+            continue
+        c = v.config
+        rows.append(
+            {
+                "name": name,
+                "img_size": c.img_size,
+                "embed_dim": c.embed_dim,
+                "depth": c.depth,
+                "heads": c.num_heads,
+                "init_scale": c.init_scale if c.branch_scale == "layerscale" else None,
+                "params_m": round(parameter_count_m(v), 2),
+                "top1": v.top1,
+                "crop_pct": v.crop_pct,
+                "url": v.url,
+            }
+        )
+    return rows
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return _NONE
+    if key == "init_scale":  # 1e-05 -> 1e-5, as the paper writes it
+        return re.sub(r"e-0*(\d)", r"e-\1", f"{value:g}")
+    if key == "params_m":
+        return f"{value:.2f}M"
+    if key == "top1":
+        return f"{value:g}"  # as reported: 78.4 (timm's 78.40), 72.2 (DeiT's paper)
+    return str(value)
+
+
+def variant_table(pattern: str = "*", markdown: bool = False) -> str:
+    """The variant table (README.md's, and what ``cait models`` prints): one row per variant
+    matching ``pattern`` in the table's order, with the columns of :data:`_COLUMNS`. As plain
+    text the columns are aligned (names left, numbers right); ``markdown`` gives a Markdown
+    table. No trailing newline."""
+    header = [heading for heading, _ in _COLUMNS]
+    body = [[_cell(key, row[key]) for _, key in _COLUMNS] for row in variant_rows(pattern)]
+    if markdown:
+        rows = ["| " + " | ".join(cells) + " |" for cells in [header, *body]]
+        return "\n".join([rows[0], "|---" * len(header) + "|", *rows[1:]])
+    _align_decimals(body, header.index("top-1"))
+    widths = [max(len(cells[i]) for cells in [header, *body]) for i in range(len(header))]
+    lines = []
+    for cells in [header, *body]:
+        first = cells[0].ljust(widths[0])
+        rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
+        lines.append("  ".join([first, *rest]).rstrip())
+    return "\n".join(lines)
+
+
+def _align_decimals(body: list[list[str]], column: int) -> None:
+    """Pad ``column``'s numbers on the right so that their decimal points line up."""
+    decimals = [len(cells[column].partition(".")[2]) for cells in body]
+    most = max(decimals, default=0)
+    for cells, n in zip(body, decimals, strict=True):
+        if cells[column] != _NONE:
+            cells[column] += " " * (most - n + (n == 0 and most > 0))
