@@ -140,7 +140,7 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _list_dir(folder: Path) -> list[os.DirEntry]:
+def _list_dir(folder: str | Path) -> list[os.DirEntry]:
     try:
         with os.scandir(folder) as entries:
             return sorted((e for e in entries if not _hidden(e.name)), key=lambda e: e.name)
@@ -162,16 +162,15 @@ def find_images(folder: Path) -> list[Path]:
     """
     real = os.path.realpath(folder)
     walked = {real}
-    todo = [(folder, real)]
+    todo = [(os.fspath(folder), real)]
     files = []
     while todo:
         current, current_real = todo.pop()
         for entry in _list_dir(current):
-            path = current / entry.name
             if _is_dir(entry):
                 # a plain folder's real path is its parent's plus its name: no system call
                 sub = (
-                    os.path.realpath(path)
+                    os.path.realpath(entry.path)
                     if entry.is_symlink()
                     else os.path.join(current_real, entry.name)
                 )
@@ -179,15 +178,16 @@ def find_images(folder: Path) -> list[Path]:
                     logger.warning(
                         "%s: skipped, it leads to %s, which this class folder already holds "
                         "or is in (a link loop)",
-                        path,
+                        entry.path,
                         sub,
                     )
                     continue
                 walked.add(sub)
-                todo.append((path, sub))
+                todo.append((entry.path, sub))
             elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(path)
-    return sorted(files)
+                files.append(entry.path)
+    # strings, then paths: sorted part by part, the order of sorting the paths themselves
+    return [Path(f) for f in sorted(files, key=lambda f: f.split(os.sep))]
 
 
 class DigitsDataset(Dataset):
@@ -405,15 +405,16 @@ def _require_split(root: Path, split: str) -> None:
 def _real_paths(samples: Sequence[tuple[Path, int]]) -> list[str]:
     """Each file's real path (links resolved), resolving each folder once: a file that is
     not itself a link is its folder's real path plus its name."""
-    folders: dict[Path, str] = {}
+    folders: dict[str, str] = {}
     real = []
     for path, _ in samples:
-        if path.parent not in folders:
-            folders[path.parent] = os.path.realpath(path.parent)
-        if path.is_symlink():
-            real.append(os.path.realpath(path))
-        else:
-            real.append(os.path.join(folders[path.parent], path.name))
+        name = os.fspath(path)
+        parent, base = os.path.split(name)
+        if parent not in folders:
+            folders[parent] = os.path.realpath(parent)
+        real.append(
+            os.path.realpath(name) if os.path.islink(name) else os.path.join(folders[parent], base)
+        )
     return real
 
 
