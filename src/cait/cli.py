@@ -8,9 +8,13 @@ import logging
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
+
+import yaml
+from safetensors import SafetensorError
 
 from cait.analysis.ablation import GRIDS, run_ablation
 from cait.analysis.attention import save_attention_maps
@@ -30,6 +34,7 @@ from cait.models.config import AttnImpl
 from cait.models.registry import get_variant, list_models
 from cait.runtime import Amp, Device, DeviceType, torchrun_command
 from cait.threads import use_threads
+from cait.training.checkpoint import LAST
 from cait.training.config import (
     TrainConfig,
     apply_overrides,
@@ -110,6 +115,7 @@ _TRAIN_FLAGS = {
     "distill_alpha": "distill.alpha",
     "distill_tau": "distill.tau",
     "threads": "threads",
+    "overwrite": "overwrite",
 }
 
 
@@ -119,7 +125,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = [
         f"{key}={json.dumps(getattr(args, name))}"
         for name, key in _TRAIN_FLAGS.items()
-        if getattr(args, name) is not None
+        if getattr(args, name) not in (None, False)
     ]
     if args.no_progress:
         flags.append("progress=false")
@@ -132,6 +138,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         i = next(i for i, a in enumerate(args.argv) if a.split("=")[0] == "--nproc")
         rest = args.argv[:i] + args.argv[i + (1 if "=" in args.argv[i] else 2) :]
         return subprocess.call(torchrun_command(args.nproc, rest))
+    args.run_output = config.output  # for the message after Ctrl-C
     result = train(config)
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -306,10 +313,21 @@ def _cmd_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse then prints a one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _threads_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         help="torch intra-op threads (default: as many as the cores other processes leave "
         "free, up to torch's count, re-checked every 2 s; OMP_NUM_THREADS also pins it)",
     )
@@ -340,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="variant name (see `cait models`) or timm:NAME")
     p.add_argument("--data", help="ImageFolder root (train/ and val/) or 'digits'")
     p.add_argument("--output", help="run folder for checkpoints and records")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per-process batch size")
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int, help="per-process batch size")
     p.add_argument("--recipe", help="YAML recipe (see recipes/)")
     p.add_argument(
         "--set",
@@ -350,7 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override any config field, e.g. optim.lr=1e-3 (repeatable)",
     )
-    p.add_argument("--resume", help="continue a run from its last.pt")
+    p.add_argument(
+        "--resume",
+        metavar="LAST_PT|auto",
+        help="continue a run from its last.pt; 'auto': the output folder's run if it has one, "
+        "else start fresh (what a restarted or requeued job uses)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run the output folder holds (its files go once this run's first "
+        "checkpoint is written); without it such a folder is refused",
+    )
     p.add_argument("--init-from", help="fine-tune from a checkpoint, weights file, URL or Hub id")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=_DEVICES)
@@ -362,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distillation", choices=get_args(DistillKind))
     p.add_argument("--distill-alpha", type=float, help="weight of the distillation term")
     p.add_argument("--distill-tau", type=float, help="temperature of soft distillation")
-    p.add_argument("--nproc", type=int, help="N processes on this machine, via torchrun")
+    p.add_argument("--nproc", type=_positive_int, help="N processes on this machine, via torchrun")
     _threads_flag(p)
     p.set_defaults(func=_cmd_train)
 
@@ -370,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="ImageFolder root (uses val/) or 'digits'")
     p.add_argument("--model", help="variant, for official/timm weights without a config")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", choices=_DEVICES, default="auto")
     p.add_argument("--amp", choices=_AMPS, default="none")
@@ -382,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k classes for image files")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image")
     p.add_argument("--model", help="variant, for official/timm weights without a config")
     p.add_argument("--device", choices=_DEVICES, default="auto")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -395,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for the PNG grids and .npy maps")
     p.add_argument("--model", help="variant, for official/timm weights without a config")
     p.add_argument("--sa-block", type=int, help="also draw this self-attention block (from 0)")
-    p.add_argument("--img-size", type=int, help="evaluate at this resolution instead")
+    p.add_argument("--img-size", type=_positive_int, help="evaluate at this resolution instead")
     p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu")
     _threads_flag(p)
     p.set_defaults(func=_cmd_attention)
@@ -406,8 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ImageFolder root (uses val/) or 'digits'")
     p.add_argument("--output", required=True, help="folder for residuals.csv/.png")
     p.add_argument("--model", help="variant, for official/timm weights without a config")
-    p.add_argument("--num-images", type=int, default=256, help="validation images to average")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--num-images", type=_positive_int, default=256, help="validation images to average"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _threads_flag(p)
@@ -417,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="default", help="tiny, default or paper (see --list)")
     p.add_argument("--data", help="ImageFolder root or 'digits' (default: the grid's)")
     p.add_argument("--output", help="folder for the runs, results.md and results.png")
-    p.add_argument("--seeds", type=int, help="number of seeds (default: the grid's)")
-    p.add_argument("--epochs", type=int, help="epochs per run (default: the grid's)")
+    p.add_argument("--seeds", type=_positive_int, help="number of seeds (default: the grid's)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs per run (default: the grid's)")
     p.add_argument("--device", choices=_DEVICES, default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -438,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="variant, for official/timm weights without a config")
     p.add_argument(
         "--batch",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_EXAMPLE_BATCH,
         help="batch size of the traced example (the export takes any)",
     )
@@ -451,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="images/s and peak memory, optionally beside timm")
     p.add_argument("--model", required=True, help="variant name (see `cait models`)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
@@ -460,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-dtype", choices=list(DTYPES), help="timm's dtype")
     p.add_argument("--autocast", action="store_true", help="autocast instead of casting")
     p.add_argument("--attn-impl", choices=get_args(AttnImpl), help="talking heads")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
-    p.add_argument("--steps", type=int, default=2, help="steps per timed round")
+    p.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--steps", type=_positive_int, default=2, help="steps per timed round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
     p.add_argument(
         "--load",
@@ -490,7 +521,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit statuses: 2 for a failure the user can fix (a bad path, value or file; argparse's
+# own), 130 for Ctrl-C (128 + SIGINT, the shell's convention).
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+# What a user's input can raise: a bad value or file (ValueError and the errors of YAML and
+# safetensors), a path that is missing, unreadable or not writable, a full disk, an
+# unreachable URL (OSError), a run that diverged. Anything else is a bug: a traceback.
+_USER_ERRORS = (ValueError, OSError, yaml.YAMLError, SafetensorError, NonFiniteLossError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a user's error ends in one line on stderr (its traceback with
+    ``-v``) and exit status 2, Ctrl-C in exit status 130."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -500,13 +543,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s",
     )
+    prefix = f"{rank}cait {args.command}"
     try:
         if args.command in _THREADED_COMMANDS:
             use_threads(args.threads)
         return args.func(args)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"{rank}cait {args.command}: error: {_in_flags(str(err))}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{prefix}: interrupted{_after_interrupt(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _USER_ERRORS as err:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{prefix}: error: {_in_flags(_one_line(err))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as one line: an OSError names its file and reason in words, a multi-line
+    message is joined with '; '."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        text = f"{err.filename}: {err.strerror}"  # not "[Errno 13] Permission denied: '...'"
+    elif isinstance(err, OSError) and err.strerror:
+        text = err.strerror
+    else:
+        text = str(err) or type(err).__name__
+    if isinstance(err, yaml.YAMLError):
+        text = f"invalid YAML: {text}"
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves: for training, the run to continue."""
+    output = getattr(args, "run_output", None)
+    if args.command != "train" or output is None:
+        return ""
+    last = Path(output) / LAST
+    if not last.is_file():
+        return f"; no epoch had finished, so {output} holds no checkpoint"
+    return f"; {last} holds the last finished epoch: continue with --resume auto"
 
 
 # Library messages name a function's parameter; on the command line it is this flag.

@@ -1,21 +1,42 @@
-"""Reading and writing files safely: the one atomic writer, and loading without unpickling.
+"""Reading and writing files safely: the one atomic writer, loading without unpickling, and
+one writer per folder.
 
 Every file cait writes (run checkpoints, weights, converted checkpoints) goes through
 :func:`atomic_write`, and every torch file it reads goes through :func:`load_file_safely`.
+A folder that one process fills over time (a run) is held with :class:`FolderLock`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import logging
 import os
 import pickle
-from collections.abc import Callable
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-__all__ = ["atomic_write", "load_file_safely"]
+__all__ = [
+    "FolderLock",
+    "FolderLockedError",
+    "atomic_write",
+    "load_file_safely",
+    "remove_stale_temporaries",
+    "signals_deferred",
+    "temporary_path",
+]
+
+logger = logging.getLogger(__name__)
 
 # Files cait writes are readable by everyone, like any file a user writes.
 FILE_MODE = 0o644
@@ -23,30 +44,213 @@ FILE_MODE = 0o644
 # opens with the PROTO opcode 0x80 (pickle protocol 2 and later).
 _ZIP_START = b"PK\x03\x04"
 _PICKLE_START = b"\x80"
+# A temporary file is named after its target and the writing process: ".NAME.PID.tmp".
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+# Signals that end a process and that a write in progress waits for (Ctrl-C, a scheduler's
+# SIGTERM); SIGKILL cannot be waited for, which the temporary file's name is for.
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def temporary_path(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`atomic_write` writes ``path`` first: beside it, named per process, so
+    two processes writing the same file never share one."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends: a Ctrl-C or a scheduler's SIGTERM
+    arriving mid-write takes effect once the file is complete (renamed into place or
+    removed), never halfway; a second one meanwhile changes nothing.
+
+    The signals are caught by a handler that notes them and raised again, once each, when
+    the block ends, so whatever handled them before (Python's KeyboardInterrupt, a
+    training loop's handler, the default) then does. Blocking them in the thread's signal
+    mask would not do: the kernel hands a process's signal to any thread that does not
+    block it (torch's worker threads). Only the main thread may set handlers, so
+    elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        if signum not in received:
+            received.append(signum)
+
+    previous = {}
+    for sig in _DEFERRED_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: set outside Python, which cannot be restored
+            previous[sig] = signal.signal(sig, note)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in received:
+            signal.raise_signal(sig)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Write a file through ``write(temporary_path)``, then rename it over ``path``.
 
-    The temporary file, ``.NAME.tmp``, sits beside ``path`` (same file system, so the rename
-    is atomic) and is flushed to disk before the rename: a write that fails, a process
-    killed or a disk filling up mid-write leave the previous ``path`` intact. A failed write
-    removes the temporary file; a killed process leaves it, and the next write replaces it.
-    Parent folders are created.
+    The temporary file (:func:`temporary_path`) sits beside ``path`` (same file system, so
+    the rename is atomic) and is flushed to disk before the rename: a write that fails, a
+    process killed or a disk filling up mid-write leave the previous ``path`` intact. A
+    failed write removes its temporary file (a full disk, an error, Ctrl-C: SIGINT and
+    SIGTERM wait for the write to end); a process killed with SIGKILL cannot, and
+    :func:`remove_stale_temporaries` removes what it left. Parent folders are created.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    tmp = temporary_path(path)
+    with signals_deferred():
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, path)
+        except BaseException as err:
+            # torch.save reports a full disk as a RuntimeError from its C++ writer; say it
+            full = not isinstance(err, OSError) and _disk_full(tmp.parent)
+            tmp.unlink(missing_ok=True)
+            if full:
+                raise OSError(errno.ENOSPC, f"No space left on device writing {path}") from err
+            raise
     return path
+
+
+# Below this much free space a writer's failure is taken for a full disk.
+_FULL_DISK_BYTES = 1 << 20
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < _FULL_DISK_BYTES
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (one we may not signal runs too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_write` in ``folder`` whose writer is no
+    longer running (killed mid-write); returns them. Call it holding the folder's
+    :class:`FolderLock`, so that no other cait process writes there."""
+    removed = []
+    for entry in Path(folder).glob(".*.tmp"):
+        match = _TEMPORARY.match(entry.name)
+        if match and entry.is_file() and not _process_alive(int(match["pid"])):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+class FolderLockedError(ValueError):
+    """Another process holds the folder's lock."""
+
+
+class FolderLock:
+    """One writer per folder: the file ``.lock`` in it names the holder (process id, host,
+    start time) and is created exclusively, so a second process is refused with that name.
+
+    A lock whose process is gone from this host (killed, the machine restarted) is stale:
+    it is taken over with a warning. A lock of another host cannot be checked from here:
+    it is refused, saying how to remove it. Use it as a context manager; the lock is removed
+    on every exit of the block (a process killed with SIGKILL leaves it, stale).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike[str], what: str = "cait") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / self.NAME
+        self.what = what
+        self._held = False
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`FolderLockedError` naming its holder."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "what": self.what,
+        }
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or self._is_stale(holder):
+                    logger.warning("%s: removing a stale lock (%s)", self.folder, _describe(holder))
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise FolderLockedError(self._refusal(holder)) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(owner, f)
+            self._held = True
+            return
+        raise FolderLockedError(f"{self.folder}: could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+    def _holder(self) -> dict[str, Any] | None:
+        """The lock's owner as written, or None for a lock that cannot be read (a process
+        killed between creating and filling it)."""
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+            return None
+        return holder
+
+    @staticmethod
+    def _is_stale(holder: dict[str, Any]) -> bool:
+        same_host = holder.get("host") == socket.gethostname()
+        return same_host and not _process_alive(holder["pid"])
+
+    def _refusal(self, holder: dict[str, Any]) -> str:
+        if holder.get("host") != socket.gethostname():
+            return (
+                f"{self.folder} is in use by {_describe(holder)}; if that process has ended, "
+                f"remove {self.path}"
+            )
+        return f"{self.folder} is in use by {_describe(holder)}: one writer per folder"
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return "an unreadable lock file"
+    return (
+        f"{holder.get('what', 'a process')} (pid {holder['pid']} on {holder.get('host')}, "
+        f"since {holder.get('started')})"
+    )
 
 
 def load_file_safely(path: str | os.PathLike[str]) -> Any:

@@ -59,6 +59,7 @@ EMA_WEIGHTS = "model_ema.safetensors"
 RESUME_FREE = frozenset(
     {
         "resume",
+        "overwrite",
         "stop_after",
         "output",
         "progress",

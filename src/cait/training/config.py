@@ -172,6 +172,10 @@ class TrainConfig:
     ``dist_timeout`` (seconds) bounds the wait of any collective for the other ranks.
     ``threads`` pins torch's CPU threads; ``null`` follows the cores other processes leave
     free (:mod:`cait.threads`).
+
+    ``resume`` continues a run from its ``last.pt``; ``auto`` continues the output folder's
+    run when it has one and starts fresh otherwise. An output folder that holds another run
+    is refused unless ``overwrite`` (:mod:`cait.training.run_folder`).
     """
 
     model: str = "cait_digits_16"
@@ -186,6 +190,7 @@ class TrainConfig:
     ema_decay: float = 0.99996
     init_from: str | None = None
     resume: str | None = None
+    overwrite: bool = False
     stop_after: int | None = None
     log_interval: int = 20
     progress: bool = True

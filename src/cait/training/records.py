@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from cait.files import atomic_write
 from cait.training.config import TrainConfig
 
 __all__ = [
@@ -25,18 +26,36 @@ TIMING_KEYS = (IMAGES_PER_S_KEY, EPOCH_SECONDS_KEY)
 
 
 class Recorder:
-    """metrics.jsonl, TensorBoard and (optionally) Weights & Biases; rank 0 keeps one."""
+    """metrics.jsonl, TensorBoard and (optionally) Weights & Biases; rank 0 keeps one.
+
+    Nothing is written before :meth:`start` (a run replacing another starts its records
+    after its first checkpoint, so a failure before it leaves the old run's as they were);
+    step scalars logged before it wait in memory.
+    """
 
     def __init__(self, config: TrainConfig, out: Path, history: list[dict]) -> None:
+        self.config = config
+        self.out = out
         self.path = out / "metrics.jsonl"
-        # rewrite from the checkpoint's history: lines of epochs after it are dropped
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in history))
+        self.history = list(history)
+        self.started = False
         self.tb = None
+        self.wandb = None
+        self._pending_steps: list[tuple[int, float, float]] = []
+
+    def start(self) -> None:
+        """Write metrics.jsonl from the history so far (lines of epochs after a resumed
+        checkpoint are dropped) and open TensorBoard and W&B."""
+        if self.started:
+            return
+        self.started = True
+        lines = "".join(json.dumps(m) + "\n" for m in self.history)
+        atomic_write(self.path, lambda tmp: tmp.write_text(lines))
+        config = self.config
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        self.wandb = None
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
         if config.wandb:
             try:
                 import wandb
@@ -45,18 +64,30 @@ class Recorder:
             self.wandb = wandb.init(
                 project=config.wandb_project,
                 mode=config.wandb_mode,
-                dir=str(out),
+                dir=str(self.out),
                 config=config.to_dict(),
             )
+        for step in self._pending_steps:
+            self.step(*step)
+        self._pending_steps.clear()
 
     def step(self, step: int, loss: float, lr: float) -> None:
-        if self.tb is not None:
+        if not self.started:
+            self._pending_steps.append((step, loss, lr))
+        elif self.tb is not None:
             self.tb.add_scalar("train/loss_step", loss, step)
             self.tb.add_scalar("train/lr", lr, step)
 
     def epoch(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        if not self.started:
+            self.start()  # metrics.jsonl then holds this epoch too
+            return self._epoch_scalars(metrics)
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self._epoch_scalars(metrics)
+
+    def _epoch_scalars(self, metrics: dict) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "epoch"}
         if self.tb is not None:
             for k, v in scalars.items():
@@ -77,18 +108,33 @@ class SkippedFiles:
 
     A fresh run starts the list anew; a resumed one keeps it (the files found unreadable
     while building the datasets are listed once, by whichever run found them first). Only
-    the process with ``write`` set (rank 0) touches the file.
+    the process with ``write`` set (rank 0) touches the file, and only after :meth:`start`
+    (names found before it wait in memory).
     """
 
     def __init__(self, path: Path, upfront: list[str], *, fresh: bool, write: bool) -> None:
         self.path = path
         self.write = write
-        if write and fresh:
-            path.unlink(missing_ok=True)
-        if write and upfront and not path.exists():
-            with open(path, "w") as f:
-                f.writelines(s + "\n" for s in upfront)
-        self.seen: set[str] = set(upfront)
+        self.fresh = fresh
+        self.started = False
+        self.order: list[str] = list(dict.fromkeys(upfront))
+        self.upfront = len(self.order)
+        self.seen: set[str] = set(self.order)
+
+    def start(self) -> None:
+        """Begin the file: anew for a fresh run, else keep it (adding the upfront names
+        when it has none) and append what was found meanwhile."""
+        if self.started:
+            return
+        self.started = True
+        if not self.write:
+            return
+        if self.fresh:
+            self.path.unlink(missing_ok=True)
+        names = self.order if not self.path.exists() else self.order[self.upfront :]
+        if names:
+            with open(self.path, "a") as f:
+                f.writelines(s + "\n" for s in names)
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -97,7 +143,8 @@ class SkippedFiles:
         """Record ``names``; returns those not seen before, sorted."""
         new = sorted(set(names) - self.seen)
         self.seen.update(new)
-        if new and self.write:
+        self.order.extend(new)
+        if new and self.write and self.started:
             with open(self.path, "a") as f:
                 f.writelines(s + "\n" for s in new)
         return new

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -28,6 +30,7 @@ from cait.models.cait import CaiT
 from cait.models.pretrained import load_pretrained
 from cait.models.registry import InputSpec
 from cait.training.checkpoint import (
+    BEST,
     LAST,
     RunProgress,
     check_resume,
@@ -49,6 +52,7 @@ from cait.training.records import (
     SkippedFiles,
     plot_curves,
 )
+from cait.training.run_folder import RunFolder, check_output_folder, resolve_resume
 from cait.training.teacher import load_teacher
 
 __all__ = ["TrainResult", "resolve_data_settings", "train"]
@@ -123,6 +127,8 @@ class _Run:
     loaders: _Loaders
     objective: Objective
     opt: Optimisation
+    # rank 0's hold on the output folder (None on the other ranks)
+    folder: RunFolder | None
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -140,36 +146,73 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _train(config: TrainConfig, info: runtime.DistInfo) -> TrainResult:
-    out, device = _set_up(config, info)
-    # data first: a bad path or an empty class folder fails before anything else is built
-    data = _load_data(config)
-    model = _build_model(config, data, info, device)
-    loaders = _build_loaders(config, data, info, device)
-    objective = _build_objective(config, data, device)
-    opt = _build_optimisation(config, model, loaders, info)
-    run = _Run(config, info, device, out, data, model, loaders, objective, opt)
-    progress = _resume_or_start(run)
-    recorder = Recorder(config, out, progress.history) if info.is_main else None
-    skipped = _skipped_files(run)
-    try:
-        completed = _train_epochs(run, progress, recorder, skipped)
-    finally:
-        if recorder is not None:
-            recorder.close()
-    _finish(run, progress, completed)
+    config = dataclasses.replace(config, resume=resolve_resume(config.resume, config.output))
+    with _hold_output_folder(config, info) as folder:
+        out, device = Path(config.output), _set_up(config, info)
+        # data first: a bad path or an empty class folder fails before anything else is built
+        data = _load_data(config)
+        model = _build_model(config, data, info, device)
+        loaders = _build_loaders(config, data, info, device)
+        objective = _build_objective(config, data, device)
+        opt = _build_optimisation(config, model, loaders, info)
+        run = _Run(config, info, device, out, data, model, loaders, objective, opt, folder)
+        progress = _resume_or_start(run)
+        recorder = Recorder(config, out, progress.history) if info.is_main else None
+        skipped = _skipped_files(run)
+        if folder is not None:
+            folder.begin()  # the resume's checks passed: the run may write its folder
+            if folder.begun:
+                recorder.start()
+                skipped.start()
+        try:
+            completed = _train_epochs(run, progress, recorder, skipped)
+        finally:
+            if recorder is not None:
+                recorder.close()
+        _finish(run, progress, completed)
     return TrainResult(out, progress.history, progress.best_top1, completed, model.trained)
 
 
-def _set_up(config: TrainConfig, info: runtime.DistInfo) -> tuple[Path, torch.device]:
-    """The output folder, the runtime (seeds, threads, device), the config logged and saved."""
-    out = Path(config.output)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def _hold_output_folder(config: TrainConfig, info: runtime.DistInfo) -> Iterator[RunFolder | None]:
+    """Check the output folder (it holds no other run, or may be replaced), and have rank 0
+    hold it for the run (:mod:`cait.training.run_folder`). Every rank learns whether rank 0
+    got it, so that none waits for a rank that stopped."""
+    check_output_folder(config.output, config.resume, config.overwrite)
+    folder = RunFolder(config) if info.is_main else None
+    error: Exception | None = None
+    if folder is not None:
+        try:
+            folder.__enter__()
+        except (OSError, ValueError) as err:
+            error = err
+    failure = runtime.all_gather_objects(str(error) if error is not None else None)[0]
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise ValueError(f"rank 0 could not take the output folder: {failure}")
+    try:
+        yield folder
+    finally:
+        if folder is not None:
+            folder.__exit__(None, None, None)
+
+
+def _set_up(config: TrainConfig, info: runtime.DistInfo) -> torch.device:
+    """The runtime (seeds, threads, device) and a summary of the run (the whole config goes
+    to ``config.yaml``)."""
     device = runtime.setup(config.seed, config.device, config.amp, config.threads, info.local_rank)
-    logger.info("config:\n%s", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    if info.is_main:
-        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return out, device
+    logger.info(
+        "run: %s on %s, %d epochs, batch %d per process, %s; outputs and the full config "
+        "(config.yaml) in %s",
+        config.model,
+        config.data.path,
+        config.epochs,
+        config.data.batch_size,
+        f"resuming {config.resume}" if config.resume else "fresh start",
+        config.output,
+    )
+    return device
 
 
 def _load_data(config: TrainConfig) -> _Data:
@@ -389,6 +432,9 @@ def _train_epoch(
     state = run_state(run.model.trained, run.opt, progress, epoch, config, run.metadata)
     if main:
         save_run_checkpoint(state, run.out, is_best)
+        # a run replacing another one takes over its folder now, with its first checkpoint
+        run.folder.checkpoint_written([LAST, BEST] if is_best else [LAST])
+        skipped.start()
         recorder.epoch(metrics)
 
 

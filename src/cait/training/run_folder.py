@@ -1,0 +1,172 @@
+"""A run's output folder: when it holds a run, who may write it, and when an old run's
+files give way to a new one's.
+
+The rules (docs/RELIABILITY.md):
+
+- A folder that holds a run (a checkpoint, weights or epoch metrics) is written only by
+  continuing that run (``resume`` pointing into it, or ``resume: auto``) or with
+  ``overwrite``; otherwise training is refused before anything is built.
+- Nothing of an existing run changes before the new run may replace it: ``config.yaml`` is
+  written once a resume's checks passed (or at the start of a fresh run in an empty folder),
+  and with ``overwrite`` the old run's files stay as they were until the new run's first
+  checkpoint is written, then go.
+- One writer per folder: rank 0 holds :class:`cait.files.FolderLock` for the whole run,
+  and temporary files left by a writer killed mid-write are removed when the next one
+  starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import yaml
+
+from cait.files import FolderLock, atomic_write, remove_stale_temporaries
+from cait.training.checkpoint import BEST, EMA_WEIGHTS, LAST, WEIGHTS
+from cait.training.config import TrainConfig
+
+__all__ = [
+    "AUTO",
+    "CONFIG",
+    "METRICS",
+    "RunFolder",
+    "check_output_folder",
+    "resolve_resume",
+    "run_files",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+# ``resume: auto``: continue the output folder's run when it has one, else start fresh
+AUTO = "auto"
+# What makes a folder hold a run: something that took training to make.
+_RUN_MARKERS = (LAST, BEST, WEIGHTS, EMA_WEIGHTS, METRICS)
+# Everything a run writes at the top of its folder, removed when another run replaces it.
+_RUN_OUTPUTS = (*_RUN_MARKERS, CONFIG, "curves.png", "skipped_files.txt", "tensorboard")
+
+
+def run_files(folder: str | Path) -> list[str]:
+    """The files in ``folder`` that show it holds a run (an empty metrics file does not)."""
+    folder = Path(folder)
+    found = []
+    for name in _RUN_MARKERS:
+        path = folder / name
+        if path.is_file() and (name != METRICS or path.stat().st_size > 0):
+            found.append(name)
+    return found
+
+
+def resolve_resume(resume: str | None, output: str | Path) -> str | None:
+    """``resume`` as a checkpoint path: ``auto`` becomes the output folder's ``last.pt``
+    when it has one, or None (a fresh start) when the folder holds no run."""
+    if resume != AUTO:
+        return resume
+    output = Path(output)
+    last = output / LAST
+    if last.is_file():
+        return str(last)
+    held = run_files(output)
+    if held:
+        raise ValueError(
+            f"resume=auto: {output} holds a run ({', '.join(held)}) but no {LAST} to "
+            "continue from; start it over with overwrite (--overwrite)"
+        )
+    return None
+
+
+def check_output_folder(output: str | Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse an output that is not a folder, or a folder holding a run that this run
+    neither continues nor was allowed to replace."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} is a file, not a folder")
+    held = run_files(output)
+    if not held or overwrite:
+        return
+    if resume is not None and Path(resume).resolve().parent == output.resolve():
+        return
+    raise ValueError(
+        f"{output} already holds a run ({', '.join(held)}): continue it with "
+        f"--resume auto (or resume={output / LAST}), or replace it with --overwrite "
+        "(its files go once the new run's first checkpoint is written)"
+    )
+
+
+class RunFolder:
+    """Rank 0's hold on the output folder for a whole run: the lock, the config written
+    when it is safe to, and the replacement of an old run's files.
+
+    Use it as a context manager around the run. Call :meth:`begin` once a resume's checks
+    passed; it writes ``config.yaml`` unless an old run is being replaced, in which case
+    :meth:`checkpoint_written` (called after every checkpoint) does that after the first.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.out = Path(config.output)
+        # an old run is replaced only with overwrite, and only when not continuing it
+        self.replacing = bool(run_files(self.out)) and not _continues(config)
+        self._lock = FolderLock(self.out, what="cait train")
+        self._begun = False
+
+    def __enter__(self) -> RunFolder:
+        try:
+            self._lock.acquire()
+        except PermissionError as err:
+            raise PermissionError(f"cannot write to {self.out}: permission denied") from err
+        for path in remove_stale_temporaries(self.out):
+            logger.info("removed %s, left by a process killed while writing it", path.name)
+        if self.replacing:
+            logger.warning(
+                "overwrite: %s holds a run; its files stay until this run's first checkpoint",
+                self.out,
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def begin(self) -> None:
+        """The run may touch its folder: write ``config.yaml`` (deferred when replacing)."""
+        if not self.replacing:
+            self._write_config()
+
+    def checkpoint_written(self, written: Iterable[str]) -> None:
+        """After each checkpoint: at the first one of a replacing run, remove the old run's
+        files (except ``written``, the new run's own) and write ``config.yaml``."""
+        if not self.replacing or self._begun:
+            return
+        keep = set(written)
+        for name in _RUN_OUTPUTS:
+            path = self.out / name
+            if name in keep or not (path.exists() or path.is_symlink()):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        logger.info("replaced the previous run in %s", self.out)
+        self._write_config()
+
+    @property
+    def begun(self) -> bool:
+        """Whether the run's records may be written (after :meth:`begin`, or the first
+        checkpoint of a replacing run)."""
+        return self._begun
+
+    def _write_config(self) -> None:
+        text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+        atomic_write(self.out / CONFIG, lambda tmp: tmp.write_text(text))
+        self._begun = True
+
+
+def _continues(config: TrainConfig) -> bool:
+    """Whether ``config`` resumes the run of its own output folder."""
+    if config.resume is None:
+        return False
+    return Path(config.resume).resolve().parent == Path(config.output).resolve()

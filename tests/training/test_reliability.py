@@ -1,0 +1,386 @@
+"""Nothing lost under faults: atomic checkpoints under SIGKILL, Ctrl-C and a full disk; run
+folders that are never overwritten by mistake; one writer per folder; and the one-line
+errors of ``cait train`` (docs/RELIABILITY.md)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import ROOT, digits_config  # tests/training is on the path (no __init__)
+
+import cait.training.run
+from cait.cli import main as cli_main
+from cait.files import FolderLock, atomic_write, remove_stale_temporaries
+from cait.training.checkpoint import load_checkpoint, save_checkpoint
+from cait.training.run import train
+
+SRC = str(ROOT / "src")
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` and a hash of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished one-epoch run (with TensorBoard) to copy into each test."""
+    root = tmp_path_factory.mktemp("finished")
+    train(digits_config(root, "epochs=1", "tensorboard=true"))
+    return root / "run"
+
+
+def _copy_run(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+    return dst
+
+
+# --- checkpoints under faults -------------------------------------------------------------
+
+_SLOW_SAVE = textwrap.dedent(
+    """
+    import sys, time, torch
+    from cait.training import checkpoint
+    path, pause = sys.argv[1], float(sys.argv[2])
+    checkpoint.save_checkpoint({"model": {"w": torch.zeros(4)}, "config": {"v": 1}}, path)
+    real_save = torch.save
+
+    def slow_save(obj, f):
+        import io
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        data = buf.getvalue()
+        with open(f, "wb") as out:  # the atomic writer hands torch.save a path
+            out.write(data[: len(data) // 2])
+            out.flush()
+            print("HALF", flush=True)
+            time.sleep(pause)
+            out.write(data[len(data) // 2 :])
+
+    torch.save = slow_save
+    checkpoint.save_checkpoint({"model": {"w": torch.ones(1000)}, "config": {"v": 2}}, path)
+    print("SAVED", flush=True)
+    """
+)
+
+
+def _start_slow_save(path: Path, pause: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SAVE, str(path), str(pause)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout.readline().strip() == "HALF"
+    return proc
+
+
+def test_sigkill_mid_write_keeps_the_previous_checkpoint_and_the_next_writer_cleans_up(
+    tmp_path,
+):
+    path = tmp_path / "last.pt"
+    proc = _start_slow_save(path, pause=60)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    state = load_checkpoint(path)
+    assert state["config"] == {"v": 1} and torch.equal(state["model"]["w"], torch.zeros(4))
+    # a process killed with SIGKILL cannot remove its temporary file, named after it...
+    assert _temporaries(tmp_path) == [f".last.pt.{proc.pid}.tmp"]
+    # ...so the next writer of the folder removes it (a live writer's is kept)
+    alive = tmp_path / f".best.pt.{os.getpid()}.tmp"
+    alive.write_bytes(b"in progress")
+    assert remove_stale_temporaries(tmp_path) == [tmp_path / f".last.pt.{proc.pid}.tmp"]
+    assert _temporaries(tmp_path) == [alive.name]
+
+
+def test_ctrl_c_mid_write_finishes_the_write_then_stops(tmp_path):
+    path = tmp_path / "last.pt"
+    proc = _start_slow_save(path, pause=1.0)
+    os.kill(proc.pid, signal.SIGINT)  # arrives halfway through the write
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert "SAVED" not in out  # it stopped right after the write...
+    state = load_checkpoint(path)  # ...which completed: the new checkpoint, whole
+    assert state["config"] == {"v": 2} and torch.equal(state["model"]["w"], torch.ones(1000))
+    assert _temporaries(tmp_path) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (needs root and mount; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary(small_disk):
+    path = small_disk / "last.pt"
+    save_checkpoint({"model": {"w": torch.zeros(4)}, "config": {"v": 1}}, path)
+    with pytest.raises(OSError) as failure:
+        save_checkpoint({"model": {"w": torch.ones(200_000)}, "config": {"v": 2}}, path)
+    assert failure.value.errno == errno.ENOSPC and "No space left" in str(failure.value)
+    assert load_checkpoint(path)["config"] == {"v": 1}
+    assert _temporaries(small_disk) == []
+
+
+def test_a_full_disk_in_cait_train_is_one_line(small_disk, capsys):
+    code = cli_main(
+        [
+            "train",
+            "--recipe",
+            str(ROOT / "recipes" / "digits.yaml"),
+            "--data",
+            "digits",
+            "--output",
+            str(small_disk / "run"),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--set",
+            "model_args.depth=2",
+            "--set",
+            "tensorboard=false",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("cait train: error: ") and "No space left on device" in err[-1]
+    assert _temporaries(small_disk) == []
+
+
+# --- run folders ----------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_folder_holding_one_is_refused_and_changes_nothing(
+    finished_run, tmp_path, capsys
+):
+    run = _copy_run(finished_run, tmp_path)
+    before = _tree(run)
+    code = cli_main(
+        ["train", "--recipe", str(ROOT / "recipes" / "digits.yaml"), "--data", "digits"]
+        + ["--output", str(run), "--epochs", "1", "--no-progress"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "already holds a run" in err and "--overwrite" in err and "--resume auto" in err
+    assert _tree(run) == before
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_first_checkpoint(
+    finished_run, tmp_path, monkeypatch
+):
+    run = _copy_run(finished_run, tmp_path)
+    before = _tree(run)
+    assert any(name.startswith("tensorboard/") for name in before)
+
+    def fails_in_epoch_one(*args, **kwargs):
+        raise RuntimeError("a failure in epoch 1")
+
+    with monkeypatch.context() as m:
+        m.setattr(cait.training.run, "train_one_epoch", fails_in_epoch_one)
+        with pytest.raises(RuntimeError, match="epoch 1"):
+            train(digits_config(tmp_path, "epochs=1", "overwrite=true", "tensorboard=true"))
+    assert _tree(run) == before  # config.yaml, metrics, checkpoints, TensorBoard: as they were
+    assert not (run / ".lock").exists()
+
+    # a run that gets to its first checkpoint replaces the old run's files
+    result = train(digits_config(tmp_path, "epochs=2", "overwrite=true", "stop_after=1"))
+    assert not result.completed
+    left = _tree(run)
+    assert "model.safetensors" not in left  # the old run's weights went
+    assert not any(name.startswith("tensorboard/") for name in left)  # its curves too
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert "epochs: 2" in (run / "config.yaml").read_text()
+    assert load_checkpoint(run / "last.pt")["config"]["epochs"] == 2
+
+
+def test_a_failed_resume_changes_nothing(finished_run, tmp_path):
+    run = _copy_run(finished_run, tmp_path)
+    before = _tree(run)
+    other = digits_config(tmp_path, f"resume={run / 'last.pt'}", "model_args.depth=3")
+    with pytest.raises(ValueError, match="another model"):
+        train(other)
+    assert _tree(run) == before
+
+
+def test_resume_auto_starts_fresh_continues_and_finishes(tmp_path):
+    run = tmp_path / "run"
+    first = train(digits_config(tmp_path, "epochs=2", "stop_after=1", "resume=auto"))
+    assert [m["epoch"] for m in first.history] == [1] and not first.completed
+    second = train(digits_config(tmp_path, "epochs=2", "resume=auto"))
+    assert [m["epoch"] for m in second.history] == [1, 2] and second.completed
+    weights = load_file(run / "model.safetensors")
+    # a finished run: nothing left to train, the same weights written again
+    third = train(digits_config(tmp_path, "epochs=2", "resume=auto"))
+    assert [m["epoch"] for m in third.history] == [1, 2] and third.completed
+    again = load_file(run / "model.safetensors")
+    assert again.keys() == weights.keys()
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
+
+
+def test_resume_auto_refuses_a_run_without_last_pt(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"weights of an older run")
+    with pytest.raises(ValueError, match="no last.pt to continue from"):
+        train(digits_config(tmp_path, "resume=auto"))
+
+
+def test_one_writer_per_folder(tmp_path):
+    run = tmp_path / "run"
+    with FolderLock(run, what="cait train"):
+        with pytest.raises(ValueError, match=rf"in use by cait train \(pid {os.getpid()}"):
+            train(digits_config(tmp_path, "epochs=1"))
+    assert not (run / ".lock").exists()  # released on the way out
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, caplog):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = {"pid": gone.pid, "host": os.uname().nodename, "started": "earlier"}
+    (run / ".lock").write_text(json.dumps(lock))
+    (run / f".last.pt.{gone.pid}.tmp").write_bytes(b"half a checkpoint")
+    result = train(digits_config(tmp_path, "epochs=1"))
+    assert result.completed
+    assert "removing a stale lock" in caplog.text
+    assert _temporaries(run) == [] and not (run / ".lock").exists()
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
+    output = tmp_path / "out"
+    output.write_text("not a folder")
+    code = cli_main(["train", "--data", "digits", "--output", str(output), "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"cait train: error: output {output} is a file, not a folder"
+
+
+def test_a_read_only_output_is_one_line(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        code = cli_main(["train", "--data", "digits", "--output", str(ro / "run")])
+    finally:
+        subprocess.run(["umount", "--lazy", str(ro)], check=False)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("cait train: error: ") and "Read-only file system" in err
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------
+
+
+def test_ctrl_c_exits_130_and_resume_auto_continues(tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "cait", "train", "--recipe", "recipes/digits.yaml"]
+    command += ["--data", "digits", "--output", str(run), "--epochs", "3", "--no-progress"]
+    command += ["--set", "model_args.depth=2", "--set", "tensorboard=false"]
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "last.pt").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("cait train: interrupted;") and "--resume auto" in last_line
+    assert "Traceback" not in err
+    assert not (run / ".lock").exists() and _temporaries(run) == []
+    epochs_done = load_checkpoint(run / "last.pt")["epoch"] + 1
+    assert 1 <= epochs_done < 3
+    resumed = subprocess.run(
+        command + ["--resume", "auto"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3]
+
+
+# --- one-line errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "optim.lr=[1"], "invalid YAML"),
+        (["--set", "augment.scale=[0.5]"], "augment.scale must have 2 items"),
+        (["--recipe", "BROKEN"], "invalid YAML"),
+        (["--init-from", "FOLDER"], "FOLDER"),
+        (["--resume", "EMPTY_PT"], "EMPTY_PT"),
+        (["--init-from", "http://127.0.0.1:9/w.pth"], "127.0.0.1:9"),
+    ],
+)
+def test_bad_training_inputs_are_one_line(tmp_path, capsys, extra, message):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: {lr: [1e-3\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    names = {"BROKEN": str(broken), "FOLDER": str(folder), "EMPTY_PT": str(empty)}
+    extra = [names.get(a, a) for a in extra]
+    message = names.get(message, message)
+    code = cli_main(
+        ["train", "--data", "digits", "--output", str(tmp_path / "run"), "--epochs", "1"] + extra
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("cait train: error: "), err
+    assert message in err
+
+
+def test_verbose_shows_the_traceback(tmp_path, capsys):
+    code = cli_main(["-v", "train", "--data", "digits", "--set", "optim.lr=[1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" in err and "invalid YAML" in err.strip().splitlines()[-1]
+
+
+def test_atomic_write_temporaries_are_per_process(tmp_path):
+    seen = []
+    atomic_write(tmp_path / "f.txt", lambda tmp: (seen.append(tmp.name), tmp.write_text("x")))
+    assert seen == [f".f.txt.{os.getpid()}.tmp"]
+    assert (tmp_path / "f.txt").read_text() == "x" and _temporaries(tmp_path) == []
