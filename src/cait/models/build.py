@@ -9,23 +9,33 @@ class names. Run checkpoints (``last.pt``, ``best.pt``) hold them beside the wei
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from cait.files import load_file_safely
 from cait.models.cait import CaiT
-from cait.models.config import CaiTConfig, pretrained_cfg
+from cait.models.config import pretrained_cfg
+from cait.models.metadata import (
+    TIMM_PREFIX,
+    cait_config_of,
+    check_metadata,
+    check_timm_args,
+    decode_header,
+    input_spec_of,
+)
 from cait.models.pretrained import (
+    check_tensors_fit,
     convert_weights,
-    is_hub_id,
-    load_pretrained,
+    is_remote,
+    local_checkpoint,
     read_state_dict,
+    safetensors_shapes,
     unwrap_state_dict,
 )
 from cait.models.registry import (
@@ -54,7 +64,6 @@ __all__ = [
     "torchvision_model",
 ]
 
-TIMM_PREFIX = "timm:"
 TORCHVISION_PREFIX = "torchvision:"
 # timm's fallbacks for a model without a pretrained config (timm.data.resolve_data_config)
 _TIMM_DEFAULT_SPEC = InputSpec(224, 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
@@ -75,9 +84,11 @@ def _timm_bare_name(name: str) -> str:
 
 
 def timm_model(name: str, **kwargs: Any) -> nn.Module:
-    """An untrained timm model from ``timm:NAME`` (or a bare timm name)."""
+    """An untrained timm model from ``timm:NAME`` (or a bare timm name), built from the
+    fields of :data:`~cait.models.metadata.TIMM_MODEL_ARGS` only."""
     import timm
 
+    kwargs = check_timm_args(kwargs, "timm model")
     return timm.create_model(_timm_bare_name(name), pretrained=False, **kwargs)
 
 
@@ -93,9 +104,13 @@ def torchvision_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def build_model(name: str, model_args: dict[str, Any], num_classes: int) -> nn.Module:
-    """A freshly initialised model with ``num_classes`` outputs."""
+    """A freshly initialised model with ``num_classes`` outputs. A timm model takes only the
+    fields of :data:`~cait.models.metadata.TIMM_MODEL_ARGS`, so that every checkpoint cait
+    writes is one it reads back."""
     if is_timm(name):
-        return timm_model(name, num_classes=num_classes, **model_args)
+        return timm_model(
+            name, **check_timm_args(model_args, "model_args"), num_classes=num_classes
+        )
     return create_model(name, **{**model_args, "num_classes": num_classes})
 
 
@@ -132,12 +147,20 @@ def model_spec(name: str, model: nn.Module, model_args: dict[str, Any]) -> dict[
     return {"model": name, "model_config": {"num_classes": model.num_classes, **model_args}}
 
 
-def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild the (untrained) model a checkpoint describes."""
-    name, config = spec["model"], dict(spec["model_config"])
+def model_from_spec(spec: dict[str, Any], source: str = "checkpoint") -> nn.Module:
+    """Rebuild the (untrained) model a checkpoint describes, from the checked values of its
+    metadata only (:func:`cait.models.metadata.check_metadata`; ``source`` names the file in
+    messages)."""
+    name = spec["model"]
     if is_timm(name):
-        return timm_model(name, **config)
-    return CaiT(CaiTConfig.from_dict(config))
+        args = check_timm_args(spec["model_config"], "model_config")
+        try:
+            return timm_model(name, **args)
+        except TypeError as err:  # a field this timm model's constructor does not take
+            raise ValueError(
+                f"{source}: {name} cannot be built from its model_config ({err})"
+            ) from None
+    return CaiT(cait_config_of(spec))
 
 
 def checkpoint_metadata(
@@ -153,25 +176,27 @@ def checkpoint_metadata(
 
 
 def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The metadata of one of our checkpoints (see :func:`checkpoint_metadata`), or ``None``
-    for a file without it (official or timm weights, a plain state dict)."""
+    """The metadata of one of our checkpoints (see :func:`checkpoint_metadata`), checked
+    against the schema of :mod:`cait.models.metadata`, or ``None`` for a file without it
+    (official or timm weights, a plain state dict)."""
     path = Path(path)
     if not path.is_file():
         return None
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = f.metadata() or {}
-        except SafetensorError as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
-        if "model_config" not in raw:
-            return None
-        return {k: json.loads(v) for k, v in raw.items() if k != "format"}
+        return decode_header(_safetensors_header(path), str(path))
     return _metadata_in(load_file_safely(path), path)
 
 
+def _safetensors_header(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+
+
 def _metadata_in(obj: Any, path: Path) -> dict[str, Any] | None:
-    """The metadata of a loaded torch checkpoint (``None`` for a file without it)."""
+    """The checked metadata of a loaded torch checkpoint (``None`` for a file without it)."""
     if not (isinstance(obj, dict) and "model_config" in obj):
         return None
     # a run checkpoint keeps the name in its config ("model" holds the weights)
@@ -182,7 +207,17 @@ def _metadata_in(obj: Any, path: Path) -> dict[str, Any] | None:
         raise ValueError(
             f"{path} looks like a cait checkpoint but lacks its model name or {missing}"
         )
-    return {"model": name, **{k: obj[k] for k in ("model_config", "data_settings", "class_names")}}
+    entries = {k: obj[k] for k in ("model_config", "data_settings", "class_names")}
+    return check_metadata({"model": name, **entries}, str(path))
+
+
+def _fitted_model(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: str) -> nn.Module:
+    """The model ``meta`` describes, built for real only once its skeleton (on the meta
+    device: no memory) has exactly the file's tensor names and shapes."""
+    with torch.device("meta"):
+        skeleton = model_from_spec(meta, source=path)
+    check_tensors_fit(skeleton, shapes, path, "the model its metadata describes")
+    return model_from_spec(meta, source=path)
 
 
 @dataclass
@@ -212,46 +247,69 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
     """A model ready for evaluation, with its input spec and class names.
 
     Our checkpoints (``last.pt``, ``best.pt``, ``model.safetensors``) carry their config;
-    for official or timm weights, name the variant with ``model_name``.
+    for official or timm weights, name the variant with ``model_name`` (the head's size then
+    comes from the file). Loading is strict: a tensor of another shape than the model's, a
+    missing or an unexpected tensor is a one-line ``ValueError`` naming it, found before
+    the model is allocated.
     """
-    path = Path(checkpoint)
-    if path.is_file() and path.suffix != ".safetensors":
-        source: Any = load_file_safely(path)  # read once, for the metadata and the weights
-        meta = _metadata_in(source, path)
-    else:  # a safetensors header holds the metadata; a URL or Hub id holds none
-        source, meta = checkpoint, read_checkpoint_metadata(checkpoint)
-    state_dict = unwrap_state_dict(source) if isinstance(source, dict) else None
-    if meta is not None:
-        model = model_from_spec(meta)
-        if isinstance(model, CaiT):
-            load_pretrained(model, state_dict if state_dict is not None else checkpoint)
-        else:
-            sd = state_dict if state_dict is not None else read_state_dict(checkpoint)
-            model.load_state_dict(sd, strict=True)
-        settings = InputSpec.from_dict(meta["data_settings"])
-        if isinstance(model, CaiT):  # timm's data config then gives the checkpoint's inputs
-            model.pretrained_cfg = pretrained_cfg(
-                model.config, settings, architecture=meta["model"]
-            )
-        names = folders = list(meta["class_names"])
-        return LoadedModel(model.eval(), settings, names, folders)
-    remote = checkpoint.startswith(("http://", "https://")) or is_hub_id(checkpoint)
-    if not path.exists() and not remote:
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (not a file, URL or Hub id)")
+    contents: Any = None
+    read = False  # whether contents hold a local torch file, read once
+    if not is_remote(checkpoint):  # a URL or Hub repo holds no metadata
+        path = local_checkpoint(checkpoint)
+        if path.suffix == ".safetensors":  # the header holds the metadata and the shapes
+            meta = read_checkpoint_metadata(path)
+            if meta is not None:
+                model = _fitted_model(meta, safetensors_shapes(path), checkpoint)
+                model.load_state_dict(read_state_dict(path), strict=True)
+                return _loaded(model, meta)
+        else:  # read once, for the metadata and the weights; the file size bounds it
+            contents, read = load_file_safely(path), True
+            meta = _metadata_in(contents, path)
+            if meta is not None:
+                state_dict = _state_dict_in(contents, checkpoint)
+                model = _fitted_model(meta, _shapes(state_dict), checkpoint)
+                model.load_state_dict(state_dict, strict=True)
+                return _loaded(model, meta)
     if model_name is None:
         raise ValueError(
             f"{checkpoint} is not a cait checkpoint (it carries no model config): pass "
             "`model_name`, the variant its weights are for"
         )
     variant = get_variant(model_name)
-    if state_dict is None:
+    if read:
+        state_dict = _state_dict_in(contents, checkpoint)
+    else:
         state_dict = read_state_dict(checkpoint)
     head = state_dict.get("head.weight")
-    num_classes = head.shape[0] if head is not None else variant.config.num_classes
+    num_classes = (
+        head.shape[0] if head is not None and head.ndim == 2 else variant.config.num_classes
+    )
+    with torch.device("meta"):
+        skeleton = create_model(model_name, num_classes=num_classes)
+    check_tensors_fit(skeleton, _shapes(state_dict), checkpoint, model_name)
     model = create_model(model_name, num_classes=num_classes)
-    load_pretrained(model, state_dict)
+    model.load_state_dict(state_dict, strict=True)
     folders, names = imagenet_class_names() if num_classes == 1000 else (None, None)
     return LoadedModel(model.eval(), variant.input_spec, names, folders)
+
+
+def _state_dict_in(obj: Any, checkpoint: str) -> dict[str, Any]:
+    try:
+        return unwrap_state_dict(obj)
+    except ValueError as err:
+        raise ValueError(f"{checkpoint}: {err}") from None
+
+
+def _shapes(state_dict: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def _loaded(model: nn.Module, meta: dict[str, Any]) -> LoadedModel:
+    settings = input_spec_of(meta)
+    if isinstance(model, CaiT):  # timm's data config then gives the checkpoint's inputs
+        model.pretrained_cfg = pretrained_cfg(model.config, settings, architecture=meta["model"])
+    names = folders = list(meta["class_names"])
+    return LoadedModel(model.eval(), settings, names, folders)
 
 
 def convert_checkpoint(

@@ -1,9 +1,11 @@
 """Reading, adapting and strictly loading checkpoints; converting official ones.
 
-Sources: a local file (the official ``.pth`` whose ``"model"`` entry holds ``module.``-prefixed
-keys, a plain state dict, a timm ``.safetensors`` file, or one of our training checkpoints),
-an ``http(s)://`` URL, or a Hugging Face Hub id (``hf-hub:timm/cait_xxs24_224.fb_dist_in1k``
-or ``timm/cait_xxs24_224.fb_dist_in1k``). Loading never unpickles arbitrary objects.
+Sources: an ``http(s)://`` URL, a Hugging Face Hub repository written as timm writes it
+(``hf-hub:timm/cait_xxs24_224.fb_dist_in1k``), and anything else is a local file (the official
+``.pth`` whose ``"model"`` entry holds ``module.``-prefixed keys, a plain state dict, a timm
+``.safetensors`` file, or one of our training checkpoints). A local path is never sent to the
+network: one that does not exist is "checkpoint not found". Loading never unpickles arbitrary
+objects.
 """
 
 from __future__ import annotations
@@ -17,21 +19,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from cait.files import atomic_write, load_file_safely
 from cait.models.cait import CaiT
 from cait.models.layers import resample_pos_embed
 
 __all__ = [
-    "is_hub_id",
+    "HUB_PREFIX",
     "LoadReport",
     "adapt_state_dict",
+    "check_tensors_fit",
+    "checkpoint_not_found",
     "convert_weights",
     "describe_state_dict",
+    "is_hub_id",
+    "is_remote",
     "load_pretrained",
+    "local_checkpoint",
     "read_state_dict",
+    "safetensors_shapes",
     "unwrap_state_dict",
 ]
 
@@ -41,9 +50,12 @@ logger = logging.getLogger(__name__)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Entries of a checkpoint dict that may hold the state dict (official: "model").
 _STATE_DICT_ENTRIES = ("model", "state_dict")
-_HF_ID = re.compile(r"^(hf-hub:)?[\w.-]+/[\w.-]+$")
-# A name with one of these suffixes is a file, never a Hub id.
-_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+# How timm (and cait) write a Hugging Face Hub repository: hf-hub:owner/name
+HUB_PREFIX = "hf-hub:"
+_URL_SCHEMES = ("http://", "https://")
+# owner/name as the Hub spells them: word characters, "." and "-", not starting with either
+# (so no "..")
+_REPO_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
 
 
 @dataclass
@@ -74,45 +86,110 @@ def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
                 f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor; "
                 "is this a state dict?"
             )
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
+        out[_unwrapped(key)] = value
     return out
 
 
+def _unwrapped(key: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
+
+
 def is_hub_id(text: str) -> bool:
-    """Whether a source that is no local file names a Hugging Face Hub repo (``hf-hub:ID``,
-    or ``owner/name`` without a weights-file suffix)."""
-    return text.startswith("hf-hub:") or bool(
-        _HF_ID.match(text) and not text.endswith(_FILE_SUFFIXES)
-    )
+    """Whether ``text`` names a Hugging Face Hub repository: ``hf-hub:owner/name``, as timm
+    writes it. A bare ``owner/name`` is a local path (``runs/small`` must never be looked up
+    on the network)."""
+    return text.startswith(HUB_PREFIX) and bool(_REPO_ID.match(text.removeprefix(HUB_PREFIX)))
+
+
+def is_remote(text: str) -> bool:
+    """Whether a source is fetched over the network: an ``http(s)://`` URL or a Hub repo."""
+    return text.startswith(_URL_SCHEMES) or is_hub_id(text)
+
+
+def checkpoint_not_found(text: str) -> FileNotFoundError:
+    """The error for a local checkpoint path that does not exist (one line; a path that
+    reads like ``owner/name`` gets the Hub spelling as a hint)."""
+    if _REPO_ID.match(text):
+        return FileNotFoundError(
+            f"checkpoint not found: {text} (no such file; a Hugging Face Hub repository is "
+            f"written {HUB_PREFIX}{text})"
+        )
+    return FileNotFoundError(f"checkpoint not found: {text} (not a file, URL or Hub id)")
+
+
+def local_checkpoint(text: str) -> Path:
+    """The path of a local checkpoint file: a missing path is ``FileNotFoundError`` and a
+    directory ``ValueError``, both one line."""
+    if text.startswith(HUB_PREFIX):
+        raise ValueError(f"{text} is not a Hugging Face Hub repository ({HUB_PREFIX}owner/name)")
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise checkpoint_not_found(text)
+    if path.is_dir():
+        raise ValueError(f"{text} is a directory, not a checkpoint file")
+    return path
 
 
 def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a state dict from a path, URL or Hugging Face Hub id (see the module docstring)."""
+    """Read a state dict from a path, URL or Hugging Face Hub repo (see the module
+    docstring)."""
     text = str(source)
-    if text.startswith(("http://", "https://")):
+    if text.startswith(_URL_SCHEMES):
         obj = torch.hub.load_state_dict_from_url(
             text, map_location="cpu", weights_only=True, check_hash=False
         )
         return unwrap_state_dict(obj)
-    path = Path(text).expanduser()
-    if path.exists():
-        return unwrap_state_dict(load_file_safely(path))
     if is_hub_id(text):
         from huggingface_hub import hf_hub_download
 
-        repo_id = text.removeprefix("hf-hub:")
+        repo_id = text.removeprefix(HUB_PREFIX)
         try:
             downloaded = hf_hub_download(repo_id, "model.safetensors")
         except Exception as err:  # network, missing repo, offline mode: all end here
             raise FileNotFoundError(
-                f"checkpoint not found: no local file named {text}, and the Hugging Face Hub "
-                f"could not provide {repo_id}/model.safetensors ({type(err).__name__}: {err})"
+                f"checkpoint not found: the Hugging Face Hub could not provide "
+                f"{repo_id}/model.safetensors ({type(err).__name__}: {_first_line(err)})"
             ) from err
         return unwrap_state_dict(load_file_safely(downloaded))
-    raise FileNotFoundError(f"checkpoint not found: {text} (not a file, URL or Hub id)")
+    return unwrap_state_dict(load_file_safely(local_checkpoint(text)))
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's message cut to its first line (the Hub's span several)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def safetensors_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors header declares (wrapper prefixes removed), read from
+    the header alone: no tensor is loaded."""
+    with safe_open(str(path), framework="pt") as f:
+        return {_unwrapped(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_tensors_fit(
+    model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str, what: str
+) -> None:
+    """Raise a one-line ``ValueError`` unless ``shapes`` (a file's tensors) are exactly the
+    names and shapes of ``model``'s state dict (``model`` may live on the meta device, so
+    this costs no allocation). ``what`` says which model (``the model its metadata
+    describes``)."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [
+        f"{k} is {tuple(shapes[k])} in the file but {own[k]} in the model"
+        for k in own
+        if k in shapes and tuple(shapes[k]) != own[k]
+    ]
+    problems += [f"{k} is missing from the file" for k in own if k not in shapes]
+    problems += [
+        f"the file holds {k}, which the model has no place for" for k in shapes if k not in own
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more tensors differ)" if len(problems) > 1 else ""
+        raise ValueError(f"{source} does not fit {what}: {problems[0]}{more}")
 
 
 def describe_state_dict(state_dict: Mapping[str, Tensor]) -> str:
