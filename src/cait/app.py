@@ -363,7 +363,7 @@ def build_app(models: Sequence[AppModel]) -> gr.Blocks:
         depth = len(app_model.model.blocks)
         try:
             image = check_image(path, app_model.model.config.patch_size)
-            analysis = analyse(app_model, image, min(int(block), depth - 1))
+            analysis = analyse(app_model, image, min(int(block), depth) - 1)
         except ValueError as err:
             logger.info("refused an upload: %s", err)
             return (f"**Cannot use this image.** {err}", *nothing)
@@ -383,7 +383,7 @@ def build_app(models: Sequence[AppModel]) -> gr.Blocks:
         depth = len(app_model.model.blocks)
         return (
             f"`{label}`: {app_model.describe()}.",
-            gr.Slider(minimum=0, maximum=depth - 1, value=depth - 1),
+            gr.Slider(minimum=1, maximum=depth, value=depth),
             gr.Dropdown(choices=_head_choices(app_model.model), value=MEAN_OF_HEADS),
             gr.Gallery(columns=app_model.model.config.num_heads + 1),
             gr.Column(visible=app_model.digits),
@@ -393,7 +393,7 @@ def build_app(models: Sequence[AppModel]) -> gr.Blocks:
     def on_block(analysis: Analysis | None, label: str, block: float, head: str | None):
         if analysis is None:
             return None, None
-        analysis = retrace(by_label[label], analysis, int(block))
+        analysis = retrace(by_label[label], analysis, int(block) - 1)
         return self_attention_view(analysis, _head_index(head)), analysis
 
     def on_head(analysis: Analysis | None, head: str | None):
@@ -460,7 +460,7 @@ def build_app(models: Sequence[AppModel]) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=3):
                 gallery = gr.Gallery(
-                    label="Class attention: each CA block and head, then their mean",
+                    label="Class attention: each CA block (from 1) and head (from 0), and the mean",
                     columns=first.model.config.num_heads + 1,
                     height="auto",
                     format="png",
@@ -469,8 +469,9 @@ def build_app(models: Sequence[AppModel]) -> gr.Blocks:
                 )
             with gr.Column(scale=2):
                 with gr.Row():
+                    # numbered from 1, as the CA blocks' captions and the paper's figures
                     block = gr.Slider(
-                        0, depth - 1, value=depth - 1, step=1, label="SA block", elem_id="sa-block"
+                        1, depth, value=depth, step=1, label="SA block", elem_id="sa-block"
                     )
                     head = gr.Dropdown(
                         _head_choices(first.model),

@@ -136,12 +136,12 @@ def test_attention_cli_with_official_weights_at_another_resolution(tmp_path, cap
 
     ca = np.load(tmp_path / "maps" / "china_class_attention.npy")
     assert ca.shape == (2, 4, 1, 1 + 18 * 18)  # 2 CA blocks, 4 heads, a 18 x 18 grid
-    sa = np.load(tmp_path / "maps" / "china_sa23.npy")
+    sa = np.load(tmp_path / "maps" / "china_sa24.npy")
     assert sa.shape == (4, 324, 324)
     with Image.open(tmp_path / "maps" / "china_class_attention.png") as png:
         assert png.size == GridLayout(rows=2, cols=1 + 4 + 1).size
         assert np.asarray(png.convert("L")).std() > 10  # a picture, not a blank canvas
-    with Image.open(tmp_path / "maps" / "china_sa23.png") as png:
+    with Image.open(tmp_path / "maps" / "china_sa24.png") as png:
         assert png.size == GridLayout(rows=1, cols=1 + 4 + 1).size
 
 

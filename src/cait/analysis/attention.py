@@ -5,6 +5,10 @@ The maps come from :meth:`cait.CaiT.forward_trace`, never from hooks. In a CA bl
 the class token is the only query (paper Eq. 6-8); its attention row covers the class
 token(s) and the ``N`` patches and sums to 1. The patch part, reshaped to the patch grid,
 is the map that is drawn.
+
+In every picture blocks are numbered from 1, as in the paper's figures (SA block 1 is
+``model.blocks[0]``; the ``sa_block`` arguments are such 0-based indices), and heads from 0;
+each grid's legend says so, below its colour scale.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,6 +31,7 @@ from cait.models.cait import CaiT, ModelTrace
 __all__ = [
     "AttentionMaps",
     "GridLayout",
+    "MapStyle",
     "attention_maps",
     "display_image",
     "maps_from_trace",
@@ -42,6 +48,20 @@ CELL_PX = 192
 TITLE_PX = 16  # a line of PIL's default bitmap font
 PAD_PX = 4
 OVERLAY_ALPHA = 0.6  # weight of the coloured map over the grey image
+LINE_PX = 14  # a line of text in the legend
+# the band under a grid: the colour scale, its tick labels, then three lines of text
+LEGEND_PX = 4 + 10 + 18 + 3 * LINE_PX
+LEGEND_WIDTH_PX = 480  # the longest line of the legend, so that a 1-head grid shows it whole
+COLOURBAR_PX = (256, 10)  # width and height of the colour scale
+COLOUR_MAP = "inferno"
+
+# How a map of the token grid is drawn at picture size: "blocks", one flat square per patch
+# token (nearest neighbour: what the model sees, a 4 x 4 grid for the demo model), or
+# "smooth", bilinear interpolation between the token centres (an overlay in the style of
+# the paper's figures, which hides the grid).
+MapStyle = Literal["blocks", "smooth"]
+_RESAMPLING = {"blocks": "nearest", "smooth": "bilinear"}
+NUMBERING = "blocks are numbered from 1, as in the paper's figures; heads from 0"
 
 
 @dataclass
@@ -143,7 +163,8 @@ def maps_from_trace(
 
 @dataclass(frozen=True)
 class GridLayout:
-    """Pixel geometry of a grid of titled square cells (one picture per cell)."""
+    """Pixel geometry of a grid of titled square cells (one picture per cell), with the
+    legend band (colour scale and numbering) below them."""
 
     rows: int
     cols: int
@@ -153,9 +174,13 @@ class GridLayout:
     def size(self) -> tuple[int, int]:
         """``(width, height)`` of the whole picture."""
         return (
-            PAD_PX + self.cols * (self.cell + PAD_PX),
-            PAD_PX + self.rows * (TITLE_PX + self.cell + PAD_PX),
+            max(PAD_PX + self.cols * (self.cell + PAD_PX), 2 * PAD_PX + LEGEND_WIDTH_PX),
+            PAD_PX + self.rows * (TITLE_PX + self.cell + PAD_PX) + LEGEND_PX,
         )
+
+    @property
+    def legend_top(self) -> int:
+        return self.size[1] - LEGEND_PX
 
     def box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """``(left, top, right, bottom)`` of a cell's picture (below its title)."""
@@ -168,31 +193,37 @@ def _heat(values: np.ndarray) -> np.ndarray:
     """Map ``[0, 1]`` values to RGB with matplotlib's 'inferno' colour map."""
     from matplotlib import colormaps
 
-    return colormaps["inferno"](values)[..., :3]
+    return colormaps[COLOUR_MAP](values)[..., :3]
 
 
-def _upsample(maps: np.ndarray, size: int) -> np.ndarray:
-    """``(K, gh, gw)`` -> ``(K, size, size)``, bilinear, each map scaled to a maximum of 1."""
+def _upsample(maps: np.ndarray, size: int, style: MapStyle = "blocks") -> np.ndarray:
+    """``(K, gh, gw)`` -> ``(K, size, size)`` drawn in ``style``, each map divided by its own
+    maximum (so its peak is 1)."""
+    if style not in _RESAMPLING:
+        raise ValueError(f"style must be one of {list(_RESAMPLING)}, got {style!r}")
     t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
-    up = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    peak = up.flatten(1).amax(dim=1).clamp_min(1e-12)
-    return (up / peak[:, None, None]).numpy()
+    peak = t.flatten(1).amax(dim=1).clamp_min(1e-12)
+    mode = _RESAMPLING[style]
+    corners = None if mode == "nearest" else False
+    up = F.interpolate(t, size=(size, size), mode=mode, align_corners=corners)[:, 0]
+    return (up / peak[:, None, None]).clamp(0, 1).numpy()
 
 
 def overlay_maps(
-    image: np.ndarray, maps: np.ndarray, size: int = CELL_PX
+    image: np.ndarray, maps: np.ndarray, size: int = CELL_PX, style: MapStyle = "blocks"
 ) -> tuple[Image.Image, list[Image.Image]]:
     """The image as a ``size x size`` picture, and each map over a grey copy of it.
 
     ``image`` is ``(h, w, 3)`` in ``[0, 1]``; ``maps`` is ``(K, gh, gw)``. Each map is
-    upsampled bilinearly and scaled to its own maximum, so colours compare places within a
-    map, not between maps.
+    drawn in ``style`` (:data:`MapStyle`: one square per token, or smoothed) and divided by
+    its own maximum, so colours compare places within a map, not between maps (the colour
+    scale of :func:`render_attention_grid` runs from 0 to the map's peak).
     """
     pic = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).resize(
         (size, size), Image.Resampling.BICUBIC
     )
     grey = np.asarray(pic.convert("L"), dtype=np.float32)[..., None].repeat(3, -1) / 255
-    heat = _upsample(maps, size)
+    heat = _upsample(maps, size, style)
     overlays = []
     for k in range(len(maps)):
         blend = (1 - OVERLAY_ALPHA) * grey + OVERLAY_ALPHA * _heat(heat[k])
@@ -206,23 +237,55 @@ def render_attention_grid(
     row_titles: list[str],
     col_titles: list[str],
     cell: int = CELL_PX,
+    style: MapStyle = "blocks",
+    legend: str = "",
 ) -> Image.Image:
     """A grid picture: each row shows the image, then each map of that row over it
-    (:func:`overlay_maps`); ``maps`` is ``(rows, K, gh, gw)``."""
+    (:func:`overlay_maps`, in ``style``), titled with the map's peak value; below the grid
+    the colour scale (0 to each map's peak) and ``legend``. ``maps`` is
+    ``(rows, K, gh, gw)``."""
     rows, k = maps.shape[:2]
     layout = GridLayout(rows, k + 1, cell)
     canvas = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     for r in range(rows):
-        pic, overlays = overlay_maps(image, maps[r], cell)
+        pic, overlays = overlay_maps(image, maps[r], cell, style)
+        titles = [f"{t}, peak {m.max():.2f}" for t, m in zip(col_titles, maps[r], strict=True)]
         for c, (tile, title) in enumerate(
-            zip([pic, *overlays], [row_titles[r], *col_titles], strict=True)
+            zip([pic, *overlays], [row_titles[r], *titles], strict=True)
         ):
             left, top, _, _ = layout.box(r, c)
             canvas.paste(tile, (left, top))
             draw.text((left + 2, top - TITLE_PX + 2), title, fill="black", font=font)
+    _draw_legend(canvas, layout.legend_top, style, legend, font)
     return canvas
+
+
+def _draw_legend(
+    canvas: Image.Image, top: int, style: MapStyle, legend: str, font: ImageFont.ImageFont
+) -> None:
+    """The colour scale with its ticks, what a colour means, how the maps are drawn, and
+    ``legend``, in the band from ``top`` down."""
+    width, height = COLOURBAR_PX
+    left, bar_top = PAD_PX, top + 4
+    ramp = _heat(np.linspace(0, 1, width))[None].repeat(height, axis=0)  # (height, width, 3)
+    canvas.paste(Image.fromarray((ramp * 255).round().astype(np.uint8)), (left, bar_top))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((left, bar_top, left + width - 1, bar_top + height - 1), outline="black")
+    for value, label in ((0.0, "0"), (0.5, "0.5"), (1.0, "peak")):
+        x = left + round(value * (width - 1))
+        draw.line((x, bar_top + height, x, bar_top + height + 3), fill="black")
+        shift = {0.0: 0, 0.5: 6, 1.0: 22}[value]  # keep the label inside the bar's span
+        draw.text((x - shift, bar_top + height + 3), label, fill="black", font=font)
+    drawn = "one square per patch token" if style == "blocks" else "smoothed between tokens"
+    notes = [
+        f"colour: attention to a patch, from 0 to the map's peak (in its title); {drawn}",
+        *([legend] if legend else []),
+        NUMBERING,
+    ]
+    for k, line in enumerate(notes):  # under the colour scale and its tick labels
+        draw.text((left, bar_top + height + 18 + k * LINE_PX), line, fill="black", font=font)
 
 
 def display_image(tensor: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -253,6 +316,7 @@ def save_attention_maps(
     sa_block: int | None = None,
     img_size: int | None = None,
     device: str = "cpu",
+    style: MapStyle = "blocks",
 ) -> list[dict]:
     """Draw and save the attention maps of each image; returns what was written per image.
 
@@ -260,10 +324,15 @@ def save_attention_maps(
     :class:`~cait.inference.LoadedModel`. For each image ``STEM`` the folder gets
     ``STEM_class_attention.png`` (rows: CA blocks; columns: the image, each head, the mean
     of the heads) and ``STEM_class_attention.npy`` (the raw ``(L, H, T, T + N)``
-    probabilities); with ``sa_block`` also ``STEM_sa{k}.png`` and ``STEM_sa{k}.npy``
-    (``(H, N', N')``). ``img_size`` evaluates at another resolution than the model's own
-    (a multiple of the patch size; the position embedding is resized on the fly).
+    probabilities); with ``sa_block`` (an index into ``model.blocks``, from 0) also
+    ``STEM_sa{k}.png`` and ``STEM_sa{k}.npy`` (``(H, N', N')``) where ``k = sa_block + 1``
+    is the block's number in the pictures (from 1, as in the paper). ``img_size`` evaluates
+    at another resolution than the model's own (a multiple of the patch size; the position
+    embedding is resized on the fly). ``style`` draws each map as one square per token
+    (``"blocks"``) or smoothed (``"smooth"``).
     """
+    if style not in _RESAMPLING:
+        raise ValueError(f"style must be one of {list(_RESAMPLING)}, got {style!r}")
     loaded = model if isinstance(model, LoadedModel) else load_for_inference(model, model_name)
     if not isinstance(loaded.model, CaiT):
         raise ValueError("attention maps need a cait model, not a timm: model")
@@ -290,6 +359,8 @@ def save_attention_maps(
                 grid,
                 [f"CA block {i + 1}, predicted {name}" for i in range(L)],
                 [f"head {h}" for h in range(H)] + ["mean of heads"],
+                style=style,
+                legend="the class token's attention to each patch",
             )
             png = out_dir / f"{stem}_class_attention.png"
             picture_out.save(png)
@@ -298,15 +369,18 @@ def save_attention_maps(
         if sa_block is not None:
             sa = maps.self_attention_maps()  # (H, gh, gw)
             grid = np.concatenate([sa, sa.mean(axis=0, keepdims=True)])[None]
+            number = sa_block + 1
             picture_out = render_attention_grid(
                 shown,
                 grid,
-                [f"SA block {sa_block}: attention received"],
+                [f"SA block {number}: attention received"],
                 [f"head {h}" for h in range(sa.shape[0])] + ["mean of heads"],
+                style=style,
+                legend="the mean attention each patch receives from all patches",
             )
-            png = out_dir / f"{stem}_sa{sa_block}.png"
+            png = out_dir / f"{stem}_sa{number}.png"
             picture_out.save(png)
-            np.save(out_dir / f"{stem}_sa{sa_block}.npy", maps.self_attention)
+            np.save(out_dir / f"{stem}_sa{number}.npy", maps.self_attention)
             record["self_attention_png"] = str(png)
         results.append(record)
         logger.info("%s: predicted %s; maps in %s", path, name, out_dir)
