@@ -286,7 +286,7 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
     )
     with torch.device("meta"):
         skeleton = create_model(model_name, num_classes=num_classes)
-    check_tensors_fit(skeleton, _shapes(state_dict), checkpoint, model_name)
+    check_tensors_fit(skeleton, _shapes(state_dict), checkpoint, "the model")
     model = create_model(model_name, num_classes=num_classes)
     model.load_state_dict(state_dict, strict=True)
     folders, names = imagenet_class_names() if num_classes == 1000 else (None, None)

@@ -175,11 +175,11 @@ def check_tensors_fit(
 ) -> None:
     """Raise a one-line ``ValueError`` unless ``shapes`` (a file's tensors) are exactly the
     names and shapes of ``model``'s state dict (``model`` may live on the meta device, so
-    this costs no allocation). ``what`` says which model (``the model its metadata
-    describes``)."""
+    this costs no allocation). ``what`` says which model (``the model``, ``the model its
+    metadata describes``)."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problems = [
-        f"{k} is {tuple(shapes[k])} in the file but {own[k]} in the model"
+        f"{k} has shape {tuple(shapes[k])} in the file but {own[k]} in the model"
         for k in own
         if k in shapes and tuple(shapes[k]) != own[k]
     ]
@@ -189,22 +189,32 @@ def check_tensors_fit(
     ]
     if problems:
         more = f" (and {len(problems) - 1} more tensors differ)" if len(problems) > 1 else ""
-        raise ValueError(f"{source} does not fit {what}: {problems[0]}{more}")
+        summary = ""
+        if isinstance(model, CaiT):  # the architectures side by side, as load_pretrained does
+            file_shapes = {k: tuple(v) for k, v in shapes.items()}
+            summary = (
+                f"; model: {_describe_model(model)}; checkpoint: {_describe_shapes(file_shapes)}"
+            )
+        raise ValueError(f"{source} does not match {what}{summary}; {problems[0]}{more}")
 
 
 def describe_state_dict(state_dict: Mapping[str, Tensor]) -> str:
     """A one-line summary of the architecture a state dict was saved from."""
+    return _describe_shapes({k: tuple(v.shape) for k, v in state_dict.items()})
+
+
+def _describe_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
     parts = []
-    if "patch_embed.proj.weight" in state_dict:
-        w = state_dict["patch_embed.proj.weight"]
-        parts += [f"embed_dim={w.shape[0]}", f"patch_size={w.shape[-1]}"]
-    sa = {k.split(".")[1] for k in state_dict if k.startswith("blocks.")}
-    ca = {k.split(".")[1] for k in state_dict if k.startswith("blocks_token_only.")}
+    patch = shapes.get("patch_embed.proj.weight")
+    if patch:
+        parts += [f"embed_dim={patch[0]}", f"patch_size={patch[-1]}"]
+    sa = {k.split(".")[1] for k in shapes if k.startswith("blocks.")}
+    ca = {k.split(".")[1] for k in shapes if k.startswith("blocks_token_only.")}
     parts += [f"depth={len(sa)}", f"ca_depth={len(ca)}"]
-    if "pos_embed" in state_dict:
-        parts.append(f"pos_embed={tuple(state_dict['pos_embed'].shape)}")
-    if "head.weight" in state_dict:
-        parts.append(f"num_classes={state_dict['head.weight'].shape[0]}")
+    if "pos_embed" in shapes:
+        parts.append(f"pos_embed={tuple(shapes['pos_embed'])}")
+    if shapes.get("head.weight"):
+        parts.append(f"num_classes={shapes['head.weight'][0]}")
     return ", ".join(parts)
 
 
