@@ -43,6 +43,7 @@ from cait.training.config import (
 )
 from cait.training.engine import NonFiniteLossError
 from cait.training.losses import DistillKind
+from cait.training.preemption import TrainingPreempted
 from cait.training.run import train
 
 __all__ = ["main"]
@@ -522,8 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Exit statuses: 2 for a failure the user can fix (a bad path, value or file; argparse's
-# own), 130 for Ctrl-C (128 + SIGINT, the shell's convention).
+# own), 75 for a run stopped by a preemption signal with its last.pt written (EX_TEMPFAIL
+# of sysexits.h: try again, with --resume auto), 130 for Ctrl-C (128 + SIGINT, the shell's
+# convention).
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 # What a user's input can raise: a bad value or file (ValueError and the errors of YAML and
 # safetensors), a path that is missing, unreadable or not writable, a full disk, an
@@ -548,6 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in _THREADED_COMMANDS:
             use_threads(args.threads)
         return args.func(args)
+    except TrainingPreempted as stop:
+        print(f"{prefix}: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         if args.verbose:
             traceback.print_exc()

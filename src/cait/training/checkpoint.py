@@ -24,6 +24,7 @@ from torch import nn
 from cait import runtime
 from cait.files import atomic_write, load_file_safely
 from cait.training.config import TrainConfig
+from cait.training.engine import EpochPosition
 from cait.training.optim import ModelEma, Optimisation
 from cait.training.parallel import load_optimizer_state, model_state_dict, optimizer_state_dict
 
@@ -60,6 +61,8 @@ RESUME_FREE = frozenset(
     {
         "resume",
         "overwrite",
+        "checkpoint_every_steps",
+        "preempt_signals",
         "stop_after",
         "output",
         "progress",
@@ -85,6 +88,8 @@ class RunProgress:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_top1: float = -1.0
+    # where this rank stands in ``start_epoch`` when the run resumes within it
+    position: EpochPosition | None = None
 
 
 def run_state(
@@ -94,8 +99,10 @@ def run_state(
     epoch: int,
     config: TrainConfig,
     metadata: dict[str, Any],
+    position: EpochPosition | None = None,
 ) -> dict[str, Any]:
-    """The run checkpoint after ``epoch`` (0-based), ``progress`` already counting it.
+    """The run checkpoint after ``epoch`` (0-based), ``progress`` already counting it; with
+    ``position``, within the epoch after it (``epoch_position`` holds every rank's).
 
     ``metadata`` is :func:`cait.models.build.checkpoint_metadata` of the model. Under
     ``torchrun`` this is a collective (gathering the sharded state and the ranks' RNG
@@ -105,6 +112,9 @@ def run_state(
     optim_state = optimizer_state_dict(model, opt.optimizer)
     rng_ranks = runtime.all_gather_objects(runtime.get_rng_state())
     world_size = len(rng_ranks)
+    positions = None
+    if position is not None:
+        positions = runtime.all_gather_objects(position.to_dict())
     return {
         "model": model_state,
         "optimizer": optim_state,
@@ -121,6 +131,7 @@ def run_state(
         # augmentations on every rank
         "rng_ranks": rng_ranks if world_size > 1 else None,
         "epoch": epoch,
+        "epoch_position": positions,
         "step": progress.step,
         "history": progress.history,
         "best_top1": progress.best_top1,
@@ -214,9 +225,29 @@ def resume_run(
         step=state["step"],
         history=list(state["history"]),
         best_top1=state["best_top1"],
+        position=_epoch_position(state, info),
     )
     restore_rng(state, info)
     return progress
+
+
+def _epoch_position(state: dict[str, Any], info: runtime.DistInfo) -> EpochPosition | None:
+    """This rank's position within the epoch a checkpoint was written in (None for one
+    written at the end of an epoch). Another number of processes cannot continue the
+    epoch's shards: it starts the epoch over."""
+    positions = state.get("epoch_position")
+    if not positions:
+        return None
+    if len(positions) != info.world_size:
+        logger.warning(
+            "the checkpoint was written within epoch %d by %d process(es); on %d the epoch "
+            "starts over from its first batch",
+            state["epoch"] + 2,
+            len(positions),
+            info.world_size,
+        )
+        return None
+    return EpochPosition.from_dict(positions[info.rank])
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

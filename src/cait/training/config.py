@@ -20,6 +20,7 @@ from cait.models.config import CaiTConfig
 from cait.runtime import Amp, Device
 from cait.schema import check_fields, convert_fields, from_dict
 from cait.training.losses import DistillKind, SoftNormalisation
+from cait.training.preemption import check_signal_names
 
 __all__ = [
     "AugmentConfig",
@@ -176,6 +177,9 @@ class TrainConfig:
     ``resume`` continues a run from its ``last.pt``; ``auto`` continues the output folder's
     run when it has one and starts fresh otherwise. An output folder that holds another run
     is refused unless ``overwrite`` (:mod:`cait.training.run_folder`).
+    ``checkpoint_every_steps`` also writes ``last.pt`` within epochs, every that many
+    optimiser steps (resuming from it is exact); ``preempt_signals`` make the run finish its
+    step, write ``last.pt`` and stop (:mod:`cait.training.preemption`).
     """
 
     model: str = "cait_digits_16"
@@ -191,6 +195,8 @@ class TrainConfig:
     init_from: str | None = None
     resume: str | None = None
     overwrite: bool = False
+    checkpoint_every_steps: int | None = None
+    preempt_signals: tuple[str, ...] = ("SIGTERM",)
     stop_after: int | None = None
     log_interval: int = 20
     progress: bool = True
@@ -214,6 +220,12 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise ValueError(
+                f"checkpoint_every_steps must be >= 1 (or null: at the end of epochs only), "
+                f"got {self.checkpoint_every_steps}"
+            )
+        check_signal_names(self.preempt_signals)
         if self.log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
         if self.dist_timeout <= 0:

@@ -5,19 +5,34 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from cait.progress import progress_bar
-from cait.runtime import all_gather_objects, all_reduce_max, all_reduce_sum, autocast, dist_info
+from cait.runtime import (
+    all_gather_objects,
+    all_reduce_max,
+    all_reduce_sum,
+    autocast,
+    dist_info,
+    get_rng_state,
+    set_rng_state,
+)
 from cait.threads import adapt as adapt_threads
 from cait.training.losses import DistillationLoss
 from cait.training.optim import Optimisation
 
-__all__ = ["EpochStats", "NonFiniteLossError", "Objective", "evaluate", "train_one_epoch"]
+__all__ = [
+    "EpochPosition",
+    "EpochStats",
+    "NonFiniteLossError",
+    "Objective",
+    "evaluate",
+    "train_one_epoch",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,6 +85,34 @@ class Objective:
 
 
 @dataclass
+class EpochPosition:
+    """Where one rank stands within an epoch, for a checkpoint written mid-epoch: the
+    loader's batches consumed, this rank's running sums, and every RNG's state when the
+    epoch's loader was started.
+
+    Resuming from it restores the RNGs of the epoch's start, starts the loader (the same
+    shuffled order, the same seeds for its worker processes), draws and discards the
+    batches already trained on, then takes back the RNGs of the checkpoint: the batches
+    that follow are the ones the uninterrupted run trained on, augmentations included.
+    """
+
+    batches: int
+    micro: int
+    loss_sum: float
+    images: int
+    seconds: float
+    skipped: list[str]
+    rng_at_start: dict
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EpochPosition:
+        return cls(**data)
+
+
+@dataclass
 class _Tally:
     """This rank's running sums over one epoch. The loss stays on the device (read back only
     at log points, so the loop does not wait on the device at every step)."""
@@ -77,6 +120,8 @@ class _Tally:
     loss_sum: torch.Tensor
     images: int = 0
     micro: int = 0  # micro-batches done
+    batches: int = 0  # batches drawn from the loader (empty ones too)
+    earlier_seconds: float = 0.0  # of the epoch's part before a mid-epoch resume
     skipped: list[str] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
     warm: float | None = None  # when the first optimiser step (the warm-up) ended
@@ -111,6 +156,8 @@ def train_one_epoch(
     progress: bool = True,
     description: str = "",
     on_log: Callable[[int, float, float], None] | None = None,
+    position: EpochPosition | None = None,
+    after_step: Callable[[int, Callable[[], EpochPosition]], None] | None = None,
 ) -> tuple[EpochStats, int]:
     """Train for one pass over ``loader``; returns the epoch's stats and the new step.
 
@@ -124,15 +171,23 @@ def train_one_epoch(
     are equal, so this is the loss of the global batch), so all ranks see the same value and
     a NaN on any one of them stops every rank at the same step instead of leaving the others
     waiting. ``images`` in the stats counts all ranks' images.
+
+    ``position`` continues an epoch from a checkpoint written within it
+    (:class:`EpochPosition`). ``after_step(step, position)`` is called after every
+    optimiser step but the epoch's last; ``position()`` gives where the epoch stands, for a
+    checkpoint (the caller may raise to stop the run there).
     """
     model.train()
     objective = objective if objective is not None else Objective()
     total = len(loader) // opt.accum_steps  # type: ignore[arg-type]
     tally = _Tally(torch.zeros((), device=device))
+    batches, rng_at_start = _start_epoch(loader, position, tally)
     lr = opt.schedule(step)
     opt.optimizer.zero_grad(set_to_none=True)
     with progress_bar(total, description, progress) as bar:
-        for x, target, bad in loader:
+        bar.update(tally.micro // opt.accum_steps)
+        for x, target, bad in batches:
+            tally.batches += 1
             tally.skipped += bad
             if x.numel() == 0:
                 continue
@@ -161,7 +216,42 @@ def train_one_epoch(
                     on_log(step, mean_loss, lr)
             if done == total:
                 break
+            if after_step is not None:
+                after_step(step, lambda: _position(tally, rng_at_start))
     return _epoch_stats(tally, lr, opt.accum_steps, epoch, step), step
+
+
+def _start_epoch(
+    loader: Iterable, position: EpochPosition | None, tally: _Tally
+) -> tuple[Iterator, dict]:
+    """The epoch's batches from where ``position`` stands (from the start without one),
+    and the RNG states the epoch's loader started from."""
+    if position is None:
+        rng_at_start = get_rng_state()
+        return iter(loader), rng_at_start
+    resumed = get_rng_state()  # the checkpoint's
+    set_rng_state(position.rng_at_start)
+    batches = iter(loader)  # the same order and worker seeds as the interrupted epoch's
+    for _ in range(position.batches):
+        next(batches)  # drawn again, with the same random augmentations, and discarded
+    set_rng_state(resumed)
+    tally.loss_sum += position.loss_sum
+    tally.images, tally.micro, tally.batches = position.images, position.micro, position.batches
+    tally.skipped = list(position.skipped)
+    tally.earlier_seconds = position.seconds
+    return batches, position.rng_at_start
+
+
+def _position(tally: _Tally, rng_at_start: dict) -> EpochPosition:
+    return EpochPosition(
+        batches=tally.batches,
+        micro=tally.micro,
+        loss_sum=tally.loss_sum.item(),
+        images=tally.images,
+        seconds=tally.earlier_seconds + time.perf_counter() - tally.start,
+        skipped=list(tally.skipped),
+        rng_at_start=rng_at_start,
+    )
 
 
 def _forward_backward(
@@ -190,7 +280,7 @@ def _forward_backward(
 
 def _epoch_stats(tally: _Tally, lr: float, accum_steps: int, epoch: int, step: int) -> EpochStats:
     """The epoch's stats over all ranks (collectives); a non-finite loss raises."""
-    seconds = time.perf_counter() - tally.start
+    seconds = tally.earlier_seconds + time.perf_counter() - tally.start
     mean_loss = tally.mean_loss()
     _check_finite(mean_loss, epoch, step)
     images = tally.images * dist_info().world_size  # every rank ran the same equal batches

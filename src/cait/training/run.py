@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,14 +37,22 @@ from cait.training.checkpoint import (
     load_checkpoint,
     resume_run,
     run_state,
+    save_checkpoint,
     save_run_checkpoint,
     save_run_weights,
 )
 from cait.training.config import LR_BASE_BATCH, TrainConfig, scaled_lr
-from cait.training.engine import EpochStats, Objective, evaluate, train_one_epoch
+from cait.training.engine import (
+    EpochPosition,
+    EpochStats,
+    Objective,
+    evaluate,
+    train_one_epoch,
+)
 from cait.training.losses import DistillationLoss
 from cait.training.optim import LRSchedule, ModelEma, Optimisation, build_optimizer
 from cait.training.parallel import unwrap, wrap_model
+from cait.training.preemption import PreemptionWatch, TrainingPreempted
 from cait.training.records import (
     EPOCH_SECONDS_KEY,
     IMAGES_PER_S_KEY,
@@ -129,6 +137,7 @@ class _Run:
     opt: Optimisation
     # rank 0's hold on the output folder (None on the other ranks)
     folder: RunFolder | None
+    watch: PreemptionWatch
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -141,11 +150,14 @@ def train(config: TrainConfig) -> TrainResult:
     Under ``torchrun`` every process calls this: data-parallel training over all of them
     (``docs/DISTRIBUTED.md``); only rank 0 writes files.
     """
-    with runtime.distributed(config.device, config.dist_timeout) as info:
-        return _train(config, info)
+    with (
+        runtime.distributed(config.device, config.dist_timeout) as info,
+        PreemptionWatch(config.preempt_signals) as watch,
+    ):
+        return _train(config, info, watch)
 
 
-def _train(config: TrainConfig, info: runtime.DistInfo) -> TrainResult:
+def _train(config: TrainConfig, info: runtime.DistInfo, watch: PreemptionWatch) -> TrainResult:
     config = dataclasses.replace(config, resume=resolve_resume(config.resume, config.output))
     with _hold_output_folder(config, info) as folder:
         out, device = Path(config.output), _set_up(config, info)
@@ -155,7 +167,7 @@ def _train(config: TrainConfig, info: runtime.DistInfo) -> TrainResult:
         loaders = _build_loaders(config, data, info, device)
         objective = _build_objective(config, data, device)
         opt = _build_optimisation(config, model, loaders, info)
-        run = _Run(config, info, device, out, data, model, loaders, objective, opt, folder)
+        run = _Run(config, info, device, out, data, model, loaders, objective, opt, folder, watch)
         progress = _resume_or_start(run)
         recorder = Recorder(config, out, progress.history) if info.is_main else None
         skipped = _skipped_files(run)
@@ -381,6 +393,8 @@ def _train_epochs(
     config = run.config
     for epoch in range(progress.start_epoch, config.epochs):
         _train_epoch(run, epoch, progress, recorder, skipped)
+        if run.watch.agreed(run.device):  # a signal during evaluation or the checkpoint
+            raise _preempted(run, progress.step, epoch + 1, within=False)
         if config.stop_after is not None and epoch + 1 - progress.start_epoch >= config.stop_after:
             completed = epoch + 1 == config.epochs
             if not completed:
@@ -417,6 +431,8 @@ def _train_epoch(
         progress=config.progress and main,
         description=f"epoch {epoch + 1}/{config.epochs}",
         on_log=recorder.step if recorder is not None else None,
+        position=progress.position if epoch == progress.start_epoch else None,
+        after_step=_within_epoch(run, epoch, progress, recorder, skipped),
     )
     metrics, val_skipped = _evaluate_epoch(run, epoch, stats)
     new_skips = skipped.add(stats.skipped + val_skipped)
@@ -432,10 +448,55 @@ def _train_epoch(
     state = run_state(run.model.trained, run.opt, progress, epoch, config, run.metadata)
     if main:
         save_run_checkpoint(state, run.out, is_best)
-        # a run replacing another one takes over its folder now, with its first checkpoint
-        run.folder.checkpoint_written([LAST, BEST] if is_best else [LAST])
-        skipped.start()
+        _checkpoint_written(run, [LAST, BEST] if is_best else [LAST], recorder, skipped)
         recorder.epoch(metrics)
+
+
+def _checkpoint_written(
+    run: _Run, written: list[str], recorder: Recorder, skipped: SkippedFiles
+) -> None:
+    """A run replacing another one takes over its folder with its first checkpoint, and
+    its records start then."""
+    run.folder.checkpoint_written(written)
+    skipped.start()
+    recorder.start()
+
+
+def _within_epoch(
+    run: _Run,
+    epoch: int,
+    progress: RunProgress,
+    recorder: Recorder | None,
+    skipped: SkippedFiles,
+) -> Callable[[int, Callable[[], EpochPosition]], None]:
+    """What happens after each optimiser step of ``epoch`` but its last: ``last.pt`` every
+    ``checkpoint_every_steps`` steps, and after a preemption signal (then the run stops)."""
+    every = run.config.checkpoint_every_steps
+
+    def after_step(step: int, position: Callable[[], EpochPosition]) -> None:
+        stop = run.watch.agreed(run.device)
+        if not stop and (every is None or step % every):
+            return
+        progress.step = step
+        state = run_state(
+            run.model.trained, run.opt, progress, epoch - 1, run.config, run.metadata, position()
+        )
+        if run.info.is_main:
+            save_checkpoint(state, run.out / LAST)
+            _checkpoint_written(run, [LAST], recorder, skipped)
+            logger.info("step %d: wrote %s within epoch %d", step, run.out / LAST, epoch + 1)
+        if stop:
+            raise _preempted(run, step, epoch + 1, within=True)
+
+    return after_step
+
+
+def _preempted(run: _Run, step: int, epoch: int, within: bool) -> TrainingPreempted:
+    where = f"within epoch {epoch}" if within else f"after epoch {epoch}"
+    return TrainingPreempted(
+        f"stopped by {run.watch.received} at step {step} ({where}); {run.out / LAST} holds "
+        "it: continue with --resume auto"
+    )
 
 
 def _evaluate_epoch(run: _Run, epoch: int, stats: EpochStats) -> tuple[dict[str, Any], list[str]]:

@@ -1,0 +1,318 @@
+"""Runs that survive a preemption, a lost worker and a restarted node: checkpoints within
+epochs that resume exactly, SIGTERM that stops cleanly, torchrun restarts that continue
+by themselves (``--resume auto``), and two torchrun agents meeting on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import EQUIVALENCE, _env  # tests/training is on the path (no __init__)
+from test_train import ROOT, digits_config
+
+from cait.training.checkpoint import load_checkpoint
+from cait.training.optim import Optimisation
+from cait.training.preemption import TrainingPreempted
+from cait.training.records import TIMING_KEYS
+from cait.training.run import train
+
+EXIT_PREEMPTED = 75
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def _signal_at_step(monkeypatch, stop_step: int, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``sig`` to this process right after optimiser step ``stop_step`` (counted over
+    the whole run, from 1)."""
+    real = Optimisation.step
+
+    def step_then_signal(self, model, step):
+        lr = real(self, model, step)
+        if step + 1 == stop_step:
+            signal.raise_signal(sig)
+        return lr
+
+    monkeypatch.setattr(Optimisation, "step", step_then_signal)
+
+
+# Random crops, colour jitter, mixup/cutmix (the recipe's), drop-path and an EMA are on:
+# every RNG stream and the loader's order must continue where the checkpoint left them.
+_SETTINGS = ("epochs=2", "model_args.drop_path_rate=0.1", "checkpoint_every_steps=4")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    train(digits_config(tmp, *_SETTINGS))
+    return tmp / "run"
+
+
+@pytest.mark.parametrize(
+    "stop_step", [pytest.param(6, marks=pytest.mark.slow), 29]
+)  # within epoch 1 (of 22 steps), within epoch 2
+def test_sigterm_within_an_epoch_then_resume_auto_is_exact(
+    uninterrupted, tmp_path, monkeypatch, caplog, stop_step
+):
+    with monkeypatch.context() as m:
+        _signal_at_step(m, stop_step)
+        with pytest.raises(TrainingPreempted, match=f"stopped by SIGTERM at step {stop_step}"):
+            train(digits_config(tmp_path, *_SETTINGS))
+    run = tmp_path / "run"
+    state = load_checkpoint(run / "last.pt")
+    assert state["step"] == stop_step and state["epoch_position"] is not None
+    assert not (run / ".lock").exists()
+    assert "SIGTERM received: finishing this step" in caplog.text
+    result = train(digits_config(tmp_path, *_SETTINGS, "resume=auto"))
+    assert result.completed
+    _assert_same_weights(run / "model.safetensors", uninterrupted / "model.safetensors")
+    _assert_same_weights(run / "model_ema.safetensors", uninterrupted / "model_ema.safetensors")
+    assert _metrics(run) == _metrics(uninterrupted)
+
+
+def test_checkpoints_within_epochs_every_n_steps(uninterrupted, tmp_path, caplog):
+    caplog.set_level("INFO")
+    train(digits_config(tmp_path, *_SETTINGS, "epochs=1", "checkpoint_every_steps=5"))
+    steps = [r.getMessage() for r in caplog.records if "within epoch 1" in r.getMessage()]
+    assert steps and all(m.startswith(f"step {5 * (i + 1)}: wrote") for i, m in enumerate(steps))
+    state = load_checkpoint(tmp_path / "run" / "last.pt")  # the epoch's end replaces them
+    assert state["epoch_position"] is None and state["epoch"] == 0
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_checkpoint_with_loader_workers_resumes_exactly(tmp_path, monkeypatch):
+    settings = (*_SETTINGS, "epochs=1", "data.workers=2")
+    full = tmp_path / "full"
+    train(digits_config(full, *settings))
+    with monkeypatch.context() as m:
+        _signal_at_step(m, 9)
+        with pytest.raises(TrainingPreempted):
+            train(digits_config(tmp_path, *settings))
+    train(digits_config(tmp_path, *settings, "resume=auto"))
+    _assert_same_weights(tmp_path / "run" / "model.safetensors", full / "run" / "model.safetensors")
+
+
+def test_a_second_signal_while_stopping_changes_nothing(uninterrupted, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save_with_another_signal(obj, f):
+        signal.raise_signal(signal.SIGTERM)  # arrives during the checkpoint's write
+        real_save(obj, f)
+
+    with monkeypatch.context() as m:
+        _signal_at_step(m, 6)
+        m.setattr(torch, "save", save_with_another_signal)
+        with pytest.raises(TrainingPreempted, match="at step 6"):
+            # no checkpoint every N steps: the preemption's is the first write
+            train(digits_config(tmp_path, *_SETTINGS, "checkpoint_every_steps=null"))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 6
+    train(digits_config(tmp_path, *_SETTINGS, "resume=auto"))
+    _assert_same_weights(
+        tmp_path / "run" / "model.safetensors", uninterrupted / "model.safetensors"
+    )
+
+
+def test_preempt_signals_are_checked():
+    with pytest.raises(ValueError, match="SIGKILL"):
+        digits_config(Path("/tmp"), "preempt_signals=[SIGKILL]")
+    with pytest.raises(ValueError, match="checkpoint_every_steps"):
+        digits_config(Path("/tmp"), "checkpoint_every_steps=0")
+
+
+def _cli(run: Path, *extra: str) -> list[str]:
+    command = [sys.executable, "-m", "cait", "train", "--recipe", "recipes/digits.yaml"]
+    command += ["--data", "digits", "--output", str(run), "--no-progress"]
+    sets = ["model_args.depth=1", "tensorboard=false", "threads=1", "checkpoint_every_steps=3"]
+    return command + [a for s in sets for a in ("--set", s)] + list(extra)
+
+
+def _wait_for_mid_epoch_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within an epoch in time"
+        last = run / "last.pt"
+        if last.exists() and load_checkpoint(last).get("epoch_position"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the run ended first: {proc.communicate()}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_cli_run_exits_75_and_resume_auto_continues(tmp_path):
+    run = tmp_path / "run"
+    env = {**_env(), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(
+        _cli(run, "--epochs", "2", "--set", "preempt_signals=[SIGTERM,SIGUSR1]"),
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_mid_epoch_checkpoint(run, proc)
+        proc.send_signal(signal.SIGUSR1)  # a scheduler's warning signal, configured
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert err.strip().splitlines()[-1].startswith("cait train: stopped by SIGUSR1 at step")
+    assert "--resume auto" in err.strip().splitlines()[-1]
+    resumed = subprocess.run(
+        _cli(run, "--epochs", "2", "--resume", "auto"), cwd=ROOT, env=env, capture_output=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2]
+
+
+# Under torchrun: each worker notes its pid (to be signalled), then runs the CLI.
+_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from cait.cli import main
+    pids = Path(sys.argv[1])
+    pids.mkdir(exist_ok=True)
+    (pids / f"rank{os.environ['RANK']}").write_text(str(os.getpid()))
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def _torchrun_args(tmp_path: Path, run: Path, *torchrun: str, resume: bool = True) -> list[str]:
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WORKER)
+    train_args = _cli(run, "--epochs", "2", "--batch-size", "64")[3:]  # from "train" on
+    train_args += [a for s in EQUIVALENCE for a in ("--set", s)]
+    if resume:
+        train_args += ["--resume", "auto"]
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun, str(worker)] + [
+        str(tmp_path / "pids"),
+        *train_args,
+    ]
+
+
+def _kill_rank_mid_epoch(tmp_path: Path, run: Path, procs: list, rank: int, sig) -> None:
+    _wait_for_mid_epoch_checkpoint(run, procs[0])
+    pid = int((tmp_path / "pids" / f"rank{rank}").read_text())
+    os.kill(pid, sig)
+
+
+def _finish(procs: list, timeout: float = 400) -> list[subprocess.CompletedProcess]:
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def _start(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two(tmp_path_factory) -> Path:
+    """An uninterrupted 2-process run (standalone torchrun)."""
+    tmp = tmp_path_factory.mktemp("two")
+    command = _torchrun_args(tmp, tmp / "run", "--standalone", "--nproc-per-node=2")
+    (result,) = _finish([_start(command)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "run"
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_with_last_pt(uninterrupted_two, tmp_path):
+    run = tmp_path / "run"
+    command = _torchrun_args(tmp_path, run, "--standalone", "--nproc-per-node=2")
+    procs = [_start(command)]
+    _kill_rank_mid_epoch(tmp_path, run, procs, rank=1, sig=signal.SIGTERM)
+    (result,) = _finish(procs)
+    assert result.returncode != 0
+    assert "exitcode  : 75" in result.stderr or "exitcode: 75" in result.stderr, result.stderr
+    assert "stopped by SIGTERM" in result.stderr
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch_position"] is not None and len(state["epoch_position"]) == 2
+    (resumed,) = _finish([_start(command)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_worker_under_max_restarts_ends_with_the_same_weights(
+    uninterrupted_two, tmp_path
+):
+    run = tmp_path / "run"
+    command = _torchrun_args(
+        tmp_path, run, "--standalone", "--nproc-per-node=2", "--max-restarts=1"
+    )
+    procs = [_start(command)]
+    _kill_rank_mid_epoch(tmp_path, run, procs, rank=1, sig=signal.SIGKILL)
+    (result,) = _finish(procs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stderr  # the restarted group continued from last.pt
+    _assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_agents(tmp_path: Path, run: Path, *extra: str) -> list[list[str]]:
+    port = _free_port()
+    rendezvous = [
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id=test{port}",
+        *extra,
+    ]
+    return [_torchrun_args(tmp_path, run, *rendezvous) for _ in range(2)]
+
+
+@pytest.mark.slow
+def test_two_agents_on_one_host_match_one_process_and_recover_a_killed_worker(
+    uninterrupted_two, tmp_path
+):
+    # two "machines" (torchrun agents) of one process each, meeting on 127.0.0.1
+    together = tmp_path / "together"
+    results = _finish([_start(c) for c in _two_agents(tmp_path, together)])
+    assert all(r.returncode == 0 for r in results), results[0].stderr[-3000:]
+    # the same as the standalone 2-process run, which equals one process with the same
+    # global batch within 1e-5 (test_distributed.py)
+    _assert_same_weights(together / "model.safetensors", uninterrupted_two / "model.safetensors")
+
+    # a worker of one agent killed: with --max-restarts 1 on both, the job recovers
+    recovered = tmp_path / "recovered"
+    procs = [_start(c) for c in _two_agents(tmp_path, recovered, "--max-restarts=1")]
+    _kill_rank_mid_epoch(tmp_path, recovered, procs, rank=1, sig=signal.SIGKILL)
+    results = _finish(procs)
+    assert all(r.returncode == 0 for r in results), results[0].stderr[-3000:]
+    _assert_same_weights(recovered / "model.safetensors", uninterrupted_two / "model.safetensors")
