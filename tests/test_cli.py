@@ -8,10 +8,10 @@ from typing import get_args
 import pytest
 
 from cait.bench import DTYPES
-from cait.cli import build_parser, main
+from cait.cli import _TRAIN_FLAGS, build_parser, main
 from cait.models.config import AttnImpl
 from cait.runtime import Amp, Device, DeviceType
-from cait.training.config import DistillKind
+from cait.training.config import DistillKind, TrainConfig
 
 
 def _option(command: str, flag: str) -> argparse.Action:
@@ -94,3 +94,54 @@ def test_a_missing_checkpoint_is_not_found_not_a_missing_model_name(tmp_path, ca
     assert main(["eval", "--checkpoint", str(missing), "--data", "digits"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"cait eval: error: checkpoint not found: {missing} (not a file, URL or Hub id)"
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_option_of_every_command_has_help_and_shows_its_default():
+    config = TrainConfig().to_dict()
+
+    def config_default(key: str):
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        return value
+
+    missing, no_default = [], []
+    for name, command in _commands().items():
+        assert command.description and command.epilog.startswith("examples:"), name
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            flag = action.option_strings[-1]
+            if not action.help:
+                missing.append(f"{name} {flag}")
+                continue
+            text = formatter._expand_help(action)
+            has_default = action.default not in (None, False, [])
+            if name == "train" and action.dest in _TRAIN_FLAGS:
+                # train's flags default to the recipe's value, else the config's
+                has_default = config_default(_TRAIN_FLAGS[action.dest]) not in (None, False)
+            if has_default and "default" not in text:
+                no_default.append(f"{name} {flag}")
+    assert not missing, f"options without help: {missing}"
+    assert not no_default, f"defaults not shown: {no_default}"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("cait ")
+
+
+def test_a_negative_topk_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--checkpoint", str(tmp_path / "m.safetensors"), "x.png", "--topk", "-1"])
+    assert done.value.code == 2
+    assert "--topk: expected an integer >= 1, got -1" in capsys.readouterr().err

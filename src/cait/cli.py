@@ -1,13 +1,17 @@
-"""The ``cait`` command line: parse, build a config, call one library function."""
+"""The ``cait`` command line: each command parses its flags, builds a config and calls one
+library function (``cait --help`` lists them)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import textwrap
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +21,7 @@ import yaml
 from safetensors import SafetensorError
 
 from cait.analysis.ablation import GRIDS, run_ablation
-from cait.analysis.attention import save_attention_maps
+from cait.analysis.attention import MapStyle, save_attention_maps
 from cait.analysis.residuals import save_residual_report
 from cait.bench import (
     COMPARE_WITH,
@@ -31,7 +35,7 @@ from cait.export import DEFAULT_EXAMPLE_BATCH, FORMATS, export_checkpoint
 from cait.inference import evaluate_checkpoint, predict
 from cait.models.build import convert_checkpoint
 from cait.models.config import AttnImpl
-from cait.models.registry import get_variant, list_models
+from cait.models.registry import variant_rows, variant_table
 from cait.runtime import Amp, Device, DeviceType, torchrun_command
 from cait.threads import use_threads
 from cait.training.checkpoint import LAST
@@ -55,39 +59,10 @@ _AMPS = get_args(Amp)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    rows = []
-    for name in list_models(args.pattern):
-        v = get_variant(name)
-        c = v.config
-        rows.append(
-            {
-                "name": name,
-                "img_size": c.img_size,
-                "embed_dim": c.embed_dim,
-                "depth": c.depth,
-                "heads": c.num_heads,
-                "init_scale": c.init_scale if c.branch_scale == "layerscale" else None,
-                "params_m": v.params_m,
-                "top1": v.top1,
-                "crop_pct": v.crop_pct,
-                "url": v.url,
-            }
-        )
     if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(
-        f"{'name':<24}{'img':>5}{'dim':>5}{'depth':>6}{'heads':>6}"
-        f"{'eps':>8}{'params':>9}{'top1':>7}{'crop':>6}"
-    )
-    for r in rows:
-        eps = f"{r['init_scale']:.0e}" if r["init_scale"] is not None else "-"
-        params = f"{r['params_m']:.2f}M" if r["params_m"] is not None else "-"
-        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
-        print(
-            f"{r['name']:<24}{r['img_size']:>5}{r['embed_dim']:>5}{r['depth']:>6}{r['heads']:>6}"
-            f"{eps:>8}{params:>9}{top1:>7}{r['crop_pct']:>6}"
-        )
+        print(json.dumps(variant_rows(args.pattern), indent=2))
+    else:
+        print(variant_table(args.pattern))
     return 0
 
 
@@ -192,19 +167,33 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
-    results = save_attention_maps(
-        args.checkpoint,
-        args.images,
-        args.output,
-        model_name=args.model,
-        sa_block=args.sa_block,
-        img_size=args.img_size,
-        device=args.device,
-    )
+    try:
+        results = _save_attention_maps(args)
+    except ValueError as err:  # the library counts blocks from 0, the flag from 1
+        depth = re.search(r"sa_block must be in \[0, (\d+)\]", str(err))
+        if depth is None:
+            raise
+        raise ValueError(
+            f"--sa-block must be in 1..{int(depth[1]) + 1} (this model's self-attention "
+            f"blocks), got {args.sa_block}"
+        ) from None
     for r in results:
         written = [r[k] for k in ("class_attention_png", "self_attention_png") if k in r]
         print(f"{r['image']}: predicted {r['name']} -> {', '.join(written)}")
     return 0
+
+
+def _save_attention_maps(args: argparse.Namespace) -> list[dict]:
+    return save_attention_maps(
+        args.checkpoint,
+        args.images,
+        args.output,
+        model_name=args.model,
+        sa_block=None if args.sa_block is None else args.sa_block - 1,  # an index from 0
+        img_size=args.img_size,
+        device=args.device,
+        style=args.style,
+    )
 
 
 def _cmd_residuals(args: argparse.Namespace) -> int:
@@ -339,35 +328,114 @@ def _threads_flag(p: argparse.ArgumentParser) -> None:
 _THREADED_COMMANDS = ("eval", "predict", "attention", "residuals", "export", "bench", "app")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cait", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (when it has one worth showing); the
+    examples in the epilogs keep their lines."""
 
-    p = sub.add_parser("models", help="list the model variants")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        if shown and action.option_strings and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cait")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "(not installed)"
+
+
+def _train_default(key: str) -> str:
+    """A training option's default: the recipe's value, else the config's."""
+    value: object = TrainConfig().to_dict()
+    for part in key.split("."):
+        value = value[part]  # type: ignore[index]
+    return f"(default: the recipe's, else {value})"
+
+
+_MODEL_HELP = "the variant, for official or timm weights that carry no config (see cait models)"
+_CHECKPOINT_HELP = (
+    "model.safetensors, last.pt or best.pt of a cait run; or official/timm weights "
+    "(a file, an http(s) URL or hf-hub:OWNER/NAME) with --model"
+)
+
+
+def _command(sub: argparse._SubParsersAction, name: str, purpose: str, examples: str):
+    return sub.add_parser(
+        name,
+        help=purpose,
+        description=purpose[0].upper() + purpose[1:] + ".",
+        epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+        formatter_class=_HelpFormatter,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cait",
+        description="CaiT image classifiers (Touvron et al., 2021): train, evaluate, predict, "
+        "look inside (attention maps, residual ratios), export and benchmark.",
+        epilog="Run 'cait COMMAND --help' for a command's options. A user error prints one "
+        "line and exits with status 2 (-v shows its traceback); Ctrl-C exits with 130.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
+    parser.add_argument("--version", action="version", version=f"cait {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(sub, "models", "list the model variants", "cait models 'cait_s*'")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'cait_s*'")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("convert", help="convert an official checkpoint to safetensors")
-    p.add_argument("src", help="official .pth, plain state dict, URL or Hub id")
-    p.add_argument("dst", help="output .safetensors path")
-    p.add_argument("--model", help="variant to validate the weights against (strict load)")
+    p = _command(
+        sub,
+        "convert",
+        "convert an official checkpoint to safetensors",
+        "cait convert XXS24_224.pth xxs24.safetensors --model cait_xxs24_224",
+    )
+    p.add_argument("src", help="official .pth, plain state dict, http(s) URL or hf-hub:OWNER/NAME")
+    p.add_argument("dst", help="the .safetensors file to write")
+    p.add_argument("--model", help="a variant to check the weights against (strict load)")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("train", help="train or fine-tune a model")
-    p.add_argument("--model", help="variant name (see `cait models`) or timm:NAME")
-    p.add_argument("--data", help="ImageFolder root (train/ and val/) or 'digits'")
-    p.add_argument("--output", help="run folder for checkpoints and records")
-    p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int, help="per-process batch size")
-    p.add_argument("--recipe", help="YAML recipe (see recipes/)")
+    p = _command(
+        sub,
+        "train",
+        "train or fine-tune a model",
+        """
+        cait train --recipe recipes/digits.yaml --data digits --output runs/digits
+        cait train --recipe recipes/digits.yaml --data digits --output runs/digits --resume auto
+        cait train --recipe recipes/imagenet_pretrain.yaml --data /data/imagenet \\
+            --output runs/s24 --set optim.lr=1e-3 --nproc 8
+        """,
+    )
+    p.add_argument("--recipe", help="a YAML recipe (see recipes/); flags and --set override it")
+    p.add_argument(
+        "--model", help=f"a variant (cait models) or timm:NAME {_train_default('model')}"
+    )
+    p.add_argument(
+        "--data", help=f"an image folder (train/ and val/) or digits {_train_default('data.path')}"
+    )
+    p.add_argument(
+        "--output", help=f"the run folder (checkpoints, records) {_train_default('output')}"
+    )
+    p.add_argument(
+        "--epochs", type=_positive_int, help=f"epochs to train {_train_default('epochs')}"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help=f"images per process and step {_train_default('data.batch_size')}",
+    )
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override any config field, e.g. optim.lr=1e-3 (repeatable)",
+        help="set any config field, e.g. optim.lr=1e-3 (repeatable; docs/TRAINING.md)",
     )
     p.add_argument(
         "--resume",
@@ -381,77 +449,155 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the run the output folder holds (its files go once this run's first "
         "checkpoint is written); without it such a folder is refused",
     )
-    p.add_argument("--init-from", help="fine-tune from a checkpoint, weights file, URL or Hub id")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=_DEVICES)
-    p.add_argument("--amp", choices=_AMPS)
-    p.add_argument("--workers", type=int, help="data-loading processes")
+    p.add_argument(
+        "--init-from",
+        help="fine-tune from weights: a file, an http(s) URL or hf-hub:OWNER/NAME (the head "
+        "is replaced when the class count differs)",
+    )
+    p.add_argument("--seed", type=int, help=f"random seed {_train_default('seed')}")
+    p.add_argument("--device", choices=_DEVICES, help=f"where to run {_train_default('device')}")
+    p.add_argument("--amp", choices=_AMPS, help=f"mixed precision {_train_default('amp')}")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help=f"data-loading processes {_train_default('data.workers')}",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--teacher", help="timm:NAME, torchvision:NAME or one of our checkpoints")
-    p.add_argument("--teacher-weights", help="weights file for a timm/torchvision teacher")
-    p.add_argument("--distillation", choices=get_args(DistillKind))
-    p.add_argument("--distill-alpha", type=float, help="weight of the distillation term")
-    p.add_argument("--distill-tau", type=float, help="temperature of soft distillation")
-    p.add_argument("--nproc", type=_positive_int, help="N processes on this machine, via torchrun")
+    p.add_argument("--teacher", help="distil from timm:NAME, torchvision:NAME or a cait checkpoint")
+    p.add_argument("--teacher-weights", help="a weights file for a timm/torchvision teacher")
+    p.add_argument(
+        "--distillation",
+        choices=get_args(DistillKind),
+        help=f"the distillation loss {_train_default('distill.kind')}",
+    )
+    p.add_argument(
+        "--distill-alpha",
+        type=float,
+        help=f"weight of the distillation term {_train_default('distill.alpha')}",
+    )
+    p.add_argument(
+        "--distill-tau",
+        type=float,
+        help=f"temperature of soft distillation {_train_default('distill.tau')}",
+    )
+    p.add_argument(
+        "--nproc",
+        type=_positive_int,
+        help="N data-parallel processes on this machine, via torchrun (default: one process)",
+    )
     _threads_flag(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a validation split")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="ImageFolder root (uses val/) or 'digits'")
-    p.add_argument("--model", help="variant, for official/timm weights without a config")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", choices=_DEVICES, default="auto")
-    p.add_argument("--amp", choices=_AMPS, default="none")
-    p.add_argument("--crop-pct", type=float, help="override the variant's eval crop ratio")
+    p = _command(
+        sub,
+        "eval",
+        "evaluate a checkpoint on a validation split",
+        """
+        cait eval --checkpoint runs/demo/model.safetensors --data digits
+        cait eval --checkpoint XXS24_224.pth --model cait_xxs24_224 --data /data/imagenet
+        """,
+    )
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    p.add_argument("--data", required=True, help="an image folder (its val/ is used) or digits")
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--device", choices=_DEVICES, default="auto", help="where to run")
+    p.add_argument("--amp", choices=_AMPS, default="none", help="mixed precision")
+    p.add_argument(
+        "--crop-pct", type=float, help="the centre crop's ratio (default: the checkpoint's)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _threads_flag(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("predict", help="top-k classes for image files")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = _command(
+        sub,
+        "predict",
+        "the top classes of image files",
+        "cait predict --checkpoint runs/demo/model.safetensors runs/demo/samples/*.png",
+    )
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image")
-    p.add_argument("--model", help="variant, for official/timm weights without a config")
-    p.add_argument("--device", choices=_DEVICES, default="auto")
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--device", choices=_DEVICES, default="auto", help="where to run")
     p.add_argument("--json", action="store_true", help="print JSON")
     _threads_flag(p)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("attention", help="class-attention maps of images, drawn over them")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = _command(
+        sub,
+        "attention",
+        "class-attention maps of images, drawn over them",
+        """
+        cait attention --checkpoint runs/demo/model.safetensors runs/demo/samples/*.png \\
+            --output runs/demo/attention --sa-block 2
+        """,
+    )
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--output", required=True, help="folder for the PNG grids and .npy maps")
-    p.add_argument("--model", help="variant, for official/timm weights without a config")
-    p.add_argument("--sa-block", type=int, help="also draw this self-attention block (from 0)")
-    p.add_argument("--img-size", type=_positive_int, help="evaluate at this resolution instead")
-    p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu")
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument(
+        "--sa-block",
+        type=_positive_int,
+        help="also draw self-attention block N, counted from 1 as in the pictures and the "
+        "paper (default: class attention only)",
+    )
+    p.add_argument(
+        "--style",
+        choices=get_args(MapStyle),
+        default="blocks",
+        help="each token as a block of pixels, or a smoothed overlay",
+    )
+    p.add_argument(
+        "--img-size", type=_positive_int, help="run at this resolution (default: the model's)"
+    )
+    p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu", help="where to run")
     _threads_flag(p)
     p.set_defaults(func=_cmd_attention)
 
-    p = sub.add_parser("residuals", help="residual-branch / stream norm ratios per block")
-    p.add_argument("--checkpoint", required=True, nargs="+", help="one or more checkpoints")
-    p.add_argument("--label", nargs="+", help="a name per checkpoint for the plot")
-    p.add_argument("--data", required=True, help="ImageFolder root (uses val/) or 'digits'")
-    p.add_argument("--output", required=True, help="folder for residuals.csv/.png")
-    p.add_argument("--model", help="variant, for official/timm weights without a config")
+    p = _command(
+        sub,
+        "residuals",
+        "how much each block's residual branches add to the stream (norm ratios)",
+        """
+        cait residuals --checkpoint runs/a/model.safetensors runs/b/model.safetensors \\
+            --label layerscale rezero --data digits --output runs/residuals
+        """,
+    )
+    p.add_argument(
+        "--checkpoint", required=True, nargs="+", help="one or more checkpoints to compare"
+    )
+    p.add_argument("--label", nargs="+", help="a name per checkpoint (default: their paths)")
+    p.add_argument("--data", required=True, help="an image folder (its val/ is used) or digits")
+    p.add_argument("--output", required=True, help="folder for residuals.csv and .png")
+    p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument(
         "--num-images", type=_positive_int, default=256, help="validation images to average"
     )
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch")
+    p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu", help="where to run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _threads_flag(p)
     p.set_defaults(func=_cmd_residuals)
 
-    p = sub.add_parser("ablate", help="train a grid of ablation configurations, tabulate")
+    p = _command(
+        sub,
+        "ablate",
+        "train a grid of ablation configurations and tabulate them",
+        """
+        cait ablate --list
+        cait ablate --grid tiny --output runs/ablation
+        """,
+    )
     p.add_argument("--grid", default="default", help="tiny, default or paper (see --list)")
-    p.add_argument("--data", help="ImageFolder root or 'digits' (default: the grid's)")
+    p.add_argument("--data", help="an image folder or digits (default: the grid's)")
     p.add_argument("--output", help="folder for the runs, results.md and results.png")
     p.add_argument("--seeds", type=_positive_int, help="number of seeds (default: the grid's)")
     p.add_argument("--epochs", type=_positive_int, help="epochs per run (default: the grid's)")
-    p.add_argument("--device", choices=_DEVICES, default="auto")
+    p.add_argument("--device", choices=_DEVICES, default="auto", help="where to run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--set",
@@ -463,11 +609,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the grids and exit")
     p.set_defaults(func=_cmd_ablate)
 
-    p = sub.add_parser("export", help="export to ONNX, torch.export (.pt2) or a timm folder")
-    p.add_argument("checkpoint", help="our checkpoint, or official/timm weights with --model")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--output", required=True, help=".onnx or .pt2 file, or the timm folder")
-    p.add_argument("--model", help="variant, for official/timm weights without a config")
+    p = _command(
+        sub,
+        "export",
+        "export to ONNX, torch.export (.pt2) or a folder timm loads",
+        """
+        cait export runs/demo/model.safetensors --format onnx --output demo.onnx --dynamic-size
+        cait export runs/demo/model.safetensors --format timm --output demo_timm
+        """,
+    )
+    p.add_argument("checkpoint", help=_CHECKPOINT_HELP)
+    p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    p.add_argument("--output", required=True, help="the .onnx or .pt2 file, or the timm folder")
+    p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument(
         "--batch",
         type=_positive_int,
@@ -481,17 +635,29 @@ def build_parser() -> argparse.ArgumentParser:
     _threads_flag(p)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("bench", help="images/s and peak memory, optionally beside timm")
-    p.add_argument("--model", required=True, help="variant name (see `cait models`)")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu")
+    p = _command(
+        sub,
+        "bench",
+        "images/s and peak memory, optionally beside timm",
+        """
+        cait bench --model cait_xxs24_224 --compare timm
+        cait bench --model cait_s24_224 --device cuda --dtype bf16 --train --compare timm
+        """,
+    )
+    p.add_argument("--model", required=True, help="a variant (see cait models)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per step")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision")
+    p.add_argument("--device", choices=_DEVICE_TYPES, default="cpu", help="where to run")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--train", action="store_true", help="time a full training step")
     p.add_argument("--compare", choices=COMPARE_WITH, help="time timm's model alternately")
-    p.add_argument("--compare-dtype", choices=list(DTYPES), help="timm's dtype")
+    p.add_argument("--compare-dtype", choices=list(DTYPES), help="timm's dtype (default: ours)")
     p.add_argument("--autocast", action="store_true", help="autocast instead of casting")
-    p.add_argument("--attn-impl", choices=get_args(AttnImpl), help="talking heads")
+    p.add_argument(
+        "--attn-impl",
+        choices=get_args(AttnImpl),
+        help="the talking-heads implementation (default: the variant's)",
+    )
     p.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds (median reported)")
     p.add_argument("--steps", type=_positive_int, default=2, help="steps per timed round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
@@ -506,16 +672,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("app", help="a web page: predictions and attention maps of any image")
+    p = _command(
+        sub,
+        "app",
+        "a web page: the prediction and attention maps of any image",
+        "cait app --checkpoint runs/demo/model.safetensors   # then open http://127.0.0.1:7860",
+    )
     p.add_argument(
         "--checkpoint",
         required=True,
         action="append",
         help="a checkpoint to serve; repeat it for a model chooser",
     )
-    p.add_argument("--model", help="variant, for official/timm weights without a config")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (this machine)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--share", action="store_true", help="also a public gradio.live link")
     _threads_flag(p)
     p.set_defaults(func=_cmd_app)

@@ -131,7 +131,7 @@ def test_attention_cli_with_official_weights_at_another_resolution(tmp_path, cap
     Image.fromarray(load_sample_images().images[0]).save(photo)
     args = ["attention", "--checkpoint", str(weights), "--model", "cait_xxs24_224"]
     args += [str(photo), "--output", str(tmp_path / "maps"), "--img-size", "288"]
-    assert cli_main(args + ["--sa-block", "23"]) == 0
+    assert cli_main(args + ["--sa-block", "24"]) == 0  # counted from 1: the last
     assert "china_class_attention.png" in capsys.readouterr().out
 
     ca = np.load(tmp_path / "maps" / "china_class_attention.npy")
@@ -166,8 +166,8 @@ def test_attention_bad_inputs_name_the_problem(tmp_path, capsys):
     assert "pos_embed" in err or "shape" in err
 
     args = ["attention", "--checkpoint", str(weights), "--model", "cait_digits_16"]
-    assert cli_main(args + [str(good), "--sa-block", "6"] + out) == 2
-    assert "sa_block must be in [0, 5]" in capsys.readouterr().err
+    assert cli_main(args + [str(good), "--sa-block", "7"] + out) == 2
+    assert "--sa-block must be in 1..6" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------- residual ratios
