@@ -114,6 +114,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
                 os.fsync(f.fileno())
             os.chmod(tmp, FILE_MODE)
             os.replace(tmp, path)
+            _fsync_folder(path.parent)  # the rename itself survives a power cut
         except BaseException as err:
             # torch.save reports a full disk as a RuntimeError from its C++ writer; say it
             full = not isinstance(err, OSError) and _disk_full(tmp.parent)
@@ -122,6 +123,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
                 raise OSError(errno.ENOSPC, f"No space left on device writing {path}") from err
             raise
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened for reading (some platforms)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # file systems that do not sync folders
+    finally:
+        os.close(fd)
 
 
 # Below this much free space a writer's failure is taken for a full disk.
