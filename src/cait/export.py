@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from cait.files import atomic_write
+from cait.files import atomic_write, remove_stale_temporaries, temporary_path
 from cait.models.build import load_for_inference
 from cait.models.cait import CaiT
 from cait.models.config import CaiTConfig
@@ -688,11 +688,9 @@ def _write_folder_atomically(output: Path, write: Callable[[Path], None]) -> Non
     """Fill a temporary folder beside ``output`` through ``write``, then swap it in: a
     failure leaves ``output`` as it was."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    old = output.with_name(f".{output.name}.old")
-    for leftover in (tmp, old):  # of a killed process
-        if leftover.exists():
-            shutil.rmtree(leftover)
+    remove_stale_temporaries(output.parent)  # of a process killed while exporting
+    tmp = temporary_path(output)  # per process: two exports never share one
+    old = output.with_name(f".{output.name}.old.{os.getpid()}.tmp")
     tmp.mkdir()
     try:
         write(tmp)

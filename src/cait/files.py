@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -164,13 +165,18 @@ def _process_alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files of :func:`atomic_write` in ``folder`` whose writer is no
     longer running (killed mid-write); returns them. Call it holding the folder's
-    :class:`FolderLock`, so that no other cait process writes there."""
+    :class:`FolderLock`, so that no other cait process writes there. Folders named so
+    (filled, then renamed into place) are removed too."""
     removed = []
     for entry in Path(folder).glob(".*.tmp"):
         match = _TEMPORARY.match(entry.name)
-        if match and entry.is_file() and not _process_alive(int(match["pid"])):
+        if not match or _process_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():  # a folder being filled (an export)
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
             entry.unlink(missing_ok=True)
-            removed.append(entry)
+        removed.append(entry)
     return removed
 
 

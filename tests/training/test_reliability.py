@@ -384,3 +384,15 @@ def test_atomic_write_temporaries_are_per_process(tmp_path):
     atomic_write(tmp_path / "f.txt", lambda tmp: (seen.append(tmp.name), tmp.write_text("x")))
     assert seen == [f".f.txt.{os.getpid()}.tmp"]
     assert (tmp_path / "f.txt").read_text() == "x" and _temporaries(tmp_path) == []
+
+
+def test_a_dead_exports_temporary_folder_is_removed(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f".timm_folder.{gone.pid}.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    mine = tmp_path / f".other.{os.getpid()}.tmp"
+    mine.mkdir()
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and mine.exists()
