@@ -138,9 +138,14 @@ def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
     docstring)."""
     text = str(source)
     if text.startswith(_URL_SCHEMES):
-        obj = torch.hub.load_state_dict_from_url(
-            text, map_location="cpu", weights_only=True, check_hash=False
-        )
+        try:
+            obj = torch.hub.load_state_dict_from_url(
+                text, map_location="cpu", weights_only=True, check_hash=False
+            )
+        except OSError as err:  # offline, refused, HTTP errors (urllib's URLError is one)
+            raise FileNotFoundError(
+                f"checkpoint not found: could not download {text} ({_first_line(err)})"
+            ) from err
         return unwrap_state_dict(obj)
     if is_hub_id(text):
         from huggingface_hub import hf_hub_download
