@@ -47,6 +47,7 @@ RUN_KEYS = [
     "rng",
     "rng_ranks",
     "epoch",
+    "epoch_position",  # where each rank stands, in a checkpoint written within an epoch
     "step",
     "history",
     "best_top1",

@@ -239,7 +239,9 @@ def equivalence_runs(tmp_path_factory) -> dict[str, Path]:
     one = tmp / "one"
     train(_config(one, "data.batch_size=128", "stop_after=1", *EQUIVALENCE))
     shutil.copy(one / "last.pt", tmp / "one_epoch1.pt")
-    train(_config(one, "data.batch_size=128", f"resume={tmp / 'one_epoch1.pt'}", *EQUIVALENCE))
+    # resumed from a copy kept outside the run folder, into the folder (it holds the run)
+    copy = f"resume={tmp / 'one_epoch1.pt'}"
+    train(_config(one, "data.batch_size=128", copy, "overwrite=true", *EQUIVALENCE))
     runs = {"two": tmp / "two", "one": one, "one_epoch1": tmp / "one_epoch1.pt", "tmp": tmp}
     return {**runs, "log": log}
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -221,18 +222,29 @@ def _finish(procs: list, timeout: float = 400) -> list[subprocess.CompletedProce
     done = []
     for proc in procs:
         try:
-            out, err = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         finally:
             if proc.poll() is None:
                 proc.kill()
+        out, err = (_read(f) for f in proc.logs)
         done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     return done
 
 
+def _read(log) -> str:
+    log.seek(0)
+    text = log.read().decode(errors="replace")
+    log.close()
+    return text
+
+
 def _start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    """Start ``command`` with its output in files: two agents writing to pipes read one
+    after the other could fill one and wait for each other."""
+    logs = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=logs[0], stderr=logs[1])
+    proc.logs = logs
+    return proc
 
 
 @pytest.fixture(scope="module")
