@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(PY) -m cait train --recipe recipes/digits.yaml --data digits --output $(DEMO) --no-progress
 	$(PY) -c "from cait.data import export_digits; export_digits('$(DEMO)/samples', count=4)"
 	$(PY) -m cait predict --checkpoint $(DEMO)/model.safetensors $(DEMO)/samples/*.png --topk 3
-	@echo "demo outputs in $(DEMO)/: model.safetensors, best.pt, last.pt, metrics.jsonl, curves.png, tensorboard/"
+	@echo "demo outputs in $(DEMO)/: model.safetensors, model_ema.safetensors, best.pt, last.pt, config.yaml, metrics.jsonl, curves.png, tensorboard/, samples/"
 	$(PY) -m cait eval --checkpoint $(DEMO)/model.safetensors --data digits
 
 clean:

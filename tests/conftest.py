@@ -6,9 +6,20 @@ carries the ``gpu`` marker (``make test-gpu``) and is skipped without a CUDA dev
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 from torch import nn
+
+# Gradio (tests/test_app.py) writes uploads and downloads under GRADIO_TEMP_DIR, by default
+# /tmp/gradio, and never removes them; some of its modules read the variable on import, so
+# it is set here, before any test module imports gradio, and the folder is removed at the end
+_GRADIO_TEMP = None
+if "GRADIO_TEMP_DIR" not in os.environ:
+    _GRADIO_TEMP = os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="cait-tests-gradio-")
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA_CASE = [pytest.mark.gpu, NEEDS_CUDA]
@@ -54,3 +65,11 @@ def _full_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_gradio_files():
+    """Gradio's files of this test session go with it."""
+    yield
+    if _GRADIO_TEMP is not None:
+        shutil.rmtree(_GRADIO_TEMP, ignore_errors=True)
