@@ -39,9 +39,10 @@ lint: $(STAMP)
 DEMO := runs/demo
 
 # Train a small CaiT on the bundled digits (CPU, a few minutes), predict a few test images,
-# then evaluate on the 360-image test split: the last line printed is the top-1.
+# then evaluate on the 360-image test split: the last line printed is the top-1. Run again,
+# it continues an interrupted demo (--resume auto) and retrains nothing once it finished.
 demo: $(STAMP)
-	$(PY) -m cait train --recipe recipes/digits.yaml --data digits --output $(DEMO) --no-progress
+	$(PY) -m cait train --recipe recipes/digits.yaml --data digits --output $(DEMO) --no-progress --resume auto
 	$(PY) -c "from cait.data import export_digits; export_digits('$(DEMO)/samples', count=4)"
 	$(PY) -m cait predict --checkpoint $(DEMO)/model.safetensors $(DEMO)/samples/*.png --topk 3
 	@echo "demo outputs in $(DEMO)/: model.safetensors, model_ema.safetensors, best.pt, last.pt, config.yaml, metrics.jsonl, curves.png, tensorboard/, samples/"

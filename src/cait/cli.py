@@ -119,10 +119,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0
     last = result.history[-1] if result.history else {}
-    print(
-        f"outputs in {result.output}: last.pt, best.pt, metrics.jsonl, curves.png"
-        + (", model.safetensors" if result.completed else "")
-    )
+    written = sorted(p.name + ("/" if p.is_dir() else "") for p in result.output.iterdir())
+    print(f"outputs in {result.output}: {', '.join(n for n in written if n[0] != '.')}")
     if last:
         print(f"final val top-1 {last['val_top1']:.2f}% (best {result.best_top1:.2f}%)")
     return 0
