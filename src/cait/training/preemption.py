@@ -41,12 +41,18 @@ def check_signal_names(names: tuple[str, ...]) -> None:
 class PreemptionWatch:
     """Notes the configured signals while a run trains (their handlers are replaced for the
     block and restored after). Only the main thread can set handlers; elsewhere nothing is
-    watched. A second signal changes nothing: the run is already stopping."""
+    watched. A second signal changes nothing: the run is already stopping.
+
+    Until :meth:`arm` (the first epoch starting) a signal has its usual effect at once:
+    during the set-up there is nothing to save, and a process that a launcher restarting
+    its group stops must not linger in the set-up's collectives.
+    """
 
     def __init__(self, names: tuple[str, ...]) -> None:
         check_signal_names(names)
         self.signals = [signal.Signals[n] for n in names]
         self.received: str | None = None
+        self.armed = False
         self._previous: dict[signal.Signals, object] = {}
 
     def __enter__(self) -> PreemptionWatch:
@@ -60,7 +66,19 @@ class PreemptionWatch:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def arm(self) -> None:
+        """From now on a signal stops the run at the end of a step, with a checkpoint."""
+        self.armed = True
+
     def _note(self, signum: int, frame: FrameType | None) -> None:
+        if not self.armed:  # as if the handler had not been replaced
+            previous = self._previous.get(signal.Signals(signum), signal.SIG_DFL)
+            if callable(previous):
+                previous(signum, frame)
+                return
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
         if self.received is None:
             self.received = signal.Signals(signum).name
             logger.warning(

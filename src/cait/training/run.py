@@ -391,6 +391,7 @@ def _train_epochs(
     """The epochs from ``progress.start_epoch``; False when ``stop_after`` ends the run
     before its last epoch."""
     config = run.config
+    run.watch.arm()  # a signal now stops the run after a step, with last.pt written
     for epoch in range(progress.start_epoch, config.epochs):
         _train_epoch(run, epoch, progress, recorder, skipped)
         if run.watch.agreed(run.device):  # a signal during evaluation or the checkpoint
