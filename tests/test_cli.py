@@ -145,3 +145,16 @@ def test_a_negative_topk_is_a_usage_error(tmp_path, capsys):
         main(["predict", "--checkpoint", str(tmp_path / "m.safetensors"), "x.png", "--topk", "-1"])
     assert done.value.code == 2
     assert "--topk: expected an integer >= 1, got -1" in capsys.readouterr().err
+
+
+def test_a_zero_flag_overrides_the_recipe(tmp_path):
+    from cait.cli import train_config_from_args
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seed: 7\ndata: {workers: 10}\n")
+    args = build_parser().parse_args(["train", "--recipe", str(recipe), "--workers", "0"])
+    args.argv = []
+    config = train_config_from_args(args)
+    assert config.data.workers == 0 and config.seed == 7
+    args = build_parser().parse_args(["train", "--recipe", str(recipe), "--seed", "0"])
+    assert train_config_from_args(args).seed == 0

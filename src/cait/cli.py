@@ -98,10 +98,12 @@ _TRAIN_FLAGS = {
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Recipe, then explicit flags, then ``--set`` overrides, validated."""
     data = load_recipe(args.recipe) if args.recipe else {}
+    # a flag not given is None (store_true flags: False); 0 is a value (--workers 0)
+    given = {name: getattr(args, name) for name in _TRAIN_FLAGS}
     flags = [
-        f"{key}={json.dumps(getattr(args, name))}"
-        for name, key in _TRAIN_FLAGS.items()
-        if getattr(args, name) not in (None, False)
+        f"{_TRAIN_FLAGS[name]}={json.dumps(value)}"
+        for name, value in given.items()
+        if value is not None and value is not False
     ]
     if args.no_progress:
         flags.append("progress=false")
@@ -758,7 +760,7 @@ def _after_interrupt(args: argparse.Namespace) -> str:
     last = Path(output) / LAST
     if not last.is_file():
         return f"; no epoch had finished, so {output} holds no checkpoint"
-    return f"; {last} holds the last finished epoch: continue with --resume auto"
+    return f"; {last} holds the run's last checkpoint: continue with --resume auto"
 
 
 # Library messages name a function's parameter; on the command line it is this flag.

@@ -688,9 +688,9 @@ def _write_folder_atomically(output: Path, write: Callable[[Path], None]) -> Non
     """Fill a temporary folder beside ``output`` through ``write``, then swap it in: a
     failure leaves ``output`` as it was."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(output.parent)  # of a process killed while exporting
+    remove_stale_temporaries(output.parent, output.name)  # of an export killed mid-way
     tmp = temporary_path(output)  # per process: two exports never share one
-    old = output.with_name(f".{output.name}.old.{os.getpid()}.tmp")
+    old = temporary_path(output.with_name(f"{output.name}.old"))
     tmp.mkdir()
     try:
         write(tmp)

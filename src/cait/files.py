@@ -45,8 +45,12 @@ FILE_MODE = 0o644
 # opens with the PROTO opcode 0x80 (pickle protocol 2 and later).
 _ZIP_START = b"PK\x03\x04"
 _PICKLE_START = b"\x80"
-# A temporary file is named after its target and the writing process: ".NAME.PID.tmp".
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+# A temporary file is named after its target, the host and the writing process:
+# ".NAME.HOST-PID.tmp" (HOST without dots), so that a folder shared by several machines
+# tells whose writer is gone.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.tmp$")
+# Linux process ids are below 2**22 (kernel.pid_max's ceiling).
+_PID_MAX = 1 << 22
 # Signals that end a process and that a write in progress waits for (Ctrl-C, a scheduler's
 # SIGTERM); SIGKILL cannot be waited for, which the temporary file's name is for.
 _DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -56,7 +60,11 @@ def temporary_path(path: str | os.PathLike[str]) -> Path:
     """Where :func:`atomic_write` writes ``path`` first: beside it, named per process, so
     two processes writing the same file never share one."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{_host()}-{os.getpid()}.tmp")
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_").replace("-", "_") or "host"
 
 
 @contextlib.contextmanager
@@ -152,7 +160,10 @@ def _disk_full(folder: Path) -> bool:
 
 
 def _process_alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this machine (one we may not signal runs too)."""
+    """Whether a process ``pid`` runs on this machine (one we may not signal runs too); an
+    impossible id (from a crafted name) is no process."""
+    if not 0 < pid < _PID_MAX:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,15 +173,19 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike[str], name: str | None = None) -> list[Path]:
     """Remove the temporary files of :func:`atomic_write` in ``folder`` whose writer is no
     longer running (killed mid-write); returns them. Call it holding the folder's
-    :class:`FolderLock`, so that no other cait process writes there. Folders named so
-    (filled, then renamed into place) are removed too."""
+    :class:`FolderLock`, so that no other cait process writes there; with ``name``, only
+    the temporaries of that target are removed. Folders named so (filled, then renamed
+    into place) are removed too. Only this host's writers can be checked, so only their
+    temporaries are removed."""
     removed = []
     for entry in Path(folder).glob(".*.tmp"):
         match = _TEMPORARY.match(entry.name)
-        if not match or _process_alive(int(match["pid"])):
+        if not match or match["host"] != _host() or _process_alive(int(match["pid"])):
+            continue  # another machine's (it cannot be checked from here), or alive
+        if name is not None and match["name"] not in (name, f"{name}.old"):
             continue
         if entry.is_dir() and not entry.is_symlink():  # a folder being filled (an export)
             shutil.rmtree(entry, ignore_errors=True)
@@ -218,9 +233,19 @@ class FolderLock:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "what": self.what,
         }
+        # the lock appears with its owner written in it: filled under a name of its own,
+        # then linked into place (link fails when the lock exists, as O_EXCL would)
+        filled = temporary_path(self.path)
+        filled.write_text(json.dumps(owner))
+        try:
+            self._take(filled)
+        finally:
+            filled.unlink(missing_ok=True)
+
+    def _take(self, filled: Path) -> None:
         for _ in range(2):  # a second try after removing a stale lock
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+                os.link(filled, self.path)
             except FileExistsError:
                 holder = self._holder()
                 if holder is None or self._is_stale(holder):
@@ -228,15 +253,16 @@ class FolderLock:
                     self.path.unlink(missing_ok=True)
                     continue
                 raise FolderLockedError(self._refusal(holder)) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(owner, f)
             self._held = True
             return
         raise FolderLockedError(f"{self.folder}: could not take the lock {self.path}")
 
     def release(self) -> None:
+        """Remove the lock if it is still this process's."""
         if self._held:
-            self.path.unlink(missing_ok=True)
+            holder = self._holder()
+            if holder is not None and holder["pid"] == os.getpid():
+                self.path.unlink(missing_ok=True)
             self._held = False
 
     def _holder(self) -> dict[str, Any] | None:

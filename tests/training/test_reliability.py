@@ -22,7 +22,7 @@ from test_train import ROOT, digits_config  # tests/training is on the path (no 
 
 import cait.training.run
 from cait.cli import main as cli_main
-from cait.files import FolderLock, atomic_write, remove_stale_temporaries
+from cait.files import FolderLock, atomic_write, remove_stale_temporaries, temporary_path
 from cait.training.checkpoint import load_checkpoint, save_checkpoint
 from cait.training.run import train
 
@@ -36,6 +36,12 @@ def _tree(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def _temporary(name: str, pid: int) -> str:
+    """The name of ``atomic_write``'s temporary file for ``name`` in process ``pid``."""
+    mine = temporary_path(Path(name)).name
+    return mine.replace(f"-{os.getpid()}.tmp", f"-{pid}.tmp")
 
 
 def _temporaries(folder: Path) -> list[str]:
@@ -108,11 +114,11 @@ def test_sigkill_mid_write_keeps_the_previous_checkpoint_and_the_next_writer_cle
     state = load_checkpoint(path)
     assert state["config"] == {"v": 1} and torch.equal(state["model"]["w"], torch.zeros(4))
     # a process killed with SIGKILL cannot remove its temporary file, named after it...
-    assert _temporaries(tmp_path) == [f".last.pt.{proc.pid}.tmp"]
+    assert _temporaries(tmp_path) == [_temporary("last.pt", proc.pid)]
     # ...so the next writer of the folder removes it (a live writer's is kept)
-    alive = tmp_path / f".best.pt.{os.getpid()}.tmp"
+    alive = tmp_path / _temporary("best.pt", os.getpid())
     alive.write_bytes(b"in progress")
-    assert remove_stale_temporaries(tmp_path) == [tmp_path / f".last.pt.{proc.pid}.tmp"]
+    assert remove_stale_temporaries(tmp_path) == [tmp_path / _temporary("last.pt", proc.pid)]
     assert _temporaries(tmp_path) == [alive.name]
 
 
@@ -153,23 +159,11 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary(small_disk):
 
 
 def test_a_full_disk_in_cait_train_is_one_line(small_disk, capsys):
+    recipe = str(ROOT / "recipes" / "digits.yaml")
+    args = ["--recipe", recipe, "--data", "digits", "--output", str(small_disk / "run")]
+    sets = ["model_args.depth=2", "tensorboard=false"]
     code = cli_main(
-        [
-            "train",
-            "--recipe",
-            str(ROOT / "recipes" / "digits.yaml"),
-            "--data",
-            "digits",
-            "--output",
-            str(small_disk / "run"),
-            "--epochs",
-            "1",
-            "--no-progress",
-            "--set",
-            "model_args.depth=2",
-            "--set",
-            "tensorboard=false",
-        ]
+        ["train", *args, "--epochs", "1", "--no-progress", *[f"--set={s}" for s in sets]]
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -271,7 +265,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, caplog):
     run.mkdir()
     lock = {"pid": gone.pid, "host": os.uname().nodename, "started": "earlier"}
     (run / ".lock").write_text(json.dumps(lock))
-    (run / f".last.pt.{gone.pid}.tmp").write_bytes(b"half a checkpoint")
+    (run / _temporary("last.pt", gone.pid)).write_bytes(b"half a checkpoint")
     result = train(digits_config(tmp_path, "epochs=1"))
     assert result.completed
     assert "removing a stale lock" in caplog.text
@@ -382,17 +376,35 @@ def test_verbose_shows_the_traceback(tmp_path, capsys):
 def test_atomic_write_temporaries_are_per_process(tmp_path):
     seen = []
     atomic_write(tmp_path / "f.txt", lambda tmp: (seen.append(tmp.name), tmp.write_text("x")))
-    assert seen == [f".f.txt.{os.getpid()}.tmp"]
+    assert seen == [_temporary("f.txt", os.getpid())]
     assert (tmp_path / "f.txt").read_text() == "x" and _temporaries(tmp_path) == []
 
 
 def test_a_dead_exports_temporary_folder_is_removed(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    stale = tmp_path / f".timm_folder.{gone.pid}.tmp"
+    stale = tmp_path / _temporary("timm_folder", gone.pid)
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
-    mine = tmp_path / f".other.{os.getpid()}.tmp"
+    mine = tmp_path / _temporary("other", os.getpid())
     mine.mkdir()
     assert remove_stale_temporaries(tmp_path) == [stale]
     assert not stale.exists() and mine.exists()
+
+
+def test_crafted_and_foreign_temporaries_are_left_alone(tmp_path):
+    crafted = tmp_path / _temporary("last.pt", 10**20)  # no such process id
+    other_host = tmp_path / ".last.pt.elsewhere-1.tmp"  # cannot be checked from here
+    crafted.write_bytes(b"x")
+    other_host.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [crafted]
+    assert other_host.exists()
+
+
+def test_a_lock_is_released_only_by_its_holder(tmp_path):
+    lock = FolderLock(tmp_path)
+    lock.acquire()
+    other = {"pid": 1, "host": os.uname().nodename, "started": "now"}
+    lock.path.write_text(json.dumps(other))  # taken over by someone else meanwhile
+    lock.release()
+    assert json.loads(lock.path.read_text()) == other

@@ -247,7 +247,10 @@ def _epoch_position(state: dict[str, Any], info: runtime.DistInfo) -> EpochPosit
             info.world_size,
         )
         return None
-    return EpochPosition.from_dict(positions[info.rank])
+    try:
+        return EpochPosition.from_dict(positions[info.rank])
+    except (TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"the checkpoint's epoch_position is malformed ({err})") from None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +34,9 @@ __all__ = [
     "evaluate",
     "train_one_epoch",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,7 +113,16 @@ class EpochPosition:
 
     @classmethod
     def from_dict(cls, data: dict) -> EpochPosition:
-        return cls(**data)
+        """From a checkpoint: the fields with their types checked (``TypeError`` else)."""
+        position = cls(**data)
+        counts = (position.batches, position.micro, position.images)
+        if not all(type(n) is int for n in counts):
+            raise TypeError(f"batches, micro and images must be integers, got {counts}")
+        if not all(isinstance(x, float | int) for x in (position.loss_sum, position.seconds)):
+            raise TypeError("loss_sum and seconds must be numbers")
+        if not isinstance(position.skipped, list) or not isinstance(position.rng_at_start, dict):
+            raise TypeError("skipped must be a list and rng_at_start a mapping")
+        return position
 
 
 @dataclass
@@ -181,6 +194,16 @@ def train_one_epoch(
     objective = objective if objective is not None else Objective()
     total = len(loader) // opt.accum_steps  # type: ignore[arg-type]
     tally = _Tally(torch.zeros((), device=device))
+    if position is not None and not _fits(position, len(loader), opt.accum_steps):  # type: ignore[arg-type]
+        logger.warning(
+            "the checkpoint's place within epoch %d (%d batches drawn) does not fit this "
+            "run's %d batches of %d steps each: the epoch starts over from its first batch",
+            epoch + 1,
+            position.batches,
+            len(loader),  # type: ignore[arg-type]
+            opt.accum_steps,
+        )
+        position = None
     batches, rng_at_start = _start_epoch(loader, position, tally)
     lr = opt.schedule(step)
     opt.optimizer.zero_grad(set_to_none=True)
@@ -240,6 +263,16 @@ def _start_epoch(
     tally.skipped = list(position.skipped)
     tally.earlier_seconds = position.seconds
     return batches, position.rng_at_start
+
+
+def _fits(position: EpochPosition, batches: int, accum_steps: int) -> bool:
+    """Whether ``position`` can be a place in an epoch of ``batches`` batches (the data,
+    batch size or accumulation changed since the checkpoint otherwise)."""
+    return (
+        0 <= position.micro <= position.batches < batches
+        and position.micro % accum_steps == 0
+        and position.images >= 0
+    )
 
 
 def _position(tally: _Tally, rng_at_start: dict) -> EpochPosition:

@@ -73,6 +73,8 @@ class PreemptionWatch:
     def _note(self, signum: int, frame: FrameType | None) -> None:
         if not self.armed:  # as if the handler had not been replaced
             previous = self._previous.get(signal.Signals(signum), signal.SIG_DFL)
+            if previous is signal.SIG_IGN:  # e.g. SIGHUP under nohup
+                return
             if callable(previous):
                 previous(signum, frame)
                 return

@@ -60,7 +60,7 @@ from cait.training.records import (
     SkippedFiles,
     plot_curves,
 )
-from cait.training.run_folder import RunFolder, check_output_folder, resolve_resume
+from cait.training.run_folder import RunFolder
 from cait.training.teacher import load_teacher
 
 __all__ = ["TrainResult", "resolve_data_settings", "train"]
@@ -158,8 +158,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _train(config: TrainConfig, info: runtime.DistInfo, watch: PreemptionWatch) -> TrainResult:
-    config = dataclasses.replace(config, resume=resolve_resume(config.resume, config.output))
-    with _hold_output_folder(config, info) as folder:
+    with _hold_output_folder(config, info) as (config, folder):
         out, device = Path(config.output), _set_up(config, info)
         # data first: a bad path or an empty class folder fails before anything else is built
         data = _load_data(config)
@@ -186,28 +185,33 @@ def _train(config: TrainConfig, info: runtime.DistInfo, watch: PreemptionWatch) 
 
 
 @contextlib.contextmanager
-def _hold_output_folder(config: TrainConfig, info: runtime.DistInfo) -> Iterator[RunFolder | None]:
-    """Check the output folder (it holds no other run, or may be replaced), and have rank 0
-    hold it for the run (:mod:`cait.training.run_folder`). Every rank learns whether rank 0
-    got it, so that none waits for a rank that stopped."""
-    check_output_folder(config.output, config.resume, config.overwrite)
-    folder = RunFolder(config) if info.is_main else None
+def _hold_output_folder(
+    config: TrainConfig, info: runtime.DistInfo
+) -> Iterator[tuple[TrainConfig, RunFolder | None]]:
+    """Rank 0 takes the output folder's lock and, holding it, decides what the run may do
+    with the folder (:mod:`cait.training.run_folder`): ``resume: auto`` resolved, a run it
+    may not replace refused. Every rank gets rank 0's decision (the config to run with), so
+    none decides from its own view of the folder and none waits for a rank that stopped."""
+    folder = RunFolder(config.output) if info.is_main else None
     error: Exception | None = None
+    decision: dict[str, Any] | None = None
     if folder is not None:
         try:
-            folder.__enter__()
+            folder.acquire()
+            decision = {"resume": folder.prepare(config).resume}
         except (OSError, ValueError) as err:
-            error = err
-    failure = runtime.all_gather_objects(str(error) if error is not None else None)[0]
+            folder.release()
+            error, decision = err, {"error": str(err)}
+    decision = runtime.all_gather_objects(decision)[0]
     if error is not None:
         raise error
-    if failure is not None:
-        raise ValueError(f"rank 0 could not take the output folder: {failure}")
+    if "error" in decision:
+        raise ValueError(f"rank 0 could not take the output folder: {decision['error']}")
     try:
-        yield folder
+        yield dataclasses.replace(config, resume=decision["resume"]), folder
     finally:
         if folder is not None:
-            folder.__exit__(None, None, None)
+            folder.release()
 
 
 def _set_up(config: TrainConfig, info: runtime.DistInfo) -> torch.device:
@@ -487,6 +491,9 @@ def _within_epoch(
             _checkpoint_written(run, [LAST], recorder, skipped)
             logger.info("step %d: wrote %s within epoch %d", step, run.out / LAST, epoch + 1)
         if stop:
+            # every rank waits for rank 0's last.pt: a launcher stops the others' group as
+            # soon as one process ends, which would cut the write short
+            runtime.all_gather_objects(None)
             raise _preempted(run, step, epoch + 1, within=True)
 
     return after_step
@@ -495,8 +502,8 @@ def _within_epoch(
 def _preempted(run: _Run, step: int, epoch: int, within: bool) -> TrainingPreempted:
     where = f"within epoch {epoch}" if within else f"after epoch {epoch}"
     return TrainingPreempted(
-        f"stopped by {run.watch.received} at step {step} ({where}); {run.out / LAST} holds "
-        "it: continue with --resume auto"
+        f"stopped by {run.watch.received or 'a signal to another process'} at step {step} "
+        f"({where}); {run.out / LAST} holds it: continue with --resume auto"
     )
 
 

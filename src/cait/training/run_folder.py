@@ -17,6 +17,7 @@ The rules (docs/RELIABILITY.md):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from collections.abc import Iterable
@@ -101,34 +102,46 @@ class RunFolder:
     """Rank 0's hold on the output folder for a whole run: the lock, the config written
     when it is safe to, and the replacement of an old run's files.
 
-    Use it as a context manager around the run. Call :meth:`begin` once a resume's checks
-    passed; it writes ``config.yaml`` unless an old run is being replaced, in which case
-    :meth:`checkpoint_written` (called after every checkpoint) does that after the first.
+    :meth:`acquire` takes the lock; then :meth:`prepare` decides, holding it, what the run
+    may do with the folder (resolving ``resume: auto``, refusing a run it may not replace).
+    Call :meth:`begin` once a resume's checks passed; it writes ``config.yaml`` unless an
+    old run is being replaced, in which case :meth:`checkpoint_written` (called after every
+    checkpoint) does that after the first. :meth:`release` gives the lock back.
     """
 
-    def __init__(self, config: TrainConfig) -> None:
-        self.config = config
-        self.out = Path(config.output)
-        # an old run is replaced only with overwrite, and only when not continuing it
-        self.replacing = bool(run_files(self.out)) and not _continues(config)
+    def __init__(self, output: str | Path) -> None:
+        self.out = Path(output)
+        self.config: TrainConfig | None = None
+        self.replacing = False
         self._lock = FolderLock(self.out, what="cait train")
         self._begun = False
 
-    def __enter__(self) -> RunFolder:
+    def acquire(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"output {self.out} is a file, not a folder")
         try:
             self._lock.acquire()
         except PermissionError as err:
             raise PermissionError(f"cannot write to {self.out}: permission denied") from err
         for path in remove_stale_temporaries(self.out):
             logger.info("removed %s, left by a process killed while writing it", path.name)
+
+    def prepare(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with ``resume: auto`` resolved, once the folder is known to be
+        writable by it (:func:`check_output_folder`)."""
+        resume = resolve_resume(config.resume, self.out)
+        check_output_folder(self.out, resume, config.overwrite)
+        self.config = dataclasses.replace(config, resume=resume)
+        # an old run is replaced only with overwrite, and only when not continuing it
+        self.replacing = bool(run_files(self.out)) and not _continues(self.config)
         if self.replacing:
             logger.warning(
                 "overwrite: %s holds a run; its files stay until this run's first checkpoint",
                 self.out,
             )
-        return self
+        return self.config
 
-    def __exit__(self, *exc: object) -> None:
+    def release(self) -> None:
         self._lock.release()
 
     def begin(self) -> None:
@@ -160,7 +173,9 @@ class RunFolder:
         return self._begun
 
     def _write_config(self) -> None:
-        text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+        # as a recipe it must start a run, not continue or replace this one
+        settings = {**self.config.to_dict(), "resume": None, "overwrite": False}
+        text = yaml.safe_dump(settings, sort_keys=False)
         atomic_write(self.out / CONFIG, lambda tmp: tmp.write_text(text))
         self._begun = True
 
