@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ import yaml
 from safetensors import SafetensorError
 
 from cait.analysis.ablation import GRIDS, run_ablation
-from cait.analysis.attention import MapStyle, save_attention_maps
+from cait.analysis.attention import MapStyle, SABlockOutOfRange, save_attention_maps
 from cait.analysis.residuals import save_residual_report
 from cait.bench import (
     COMPARE_WITH,
@@ -169,13 +168,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_attention(args: argparse.Namespace) -> int:
     try:
         results = _save_attention_maps(args)
-    except ValueError as err:  # the library counts blocks from 0, the flag from 1
-        depth = re.search(r"sa_block must be in \[0, (\d+)\]", str(err))
-        if depth is None:
-            raise
+    except SABlockOutOfRange as err:  # the library counts blocks from 0, the flag from 1
         raise ValueError(
-            f"--sa-block must be in 1..{int(depth[1]) + 1} (this model's self-attention "
-            f"blocks), got {args.sa_block}"
+            f"--sa-block must be in 1..{err.depth} (this model's self-attention blocks), "
+            f"got {args.sa_block}"
         ) from None
     for r in results:
         written = [r[k] for k in ("class_attention_png", "self_attention_png") if k in r]

@@ -320,10 +320,10 @@ def test_two_agents_on_one_host_match_the_standalone_run(uninterrupted_two, tmp_
     the same weights as the standalone 2-process run (which equals one process with the
     same global batch within 1e-5, test_distributed.py).
 
-    Not tested: a worker of one agent killed with --max-restarts 1 on both. Tried by hand
-    (2026-11-30, torch 2.14 gloo on one host) the job recovered in 2 runs of 4; in the
-    others the agents restarted out of step (the new workers' gloo connectFullMesh refused,
-    using up the restarts) or both waited in the rendezvous until killed. See issue 20.
+    Not tested: a worker of one agent killed with --max-restarts 1 on both. On this
+    machine the job recovered in 2 of 6 tries (``MODE=agents examples/torchrun_restart.sh``
+    and by hand); in the others the new workers' gloo connectFullMesh was refused, using
+    up the restarts, or the agents waited in the rendezvous until killed. See issue 20.
     """
     together = tmp_path / "together"
     results = _finish([_start(c) for c in _two_agents(tmp_path, together)])

@@ -32,6 +32,7 @@ __all__ = [
     "AttentionMaps",
     "GridLayout",
     "MapStyle",
+    "SABlockOutOfRange",
     "attention_maps",
     "display_image",
     "maps_from_trace",
@@ -116,6 +117,15 @@ class AttentionMaps:
         return self.self_attention[:, prefix + patch, prefix:].reshape(-1, *self.grid)
 
 
+class SABlockOutOfRange(ValueError):
+    """``sa_block`` (an index from 0) names no self-attention block of the model; ``depth``
+    says how many it has, for a caller that counts them from 1 (``cait attention``)."""
+
+    def __init__(self, sa_block: int, depth: int) -> None:
+        super().__init__(f"sa_block must be in [0, {depth - 1}], got {sa_block}")
+        self.sa_block, self.depth = sa_block, depth
+
+
 @torch.no_grad()
 def attention_maps(model: CaiT, image: Tensor, sa_block: int | None = None) -> AttentionMaps:
     """The attention maps of one normalised image ``(in_chans, H_img, W_img)``."""
@@ -123,7 +133,7 @@ def attention_maps(model: CaiT, image: Tensor, sa_block: int | None = None) -> A
         raise ValueError(f"attention maps need a cait model with forward_trace, got {type(model)}")
     depth = len(model.blocks)
     if sa_block is not None and not 0 <= sa_block < depth:
-        raise ValueError(f"sa_block must be in [0, {depth - 1}], got {sa_block}")
+        raise SABlockOutOfRange(sa_block, depth)
     was_training = model.training
     model.eval()
     try:

@@ -81,15 +81,11 @@ def resolve_resume(resume: str | None, output: str | Path) -> str | None:
 
 
 def check_output_folder(output: str | Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse an output that is not a folder, or a folder holding a run that this run
-    neither continues nor was allowed to replace."""
+    """Refuse a folder holding a run that this run neither continues nor was allowed to
+    replace."""
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"output {output} is a file, not a folder")
     held = run_files(output)
-    if not held or overwrite:
-        return
-    if resume is not None and Path(resume).resolve().parent == output.resolve():
+    if not held or overwrite or _continues(resume, output):
         return
     raise ValueError(
         f"{output} already holds a run ({', '.join(held)}): continue it with "
@@ -133,7 +129,7 @@ class RunFolder:
         check_output_folder(self.out, resume, config.overwrite)
         self.config = dataclasses.replace(config, resume=resume)
         # an old run is replaced only with overwrite, and only when not continuing it
-        self.replacing = bool(run_files(self.out)) and not _continues(self.config)
+        self.replacing = bool(run_files(self.out)) and not _continues(resume, self.out)
         if self.replacing:
             logger.warning(
                 "overwrite: %s holds a run; its files stay until this run's first checkpoint",
@@ -180,8 +176,6 @@ class RunFolder:
         self._begun = True
 
 
-def _continues(config: TrainConfig) -> bool:
-    """Whether ``config`` resumes the run of its own output folder."""
-    if config.resume is None:
-        return False
-    return Path(config.resume).resolve().parent == Path(config.output).resolve()
+def _continues(resume: str | None, output: Path) -> bool:
+    """Whether ``resume`` is a checkpoint of the run in ``output``."""
+    return resume is not None and Path(resume).resolve().parent == output.resolve()
