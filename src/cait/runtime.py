@@ -9,7 +9,9 @@ import logging
 import os
 import platform
 import random
+import secrets
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -178,7 +180,15 @@ def init_distributed(device: str, timeout_s: float) -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _worker_group_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            rank = int(os.environ["RANK"])
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world, timeout=timeout
+            )
     info = dist_info()
     if not info.is_main:
         logging.getLogger("cait").setLevel(logging.WARNING)
@@ -189,6 +199,55 @@ def init_distributed(device: str, timeout_s: float) -> DistInfo:
         timeout_s,
     )
     return info
+
+
+# The key in torchrun's agent store under which rank 0 publishes its worker group's store.
+_GROUP_STORE_KEY = "cait/worker_group_store"
+_TOKEN_KEY = "cait/token"
+_CONNECT_TRY_S = 3.0  # one try to reach a published store before reading the key again
+
+
+def _worker_group_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """A store of this worker group's own when ``torchrun`` shares its agent's store (None:
+    ``init_process_group``'s own ``env://`` rendezvous is safe).
+
+    Since torch 2.5 the c10d rendezvous hands every worker group the agent's store
+    (``TORCHELASTIC_USE_AGENT_STORE``), and that store outlives a ``--max-restarts`` restart
+    with the previous group's keys in it: a restarted group reads its dead predecessors' gloo
+    addresses (or NCCL ids) and fails to connect (pytorch/pytorch#135712). The restart count
+    cannot tell the groups apart, as each agent counts its own restarts. So rank 0 hosts a
+    fresh store on a free port and publishes the port and a random token in the agent's
+    store; the other ranks connect to it, reading the key again while what they find is a
+    predecessor's (nobody listens there any more, or the token does not match).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    host, rank = os.environ["MASTER_ADDR"], int(os.environ["RANK"])
+    agent = dist.TCPStore(host, int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    if rank == 0:
+        token = secrets.token_hex(16)
+        own = dist.TCPStore(host, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+        own.set(_TOKEN_KEY, token)
+        agent.set(_GROUP_STORE_KEY, f"{own.port} {token}")
+        return own
+    deadline = time.monotonic() + timeout.total_seconds()
+    try_for = datetime.timedelta(seconds=_CONNECT_TRY_S)
+    while True:
+        port, token = agent.get(_GROUP_STORE_KEY).decode().split()
+        try:
+            own = dist.TCPStore(host, int(port), is_master=False, timeout=try_for)
+            if own.check([_TOKEN_KEY]) and own.get(_TOKEN_KEY).decode() == token:
+                own.set_timeout(timeout)
+                return own
+        except RuntimeError:  # DistNetworkError: a dead predecessor's port
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"rank {rank}: rank 0's store (published in torchrun's store at "
+                f"{host}:{os.environ['MASTER_PORT']}) did not answer within "
+                f"{timeout.total_seconds():.0f} s"
+            )
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager

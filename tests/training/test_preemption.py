@@ -295,6 +295,59 @@ def test_sigkill_of_a_worker_under_max_restarts_ends_with_the_same_weights(
     _assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
 
 
+# One worker of a group that meets through a torchrun agent's store (TORCHELASTIC_*).
+_GROUP_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    import torch, torch.distributed as dist
+    from cait.runtime import distributed
+    Path(sys.argv[1]).write_text("joining")
+    with distributed("cpu", 60):
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        print(int(total.item()))
+    """
+)
+
+
+def test_a_restarted_worker_group_never_reads_its_predecessors_addresses(tmp_path):
+    """torchrun keeps its agent's store across --max-restarts with the previous group's
+    keys in it (pytorch/pytorch#135712): a restarted gloo group that read them connected
+    to dead addresses and was refused. Two groups meet in turn through one agent store; in
+    the second, rank 1 starts first, so it reads before rank 0 writes anything."""
+    agent = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(agent.port)}
+    env |= {"WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    worker = tmp_path / "worker.py"
+    worker.write_text(_GROUP_WORKER)
+    for attempt in range(2):
+        procs = []
+        try:
+            for rank in (1, 0):
+                joining = tmp_path / f"joining{attempt}{rank}"
+                command = [sys.executable, str(worker), str(joining)]
+                rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+                procs.append(subprocess.Popen(command, env=rank_env, stdout=subprocess.PIPE))
+                deadline = time.monotonic() + 60
+                while not joining.exists() and procs[-1].poll() is None:
+                    assert time.monotonic() < deadline, "the worker did not start"
+                    time.sleep(0.05)
+                time.sleep(0.5)  # let rank 1 read the store before rank 0 joins
+            deadline = time.monotonic() + 60
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                if any(p.poll() for p in procs):  # one failed: its peer would wait
+                    break
+                time.sleep(0.1)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        outputs = [p.communicate()[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], f"attempt {attempt}"
+        assert outputs == [b"2\n", b"2\n"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -318,13 +371,7 @@ def _two_agents(tmp_path: Path, run: Path, *extra: str) -> list[list[str]]:
 def test_two_agents_on_one_host_match_the_standalone_run(uninterrupted_two, tmp_path):
     """Two "machines" (torchrun agents) of one process each, meeting on 127.0.0.1, train
     the same weights as the standalone 2-process run (which equals one process with the
-    same global batch within 1e-5, test_distributed.py).
-
-    Not tested: a worker of one agent killed with --max-restarts 1 on both. On this
-    machine the job recovered in 2 of 6 tries (``MODE=agents examples/torchrun_restart.sh``
-    and by hand); in the others the new workers' gloo connectFullMesh was refused, using
-    up the restarts, or the agents waited in the rendezvous until killed. See issue 20.
-    """
+    same global batch within 1e-5, test_distributed.py)."""
     together = tmp_path / "together"
     results = _finish([_start(c) for c in _two_agents(tmp_path, together)])
     for r in results:
@@ -332,6 +379,23 @@ def test_two_agents_on_one_host_match_the_standalone_run(uninterrupted_two, tmp_
         # agent's last call to the store can fail after its workers finished
         assert r.returncode == 0 or _store_gone_after_success(r.stderr), r.stderr[-3000:]
     _assert_same_weights(together / "model.safetensors", uninterrupted_two / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_agents_worker_under_max_restarts_recovers_the_job(
+    uninterrupted_two, tmp_path
+):
+    """Two agents with --max-restarts 1: the worker of global rank 1 (in either agent, as
+    the rendezvous decides) is killed within an epoch; both agents restart their workers,
+    which resume from last.pt and end with the weights of the uninterrupted run."""
+    run = tmp_path / "run"
+    procs = [_start(c) for c in _two_agents(tmp_path, run, "--max-restarts=1")]
+    _kill_rank_mid_epoch(tmp_path, run, procs, rank=1, sig=signal.SIGKILL)
+    results = _finish(procs)
+    for r in results:
+        assert r.returncode == 0 or _store_gone_after_success(r.stderr), _errors(r.stderr)
+    assert any("resumed from" in r.stderr for r in results)
+    _assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
 
 
 def _store_gone_after_success(log: str) -> bool:
