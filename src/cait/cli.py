@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import subprocess
 import sys
 import textwrap
 import traceback
@@ -114,7 +113,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and "WORLD_SIZE" not in os.environ:  # relaunch under torchrun, without --nproc
         i = next(i for i, a in enumerate(args.argv) if a.split("=")[0] == "--nproc")
         rest = args.argv[:i] + args.argv[i + (1 if "=" in args.argv[i] else 2) :]
-        return subprocess.call(torchrun_command(args.nproc, rest))
+        command = torchrun_command(args.nproc, rest)
+        # torchrun takes this process's place (same pid), so a scheduler's SIGTERM or a
+        # Ctrl-C reaches torchrun, which passes it on to its workers
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(command[0], command)
     args.run_output = config.output  # for the message after Ctrl-C
     result = train(config)
     if os.environ.get("RANK", "0") != "0":

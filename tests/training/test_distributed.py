@@ -422,16 +422,27 @@ def test_a_failure_on_one_rank_ends_the_job_with_the_error(tmp_path, mode):
     assert not (tmp_path / "last.pt").exists()
 
 
+class _Replaced(Exception):
+    """The process was replaced (os.execv, patched)."""
+
+
 @pytest.mark.parametrize("nproc", [["--nproc", "3"], ["--nproc=3"]])
 def test_cli_nproc_relaunches_itself_under_torchrun(tmp_path, monkeypatch, nproc):
     import cait.cli
 
     calls = []
+
+    def execv(path, command):
+        calls.append((path, command))
+        raise _Replaced
+
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(cait.cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(cait.cli.os, "execv", execv)
     args = ["train", "--data", "digits", "--output", str(tmp_path), "--epochs", "1"]
-    assert cait.cli.main([*args[:3], *nproc, *args[3:]]) == 0
-    (cmd,) = calls
+    with pytest.raises(_Replaced):
+        cait.cli.main([*args[:3], *nproc, *args[3:]])
+    ((path, cmd),) = calls
+    assert path == cmd[0] == sys.executable
     assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"] + [
         "-m",
         "cait",

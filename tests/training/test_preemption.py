@@ -199,16 +199,18 @@ _WORKER = textwrap.dedent(
 )
 
 
-def _torchrun_args(tmp_path: Path, run: Path, *torchrun: str, resume: bool = True) -> list[str]:
+def _train_args(run: Path) -> list[str]:
+    """``train ...`` of the 2-process runs compared here (2 x batch 64, --resume auto)."""
+    train_args = _cli(run, "--epochs", "2", "--batch-size", "64")[3:]  # from "train" on
+    return train_args + [a for s in EQUIVALENCE for a in ("--set", s)] + ["--resume", "auto"]
+
+
+def _torchrun_args(tmp_path: Path, run: Path, *torchrun: str) -> list[str]:
     worker = tmp_path / "worker.py"
     worker.write_text(_WORKER)
-    train_args = _cli(run, "--epochs", "2", "--batch-size", "64")[3:]  # from "train" on
-    train_args += [a for s in EQUIVALENCE for a in ("--set", s)]
-    if resume:
-        train_args += ["--resume", "auto"]
     return [sys.executable, "-m", "torch.distributed.run", *torchrun, str(worker)] + [
         str(tmp_path / "pids"),
-        *train_args,
+        *_train_args(run),
     ]
 
 
@@ -276,6 +278,26 @@ def test_sigterm_to_one_rank_stops_every_rank_with_last_pt(uninterrupted_two, tm
     assert state["epoch_position"] is not None and len(state["epoch_position"]) == 2
     (resumed,) = _finish([_start(command)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigterm_to_cait_train_nproc_stops_its_workers_with_last_pt(uninterrupted_two, tmp_path):
+    """``cait train --nproc 2`` becomes torchrun (same pid), so a scheduler's SIGTERM to it
+    reaches the workers: they write last.pt and exit 75, and --resume auto ends the run
+    with the uninterrupted run's weights."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "cait", *_train_args(run), "--nproc", "2"]
+    procs = [_start(command)]
+    _wait_for_mid_epoch_checkpoint(run, procs[0])
+    procs[0].send_signal(signal.SIGTERM)
+    (result,) = _finish(procs)
+    assert result.returncode != 0
+    for rank in (0, 1):  # each worker's last line (torchrun reports its own SIGTERM)
+        assert f"[rank {rank}] cait train: stopped by SIGTERM at step" in result.stderr
+    assert len(load_checkpoint(run / "last.pt")["epoch_position"]) == 2
+    (resumed,) = _finish([_start(command)])
+    assert resumed.returncode == 0, _errors(resumed.stderr)
     _assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
 
 
