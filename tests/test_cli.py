@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import get_args
 
 import pytest
@@ -94,6 +95,15 @@ def test_a_missing_checkpoint_is_not_found_not_a_missing_model_name(tmp_path, ca
     assert main(["eval", "--checkpoint", str(missing), "--data", "digits"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"cait eval: error: checkpoint not found: {missing} (not a file, URL or Hub id)"
+
+
+def test_cait_app_without_gradio_is_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # what an install without [app] has
+    monkeypatch.delitem(sys.modules, "cait.app", raising=False)
+    assert main(["app", "--checkpoint", str(tmp_path / "model.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cait app: error: cait app needs `pip install cait[app]`")
+    assert "\n" not in err
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:

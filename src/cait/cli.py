@@ -297,7 +297,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_app(args: argparse.Namespace) -> int:
-    from cait.app import launch_app  # gradio takes seconds to import: only for this command
+    try:  # gradio takes seconds to import: only for this command
+        from cait.app import launch_app
+    except ImportError as err:
+        raise ValueError(f"cait app needs `pip install cait[app]` ({err})") from err
 
     launch_app(args.checkpoint, args.model, host=args.host, port=args.port, share=args.share)
     return 0

@@ -22,6 +22,7 @@ from test_distributed import EQUIVALENCE, _env  # tests/training is on the path 
 from test_train import ROOT, digits_config
 
 from cait.training.checkpoint import load_checkpoint
+from cait.training.engine import EpochPosition, _usable
 from cait.training.optim import Optimisation
 from cait.training.preemption import TrainingPreempted
 from cait.training.records import TIMING_KEYS
@@ -130,6 +131,45 @@ def test_a_second_signal_while_stopping_changes_nothing(uninterrupted, tmp_path,
     _assert_same_weights(
         tmp_path / "run" / "model.safetensors", uninterrupted / "model.safetensors"
     )
+
+
+@pytest.mark.parametrize(
+    "batches, micro, accum, fits",
+    [(6, 4, 2, True), (6, 3, 2, False), (8, 4, 2, False), (4, 6, 1, False)],
+)
+def test_a_position_that_does_not_fit_the_epoch_restarts_it(batches, micro, accum, fits, caplog):
+    """A mid-epoch position from a run with other data, batch size or accumulation: the
+    epoch starts over with a warning (here the epoch has 8 batches)."""
+    position = EpochPosition(batches, micro, 0.0, 4 * micro, 1.0, [], {})
+    assert _usable(position, 8, accum, epoch=0) is (position if fits else None)
+    assert ("does not fit this run's 8 batches" in caplog.text) is not fits
+
+
+def _position_with(**fields) -> list[dict]:
+    rng = {"python": (3, (0,) * 625, None), "numpy": {}, "torch": torch.get_rng_state()}
+    return [{**EpochPosition(4, 4, 0.0, 256, 1.0, [], rng).to_dict(), **fields}]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"epoch_position": 5},
+        {"epoch_position": [7]},
+        {"epoch_position": [{"batches": 4}]},
+        {"epoch_position": _position_with(rng_at_start={})},
+        {"epoch_position": _position_with(micro="4")},
+        {"rng": {"python": "no state"}, "rng_ranks": None},
+        {"rng": {"python": (3, (0,) * 625, None)}, "rng_ranks": None},
+    ],
+)
+def test_a_malformed_position_or_rng_state_is_refused_in_one_line(uninterrupted, tmp_path, change):
+    """A last.pt from elsewhere: its place in the epoch and its RNG states are checked
+    before anything trains (a ValueError, which the CLI prints in one line)."""
+    state = load_checkpoint(uninterrupted / "last.pt")
+    crafted = tmp_path / "crafted.pt"
+    torch.save({**state, **change}, crafted)
+    with pytest.raises(ValueError, match="malformed"):
+        train(digits_config(tmp_path, *_SETTINGS, f"resume={crafted}"))
 
 
 def test_preempt_signals_are_checked():
@@ -355,7 +395,8 @@ def test_a_restarted_worker_group_never_reads_its_predecessors_addresses(tmp_pat
                 while not joining.exists() and procs[-1].poll() is None:
                     assert time.monotonic() < deadline, "the worker did not start"
                     time.sleep(0.05)
-                time.sleep(0.5)  # let rank 1 read the store before rank 0 joins
+                if rank == 1:
+                    time.sleep(0.5)  # let rank 1 read the store before rank 0 joins
             deadline = time.monotonic() + 60
             while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
                 if any(p.poll() for p in procs):  # one failed: its peer would wait

@@ -238,6 +238,8 @@ def _epoch_position(state: dict[str, Any], info: runtime.DistInfo) -> EpochPosit
     positions = state.get("epoch_position")
     if not positions:
         return None
+    if not isinstance(positions, list):
+        raise ValueError("the checkpoint's epoch_position is malformed (not a list)")
     if len(positions) != info.world_size:
         logger.warning(
             "the checkpoint was written within epoch %d by %d process(es); on %d the epoch "

@@ -122,6 +122,9 @@ class EpochPosition:
             raise TypeError("loss_sum and seconds must be numbers")
         if not isinstance(position.skipped, list) or not isinstance(position.rng_at_start, dict):
             raise TypeError("skipped must be a list and rng_at_start a mapping")
+        missing = {"python", "numpy", "torch"} - position.rng_at_start.keys()
+        if missing:
+            raise TypeError(f"rng_at_start lacks {sorted(missing)}")
         return position
 
 
@@ -194,16 +197,7 @@ def train_one_epoch(
     objective = objective if objective is not None else Objective()
     total = len(loader) // opt.accum_steps  # type: ignore[arg-type]
     tally = _Tally(torch.zeros((), device=device))
-    if position is not None and not _fits(position, len(loader), opt.accum_steps):  # type: ignore[arg-type]
-        logger.warning(
-            "the checkpoint's place within epoch %d (%d batches drawn) does not fit this "
-            "run's %d batches of %d steps each: the epoch starts over from its first batch",
-            epoch + 1,
-            position.batches,
-            len(loader),  # type: ignore[arg-type]
-            opt.accum_steps,
-        )
-        position = None
+    position = _usable(position, len(loader), opt.accum_steps, epoch)  # type: ignore[arg-type]
     batches, rng_at_start = _start_epoch(loader, position, tally)
     lr = opt.schedule(step)
     opt.optimizer.zero_grad(set_to_none=True)
@@ -265,14 +259,27 @@ def _start_epoch(
     return batches, position.rng_at_start
 
 
-def _fits(position: EpochPosition, batches: int, accum_steps: int) -> bool:
-    """Whether ``position`` can be a place in an epoch of ``batches`` batches (the data,
-    batch size or accumulation changed since the checkpoint otherwise)."""
-    return (
+def _usable(
+    position: EpochPosition | None, batches: int, accum_steps: int, epoch: int
+) -> EpochPosition | None:
+    """``position`` when it can be a place in an epoch of ``batches`` batches; None, with a
+    warning, when it cannot (the data, batch size or accumulation changed since the
+    checkpoint): the epoch then starts over."""
+    if position is None or (
         0 <= position.micro <= position.batches < batches
         and position.micro % accum_steps == 0
         and position.images >= 0
+    ):
+        return position
+    logger.warning(
+        "the checkpoint's place within epoch %d (%d batches drawn) does not fit this "
+        "run's %d batches of %d steps each: the epoch starts over from its first batch",
+        epoch + 1,
+        position.batches,
+        batches,
+        accum_steps,
     )
+    return None
 
 
 def _position(tally: _Tally, rng_at_start: dict) -> EpochPosition:
@@ -385,17 +392,7 @@ def evaluate(
                 logits = model(x)
             if isinstance(logits, tuple):  # a distilled model left in training mode
                 logits = (logits[0] + logits[1]) / 2
-            logits = logits.float()
-            k = min(5, logits.shape[-1])
-            hits = logits.topk(k, dim=-1).indices == target[:, None]
-            sums += torch.stack(
-                [
-                    torch.nn.functional.cross_entropy(logits, target, reduction="sum").double(),
-                    hits[:, 0].sum().double(),
-                    hits.any(dim=-1).sum().double(),
-                    torch.tensor(float(x.shape[0]), device=device, dtype=torch.float64),
-                ]
-            )
+            sums += _batch_sums(logits.float(), target)
             if passes == 1:  # the warm-up batch: the timed figure starts after it
                 _synchronize(device)
                 warm, warm_images = time.perf_counter(), float(x.shape[0])
@@ -427,6 +424,16 @@ def evaluate(
         "images_per_s": images_timed / seconds if seconds > 0 else 0.0,
         "skipped": skipped,
     }
+
+
+def _batch_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A batch's loss sum, top-1 hits, top-5 hits (top-k for fewer classes) and images,
+    in float64."""
+    k = min(5, logits.shape[-1])
+    hits = logits.topk(k, dim=-1).indices == target[:, None]
+    loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    images = torch.tensor(float(len(target)), device=logits.device)
+    return torch.stack([loss, hits[:, 0].sum(), hits.any(dim=-1).sum(), images]).double()
 
 
 def _most_batches(loader: Iterable, device: torch.device) -> int:

@@ -90,7 +90,10 @@ class PreemptionWatch:
 
     def agreed(self, device: torch.device) -> bool:
         """Whether any rank received a signal (a collective under ``torchrun``: every rank
-        calls it at the same step, so all stop at that step)."""
+        calls it at the same step, so all stop at that step; none when no signal is
+        watched)."""
+        if not self.signals:
+            return False
         if dist_info().world_size == 1:
             return self.received is not None
         flag = torch.tensor([float(self.received is not None)], device=device)
