@@ -31,6 +31,7 @@ __all__ = [
     "FolderLock",
     "FolderLockedError",
     "atomic_write",
+    "first_line",
     "load_file_safely",
     "remove_stale_temporaries",
     "signals_deferred",
@@ -314,16 +315,17 @@ def load_file_safely(path: str | os.PathLike[str]) -> Any:
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refusing to load {path}: it holds objects other than tensors and plain "
-            f"containers, and loading never unpickles arbitrary code ({_first_line(err)})"
+            f"containers, and loading never unpickles arbitrary code ({first_line(err)})"
         ) from err
     except (EOFError, KeyError, RuntimeError) as err:  # what torch.load raises on other bytes
         raise ValueError(
             f"{path} is not a torch checkpoint: torch cannot read it "
-            f"({type(err).__name__}: {_first_line(err)})"
+            f"({type(err).__name__}: {first_line(err)})"
         ) from err
 
 
-def _first_line(err: BaseException) -> str:
-    """An error's message cut to its first line (errors reach users on one line)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
+def first_line(err: BaseException) -> str:
+    """An error's message cut to its first line (errors reach users on one line; the
+    error's type when it has no message)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -27,6 +27,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from cait.files import first_line
+
 __all__ = [
     "DIGITS",
     "DigitsDataset",
@@ -118,12 +120,7 @@ def read_image(path: str | Path) -> Image.Image:
     except PermissionError:
         raise ValueError(f"permission denied: {path}") from None
     except UNREADABLE_IMAGE_ERRORS as err:
-        raise ValueError(f"cannot read image {path}: {_first_line(err)}") from err
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+        raise ValueError(f"cannot read image {path}: {first_line(err)}") from err
 
 
 def _hidden(name: str) -> bool:
@@ -306,7 +303,7 @@ class ImageFolderDataset(Dataset):
                 load_image(path)
                 readable.append((path, label))
             except UNREADABLE_IMAGE_ERRORS as err:
-                problems.setdefault(label, []).append(f"{path}: {_first_line(err)}")
+                problems.setdefault(label, []).append(f"{path}: {first_line(err)}")
         kept = {label for _, label in readable}
         for label, listed in problems.items():
             if label not in kept:  # a class of unreadable files would be an empty class
@@ -345,7 +342,7 @@ class ImageFolderDataset(Dataset):
         try:
             return load_image(path), ""
         except UNREADABLE_IMAGE_ERRORS as err:
-            return None, f"{path}: {_first_line(err)}"
+            return None, f"{path}: {first_line(err)}"
 
     def __getitem__(self, index: int) -> Sample:
         skipped: list[str] = []

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from cait.files import atomic_write, load_file_safely
+from cait.files import atomic_write, first_line, load_file_safely
 from cait.models.cait import CaiT
 from cait.models.layers import resample_pos_embed
 
@@ -144,7 +144,7 @@ def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
             )
         except OSError as err:  # offline, refused, HTTP errors (urllib's URLError is one)
             raise FileNotFoundError(
-                f"checkpoint not found: could not download {text} ({_first_line(err)})"
+                f"checkpoint not found: could not download {text} ({first_line(err)})"
             ) from err
         return unwrap_state_dict(obj)
     if is_hub_id(text):
@@ -156,16 +156,10 @@ def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
         except Exception as err:  # network, missing repo, offline mode: all end here
             raise FileNotFoundError(
                 f"checkpoint not found: the Hugging Face Hub could not provide "
-                f"{repo_id}/model.safetensors ({type(err).__name__}: {_first_line(err)})"
+                f"{repo_id}/model.safetensors ({type(err).__name__}: {first_line(err)})"
             ) from err
         return unwrap_state_dict(load_file_safely(downloaded))
     return unwrap_state_dict(load_file_safely(local_checkpoint(text)))
-
-
-def _first_line(err: BaseException) -> str:
-    """An error's message cut to its first line (the Hub's span several)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def safetensors_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
