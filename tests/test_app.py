@@ -144,6 +144,8 @@ def test_the_self_attention_view_shows_the_clicked_patchs_row(models):
     deeper = retrace(models[0], analysis, 1)
     assert deeper.sa_block == 1 and not np.allclose(deeper.maps.self_attention, sa)
     np.testing.assert_array_equal(deeper.maps.class_attention, analysis.maps.class_attention)
+    with pytest.raises(ValueError, match=r"sa_block must be in \[0, 1\], got 2"):
+        retrace(models[0], analysis, 2)  # depth 2
 
 
 # --------------------------------------------------------------------------- bad input

@@ -240,10 +240,7 @@ def analyse(
         raise ValueError(f"topk must be >= 1, got {topk}")
     start = time.perf_counter()
     model = app_model.model
-    depth = len(model.blocks)
-    block = depth - 1 if sa_block is None else sa_block
-    if not 0 <= block < depth:
-        raise ValueError(f"sa_block must be in [0, {depth - 1}], got {block}")
+    block = len(model.blocks) - 1 if sa_block is None else sa_block
     settings = app_model.loaded.settings
     x = eval_transform(settings)(image)
     trace = _trace(model, x)
@@ -269,9 +266,6 @@ def analyse(
 
 def retrace(app_model: AppModel, analysis: Analysis, sa_block: int) -> Analysis:
     """The same analysis with the self-attention of another block (one more forward)."""
-    depth = len(app_model.model.blocks)
-    if not 0 <= sa_block < depth:
-        raise ValueError(f"sa_block must be in [0, {depth - 1}], got {sa_block}")
     trace = _trace(app_model.model, analysis.x)
     maps = maps_from_trace(trace, app_model.model.config.num_class_tokens, sa_block)
     return dataclasses.replace(analysis, maps=maps, sa_block=sa_block)

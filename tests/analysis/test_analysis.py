@@ -17,7 +17,12 @@ from sklearn.datasets import load_sample_images
 
 import cait
 import cait.analysis.ablation as ablation
-from cait.analysis.attention import GridLayout, attention_maps, save_attention_maps
+from cait.analysis.attention import (
+    GridLayout,
+    SABlockOutOfRange,
+    attention_maps,
+    save_attention_maps,
+)
 from cait.analysis.residuals import save_residual_report
 from cait.cli import main as cli_main
 from cait.data import DigitsDataset, eval_transform
@@ -108,6 +113,14 @@ def test_saved_class_attention_equals_the_known_attention(tmp_path):
         assert (y // patch, x // patch) == divmod(t, 4)
         left, top, right, bottom = layout.box(row, 2)  # head 1: uniform -> one colour
         assert pixels[top:bottom, left:right].std(axis=(0, 1)).max() < 1.0
+
+
+@pytest.mark.parametrize("sa_block", [-1, 6])
+def test_an_sa_block_the_model_lacks_is_refused_naming_its_depth(sa_block):
+    model = randomize_(cait.create_model("cait_digits_16")).eval()  # 6 SA blocks
+    with pytest.raises(SABlockOutOfRange, match=rf"\[0, 5\], got {sa_block}") as raised:
+        attention_maps(model, torch.randn(3, 16, 16), sa_block=sa_block)
+    assert raised.value.depth == 6
 
 
 @pytest.mark.parametrize("distilled", [False, True])

@@ -131,9 +131,6 @@ def attention_maps(model: CaiT, image: Tensor, sa_block: int | None = None) -> A
     """The attention maps of one normalised image ``(in_chans, H_img, W_img)``."""
     if not isinstance(model, CaiT):
         raise ValueError(f"attention maps need a cait model with forward_trace, got {type(model)}")
-    depth = len(model.blocks)
-    if sa_block is not None and not 0 <= sa_block < depth:
-        raise SABlockOutOfRange(sa_block, depth)
     was_training = model.training
     model.eval()
     try:
@@ -149,8 +146,11 @@ def maps_from_trace(
     """The maps of the first image of a :meth:`~cait.CaiT.forward_trace` result.
 
     ``num_class_tokens`` is the model's ``config.num_class_tokens``; ``sa_block`` picks the
-    self-attention block to keep (``None``: none).
+    self-attention block to keep (``None``: none; :class:`SABlockOutOfRange` when the
+    model has no such block).
     """
+    if sa_block is not None and not 0 <= sa_block < len(trace.sa):
+        raise SABlockOutOfRange(sa_block, len(trace.sa))
     if not trace.ca and sa_block is None:
         raise ValueError(
             "this model has no class-attention blocks (class token early or avg pooling); "

@@ -226,7 +226,7 @@ def _check_input_spec(data: Any) -> InputSpec:
             f"data_settings must have exactly the fields {list(fields)}; unknown {unknown}, "
             f"missing {missing}"
         )
-    # per-channel numbers (_integers checks the count; each item is checked by the first)
+    # per-channel numbers: 1 to MAX_CHANNELS of them, each in its range
     mean = _sequence(_number(-1e3, 1e3), (1, MAX_CHANNELS))
     std = _sequence(_number(1e-6, 1e3), (1, MAX_CHANNELS))
     checked = {
