@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from cait.files import atomic_write, first_line, remove_stale_temporaries, temporary_path
+from cait.files import atomic_write, error_line, remove_stale_temporaries, temporary_path
 from cait.models.build import load_for_inference
 from cait.models.cait import CaiT
 from cait.models.config import CaiTConfig
@@ -300,11 +300,6 @@ def _size_oblivious(enable: bool) -> Iterator[None]:
         yield
 
 
-def _error_line(err: BaseException) -> str:
-    """The error's type and the first line of its message (the exporters' span pages)."""
-    return f"{type(err).__name__}: {first_line(err)}"
-
-
 def _parity(
     model: nn.Module,
     run: Callable[[Tensor], Tensor],
@@ -327,8 +322,7 @@ def _parity(
                     got = run(x)
                 except Exception as err:  # whatever the runtime raises, the export fails
                     raise ExportError(
-                        f"{what} rejects a batch of {b} {height}x{width} images "
-                        f"({_error_line(err)})"
+                        f"{what} rejects a batch of {b} {height}x{width} images ({error_line(err)})"
                     ) from err
             if got.shape != want.shape:
                 raise ExportError(
@@ -416,7 +410,7 @@ def _onnx_program(
             verbose=False,
         )
     except Exception as err:  # the exporter's own errors are many; all end the export
-        raise ExportError(f"torch.onnx could not export the model ({_error_line(err)})") from err
+        raise ExportError(f"torch.onnx could not export the model ({error_line(err)})") from err
 
 
 @contextmanager
@@ -454,7 +448,7 @@ def _export_pt2(
                 program = torch.export.export(model, (example,), dynamic_shapes=(shapes,))
         except Exception as err:  # the exporter's own errors are many; all end the export
             raise ExportError(
-                f"torch.export could not export the model ({_error_line(err)})"
+                f"torch.export could not export the model ({error_line(err)})"
             ) from err
         with open(tmp, "wb") as f:  # a file object: the temporary name lacks the .pt2 suffix
             torch.export.save(program, f)
@@ -666,7 +660,7 @@ def _export_timm(
             theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
         except Exception as err:  # timm's own checks (missing keys, arguments) end here
             raise ExportError(
-                f"timm could not build the exported folder ({_error_line(err)})"
+                f"timm could not build the exported folder ({error_line(err)})"
             ) from err
         checks.append(
             _parity(model, theirs, what, sizes, model.config.in_chans, TOLERANCES["timm"])
@@ -718,7 +712,7 @@ def push_folder_to_hub(folder: str | os.PathLike[str], repo_id: str) -> str:
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model")
     except Exception as err:  # network, authentication, permissions: all end the push
         raise ExportError(
-            f"could not upload {folder} to the Hub repo {repo_id} ({_error_line(err)}); the "
+            f"could not upload {folder} to the Hub repo {repo_id} ({error_line(err)}); the "
             f"folder is written: retry with `hf upload {repo_id} {folder}`"
         ) from err
     return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")

@@ -31,6 +31,7 @@ __all__ = [
     "FolderLock",
     "FolderLockedError",
     "atomic_write",
+    "error_line",
     "first_line",
     "load_file_safely",
     "remove_stale_temporaries",
@@ -127,7 +128,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
             _fsync_folder(path.parent)  # the rename itself survives a power cut
         except BaseException as err:
             # torch.save reports a full disk as a RuntimeError from its C++ writer; say it
-            full = not isinstance(err, OSError) and _disk_full(tmp.parent)
+            full = isinstance(err, RuntimeError) and _disk_full(tmp.parent)
             tmp.unlink(missing_ok=True)
             if full:
                 raise OSError(errno.ENOSPC, f"No space left on device writing {path}") from err
@@ -319,8 +320,7 @@ def load_file_safely(path: str | os.PathLike[str]) -> Any:
         ) from err
     except (EOFError, KeyError, RuntimeError) as err:  # what torch.load raises on other bytes
         raise ValueError(
-            f"{path} is not a torch checkpoint: torch cannot read it "
-            f"({type(err).__name__}: {first_line(err)})"
+            f"{path} is not a torch checkpoint: torch cannot read it ({error_line(err)})"
         ) from err
 
 
@@ -329,3 +329,10 @@ def first_line(err: BaseException) -> str:
     error's type when it has no message)."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+def error_line(err: BaseException) -> str:
+    """The error's type and the first line of its message, for errors a user only sees the
+    cause of (``KeyError: 'x'``; the type alone when it has no message)."""
+    name, line = type(err).__name__, first_line(err)
+    return name if line == name else f"{name}: {line}"

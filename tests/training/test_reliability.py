@@ -22,7 +22,13 @@ from test_train import ROOT, digits_config  # tests/training is on the path (no 
 
 import cait.training.run
 from cait.cli import main as cli_main
-from cait.files import FolderLock, atomic_write, remove_stale_temporaries, temporary_path
+from cait.files import (
+    FolderLock,
+    atomic_write,
+    error_line,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from cait.training.checkpoint import load_checkpoint, save_checkpoint
 from cait.training.run import train
 
@@ -156,6 +162,24 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary(small_disk):
     assert failure.value.errno == errno.ENOSPC and "No space left" in str(failure.value)
     assert load_checkpoint(path)["config"] == {"v": 1}
     assert _temporaries(small_disk) == []
+
+
+def test_on_a_full_disk_a_writer_bug_is_still_reported_as_itself(small_disk):
+    (small_disk / "filler").write_bytes(b"x" * (250 << 10))  # under 1 MiB left
+
+    def buggy(path: Path) -> None:
+        path.write_bytes(b"partial")
+        raise ValueError("a bug in the writer")
+
+    with pytest.raises(ValueError, match="a bug in the writer"):
+        atomic_write(small_disk / "out.bin", buggy)
+    assert _temporaries(small_disk) == []
+
+
+def test_error_line_names_the_type_once():
+    assert error_line(KeyError("x")) == "KeyError: 'x'"
+    assert error_line(RuntimeError("first\nsecond")) == "RuntimeError: first"
+    assert error_line(KeyError()) == "KeyError"  # not "KeyError: KeyError"
 
 
 def test_a_full_disk_in_cait_train_is_one_line(small_disk, capsys):

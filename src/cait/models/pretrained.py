@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from cait.files import atomic_write, first_line, load_file_safely
+from cait.files import atomic_write, error_line, first_line, load_file_safely
 from cait.models.cait import CaiT
 from cait.models.layers import resample_pos_embed
 
@@ -156,7 +156,7 @@ def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
         except Exception as err:  # network, missing repo, offline mode: all end here
             raise FileNotFoundError(
                 f"checkpoint not found: the Hugging Face Hub could not provide "
-                f"{repo_id}/model.safetensors ({type(err).__name__}: {first_line(err)})"
+                f"{repo_id}/model.safetensors ({error_line(err)})"
             ) from err
         return unwrap_state_dict(load_file_safely(downloaded))
     return unwrap_state_dict(load_file_safely(local_checkpoint(text)))
