@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from test_distributed import EQUIVALENCE, _env  # tests/training is on the path (no __init__)
 from test_train import ROOT, digits_config
 
+from cait.runtime import get_rng_state
 from cait.training.checkpoint import load_checkpoint
 from cait.training.engine import EpochPosition, _usable
 from cait.training.optim import Optimisation
@@ -140,14 +141,14 @@ def test_a_second_signal_while_stopping_changes_nothing(uninterrupted, tmp_path,
 def test_a_position_that_does_not_fit_the_epoch_restarts_it(batches, micro, accum, fits, caplog):
     """A mid-epoch position from a run with other data, batch size or accumulation: the
     epoch starts over with a warning (here the epoch has 8 batches)."""
-    position = EpochPosition(batches, micro, 0.0, 4 * micro, 1.0, [], {})
+    position = EpochPosition(batches, micro, 0.0, 4 * micro, 1.0, (), get_rng_state())
     assert _usable(position, 8, accum, epoch=0) is (position if fits else None)
     assert ("does not fit this run's 8 batches" in caplog.text) is not fits
 
 
 def _position_with(**fields) -> list[dict]:
     rng = {"python": (3, (0,) * 625, None), "numpy": {}, "torch": torch.get_rng_state()}
-    return [{**EpochPosition(4, 4, 0.0, 256, 1.0, [], rng).to_dict(), **fields}]
+    return [{**EpochPosition(4, 4, 0.0, 256, 1.0, (), rng).to_dict(), **fields}]
 
 
 @pytest.mark.parametrize(
@@ -158,6 +159,8 @@ def _position_with(**fields) -> list[dict]:
         {"epoch_position": [{"batches": 4}]},
         {"epoch_position": _position_with(rng_at_start={})},
         {"epoch_position": _position_with(micro="4")},
+        {"epoch_position": _position_with(skipped=[[1]])},
+        {"epoch_position": _position_with(extra=1)},
         {"rng": {"python": "no state"}, "rng_ranks": None},
         {"rng": {"python": (3, (0,) * 625, None)}, "rng_ranks": None},
     ],

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from cait import progress
-from cait.training.engine import evaluate, train_one_epoch
+from cait.runtime import get_rng_state
+from cait.training.engine import EpochPosition, evaluate, train_one_epoch
 
 WARM_UP_S = 0.4  # the first forward pass's stand-in for a kernel build
 
@@ -56,11 +57,11 @@ def _batches(count: int = 4, size: int = 8) -> list:
     return [(torch.randn(size, 4, generator=g), torch.arange(size) % 3, []) for _ in range(count)]
 
 
-def _epoch(on_log=None, log_interval: int = 1):
+def _epoch(on_log=None, log_interval: int = 1, position: EpochPosition | None = None):
     model = _SlowFirstCall()
     return train_one_epoch(
         model, _batches(), _Opt(model), 0, 0, torch.device("cpu"), progress=True,
-        log_interval=log_interval, on_log=on_log,
+        log_interval=log_interval, on_log=on_log, position=position,
     )[0]  # fmt: skip
 
 
@@ -102,6 +103,16 @@ def test_epoch_images_per_s_leaves_out_the_warm_up_step():
     # with the warm-up in it the rate would be at most 32 / 0.4 = 80 images/s
     assert stats.images_per_s > 300, stats
     assert stats.timed_images == 24
+
+
+def test_a_resumed_epoch_times_the_steps_after_this_process_warm_up():
+    """An epoch continued after 2 of its 4 steps: the warm-up is this process's first step
+    (the third), not the epoch's first, and the earlier process's time stays out."""
+    earlier = EpochPosition(2, 2, 0.0, 16, 5.0, (), get_rng_state())
+    stats = _epoch(position=earlier)
+    assert stats.images == 32 and stats.seconds >= 5.0 + WARM_UP_S
+    assert stats.timed_images == 8, stats  # the fourth step's
+    assert stats.images_per_s > 300, stats  # 32 images over 5.4 s and more without it
 
 
 def test_eval_images_per_s_leaves_out_the_first_batch():

@@ -251,7 +251,7 @@ def _epoch_position(state: dict[str, Any], info: runtime.DistInfo) -> EpochPosit
         return None
     try:
         return EpochPosition.from_dict(positions[info.rank])
-    except (TypeError, KeyError, AttributeError) as err:
+    except (TypeError, ValueError) as err:  # missing fields; mistyped or unknown ones
         raise ValueError(f"the checkpoint's epoch_position is malformed ({err})") from None
 
 

@@ -8,10 +8,12 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from cait import schema
 from cait.progress import progress_bar
 from cait.runtime import (
     all_gather_objects,
@@ -46,8 +48,9 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class EpochStats:
     """One epoch over all ranks. ``seconds`` is the whole epoch; ``images_per_s`` leaves out
-    the first optimiser step (warm-up: the C++ kernel's load or build, allocations), counting
-    the images after it over the time after it, when the epoch has more than one step."""
+    this process's first optimiser step (warm-up: the C++ kernel's load or build,
+    allocations; in an epoch resumed from within, also the batches drawn again), counting
+    the images after it over the time after it, when the process took more than one step."""
 
     loss: float
     lr: float
@@ -55,7 +58,7 @@ class EpochStats:
     seconds: float
     steps: int
     skipped: list[str] = field(default_factory=list)
-    timed_images: int | None = None  # after the warm-up step; None: the epoch had one step
+    timed_images: int | None = None  # after the warm-up step; None: no step after it
     timed_seconds: float = 0.0
 
     @property
@@ -105,27 +108,23 @@ class EpochPosition:
     loss_sum: float
     images: int
     seconds: float
-    skipped: list[str]
-    rng_at_start: dict
+    skipped: tuple[str, ...]
+    rng_at_start: dict[str, Any]  # runtime.get_rng_state()
+
+    def __post_init__(self) -> None:
+        schema.check_fields(self, "epoch_position")
+        # checked whole when set (set_rng_state); here, so a checkpoint is refused on load
+        missing = {"python", "numpy", "torch"} - self.rng_at_start.keys()
+        if missing:
+            raise ValueError(f"epoch_position.rng_at_start lacks {sorted(missing)}")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, data: dict) -> EpochPosition:
-        """From a checkpoint: the fields with their types checked (``TypeError`` else)."""
-        position = cls(**data)
-        counts = (position.batches, position.micro, position.images)
-        if not all(type(n) is int for n in counts):
-            raise TypeError(f"batches, micro and images must be integers, got {counts}")
-        if not all(isinstance(x, float | int) for x in (position.loss_sum, position.seconds)):
-            raise TypeError("loss_sum and seconds must be numbers")
-        if not isinstance(position.skipped, list) or not isinstance(position.rng_at_start, dict):
-            raise TypeError("skipped must be a list and rng_at_start a mapping")
-        missing = {"python", "numpy", "torch"} - position.rng_at_start.keys()
-        if missing:
-            raise TypeError(f"rng_at_start lacks {sorted(missing)}")
-        return position
+    def from_dict(cls, data: Any) -> EpochPosition:
+        """From a checkpoint: unknown or missing keys and mistyped fields raise."""
+        return schema.from_dict(cls, data, "epoch_position")
 
 
 @dataclass
@@ -199,6 +198,7 @@ def train_one_epoch(
     tally = _Tally(torch.zeros((), device=device))
     position = _usable(position, len(loader), opt.accum_steps, epoch)  # type: ignore[arg-type]
     batches, rng_at_start = _start_epoch(loader, position, tally)
+    first = tally.micro // opt.accum_steps  # steps an earlier process did (a resumed epoch)
     lr = opt.schedule(step)
     opt.optimizer.zero_grad(set_to_none=True)
     with progress_bar(total, description, progress) as bar:
@@ -220,7 +220,7 @@ def train_one_epoch(
             step += 1
             adapt_threads()  # the thread count for the next step, after other processes' load
             done = tally.micro // opt.accum_steps
-            if done == 1:
+            if done == first + 1:  # this process's first step: its warm-up
                 tally.end_warm_up(device)
             bar.update(1)
             if done % log_interval == 0 or done == total:
@@ -289,7 +289,7 @@ def _position(tally: _Tally, rng_at_start: dict) -> EpochPosition:
         loss_sum=tally.loss_sum.item(),
         images=tally.images,
         seconds=tally.earlier_seconds + time.perf_counter() - tally.start,
-        skipped=list(tally.skipped),
+        skipped=tuple(tally.skipped),
         rng_at_start=rng_at_start,
     )
 
@@ -320,16 +320,17 @@ def _forward_backward(
 
 def _epoch_stats(tally: _Tally, lr: float, accum_steps: int, epoch: int, step: int) -> EpochStats:
     """The epoch's stats over all ranks (collectives); a non-finite loss raises."""
-    seconds = tally.earlier_seconds + time.perf_counter() - tally.start
+    end = time.perf_counter()
+    seconds = tally.earlier_seconds + end - tally.start
     mean_loss = tally.mean_loss()
     _check_finite(mean_loss, epoch, step)
     images = tally.images * dist_info().world_size  # every rank ran the same equal batches
     skipped = [s for rank in all_gather_objects(tally.skipped) for s in rank]
     steps = tally.micro // accum_steps
     stats = EpochStats(mean_loss, lr, images, seconds, steps, skipped)
-    if steps > 1 and tally.warm is not None:
+    if tally.warm is not None and tally.images > tally.warm_images:  # steps after the warm-up
         stats.timed_images = (tally.images - tally.warm_images) * dist_info().world_size
-        stats.timed_seconds = seconds - (tally.warm - tally.start)
+        stats.timed_seconds = end - tally.warm
     return stats
 
 
