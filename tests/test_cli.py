@@ -121,6 +121,10 @@ def test_every_option_of_every_command_has_help_and_shows_its_default():
             value = value[part]
         return value
 
+    def shows_a_default(value) -> bool:
+        # by identity: 0 == False, so `value not in (None, False)` skipped defaults of 0
+        return not (value is None or value is False or value == [])
+
     missing, no_default = [], []
     for name, command in _commands().items():
         assert command.description and command.epilog.startswith("examples:"), name
@@ -133,10 +137,10 @@ def test_every_option_of_every_command_has_help_and_shows_its_default():
                 missing.append(f"{name} {flag}")
                 continue
             text = formatter._expand_help(action)
-            has_default = action.default not in (None, False, [])
+            has_default = shows_a_default(action.default)
             if name == "train" and action.dest in _TRAIN_FLAGS:
                 # train's flags default to the recipe's value, else the config's
-                has_default = config_default(_TRAIN_FLAGS[action.dest]) not in (None, False)
+                has_default = shows_a_default(config_default(_TRAIN_FLAGS[action.dest]))
             if has_default and "default" not in text:
                 no_default.append(f"{name} {flag}")
     assert not missing, f"options without help: {missing}"
@@ -168,3 +172,36 @@ def test_a_zero_flag_overrides_the_recipe(tmp_path):
     assert config.data.workers == 0 and config.seed == 7
     args = build_parser().parse_args(["train", "--recipe", str(recipe), "--seed", "0"])
     assert train_config_from_args(args).seed == 0
+
+
+@pytest.mark.parametrize(
+    "flags,earlier_run,writes,hint",
+    [
+        # Ctrl-C before this run's first checkpoint: an earlier run's last.pt stays, and
+        # with --overwrite it is the run the user meant to replace, not one to resume
+        (["--overwrite"], True, False, "left as it was (nothing replaced)"),
+        (["--overwrite"], True, True, "holds the run's last checkpoint: continue with"),
+        # continuing a run: its last.pt is this run's, written by an earlier process
+        (["--resume", "auto"], True, False, "holds the run's last checkpoint: continue with"),
+        ([], False, False, "no checkpoint was written yet"),
+    ],
+)
+def test_ctrl_c_in_train_says_what_the_output_folder_holds(
+    flags, earlier_run, writes, hint, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    if earlier_run:
+        (out / "last.pt").write_bytes(b"the earlier run's checkpoint")
+
+    def interrupted_train(config):
+        if writes:  # as save_checkpoint does: a new file renamed over the old one
+            (out / "last.tmp").write_bytes(b"this run's checkpoint")
+            (out / "last.tmp").replace(out / "last.pt")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cait.cli.train", interrupted_train)
+    assert main(["train", "--data", "digits", "--output", str(out), *flags]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cait train: interrupted; ") and hint in err
+    assert ("--resume auto" in err) == ("continue with" in hint)

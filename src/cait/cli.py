@@ -4,6 +4,7 @@ library function (``cait --help`` lists them)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -119,7 +120,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(command[0], command)
-    args.run_output = config.output  # for the message after Ctrl-C
+    args.train_start = _TrainStart.of(config)  # for the message after Ctrl-C
     result = train(config)
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -337,7 +338,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        default = action.default
+        # by identity, not `in (None, False, ...)`: 0 == False, so a default of 0 was hidden
+        shown = not (
+            default is None or default is False or default == [] or default == argparse.SUPPRESS
+        )
         if shown and action.option_strings and "default" not in text:
             text += " (default: %(default)s)"
         return text
@@ -755,14 +760,46 @@ def _one_line(err: BaseException) -> str:
     return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file ``path`` is, as far as a checkpoint's atomic rename changes it (device,
+    inode, modification time); None when there is none."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainStart:
+    """What the message after Ctrl-C needs from the start of ``cait train``."""
+
+    output: Path
+    overwrite: bool
+    last: tuple[int, int, int] | None  # last.pt's identity before the run
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> _TrainStart:
+        output = Path(config.output)
+        return cls(output, config.overwrite, _file_identity(output / LAST))
+
+
 def _after_interrupt(args: argparse.Namespace) -> str:
     """What an interrupted command leaves: for training, the run to continue."""
-    output = getattr(args, "run_output", None)
-    if args.command != "train" or output is None:
+    start: _TrainStart | None = getattr(args, "train_start", None)
+    if args.command != "train" or start is None:
         return ""
-    last = Path(output) / LAST
-    if not last.is_file():
-        return f"; no epoch had finished, so {output} holds no checkpoint"
+    last = start.output / LAST
+    now = _file_identity(last)
+    if now is None:
+        return f"; no checkpoint was written yet, so {start.output} holds none"
+    if now == start.last and start.overwrite:
+        # an earlier run's last.pt, kept until this run's first checkpoint (RunFolder):
+        # resuming it would continue the run that --overwrite was to replace
+        return (
+            f"; this run wrote no checkpoint, so {start.output} holds the earlier run, "
+            "left as it was (nothing replaced)"
+        )
     return f"; {last} holds the run's last checkpoint: continue with --resume auto"
 
 
