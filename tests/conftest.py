@@ -1,4 +1,6 @@
-"""Shared helpers: random weights that make every branch count, and the device parameter.
+"""Shared helpers: random weights that make every branch count, the device parameter, and
+small checks that several test files make (``from conftest import ...``, as tests/ is on the
+path).
 
 Tests that run on several devices take ``device`` from :data:`DEVICES`; the CUDA case
 carries the ``gpu`` marker (``make test-gpu``) and is skipped without a CUDA device.
@@ -8,10 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 # Gradio (tests/test_app.py) writes uploads and downloads under GRADIO_TEMP_DIR, by default
@@ -49,6 +54,30 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
                 fan_in = p[0].numel() if p.ndim > 1 else p.numel()
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
     return model
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The two safetensors files hold the same tensors, bit for bit."""
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def one_line(err: pytest.ExceptionInfo, *fragments: str) -> str:
+    """The message of ``err``, checked to be one line holding every fragment."""
+    message = str(err.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

@@ -12,14 +12,13 @@ import io
 import json
 import re
 import shutil
-import socket
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import randomize_
+from conftest import free_port, randomize_
 from PIL import Image
 
 from cait import app as app_module
@@ -265,17 +264,11 @@ def test_a_bad_checkpoint_fails_in_one_line_before_any_server(
 # ---------------------------------------------------------------- the server and its API
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
     """The page for both models on 127.0.0.1 at a free port; its URL."""
     app = build_app(models)
-    port = _free_port()
+    port = free_port()
     serve(app, port=port, block=False)
     yield f"http://127.0.0.1:{port}/"
     app.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import randomize_
-from PIL import Image
+from test_analysis import GREY, _grey_image  # tests/analysis is on the path (no __init__)
 
 import cait
 from cait.analysis.attention import (
@@ -16,10 +16,8 @@ from cait.analysis.attention import (
     render_attention_grid,
     save_attention_maps,
 )
-from cait.models import InputSpec
 from cait.models.build import LoadedModel
 
-GREY = InputSpec(16, 1.0, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 GRID = 4  # cait_digits_16: a 4 x 4 token grid
 
 
@@ -61,16 +59,14 @@ def test_blocks_are_the_default_and_an_unknown_style_is_refused(tmp_path):
         ),
     )
     loaded = LoadedModel(randomize_(cait.create_model("cait_digits_16")).eval(), GREY, None, None)
-    image = tmp_path / "grey.png"
-    Image.new("RGB", (16, 16), (128, 128, 128)).save(image)
+    image = _grey_image(tmp_path / "grey.png")
     with pytest.raises(ValueError, match="style must be one of"):
         save_attention_maps(loaded, [str(image)], tmp_path / "out", style="blobs")
 
 
 def test_self_attention_files_use_the_block_number_of_the_pictures(tmp_path):
     loaded = LoadedModel(randomize_(cait.create_model("cait_digits_16")).eval(), GREY, None, None)
-    image = tmp_path / "grey.png"
-    Image.new("RGB", (16, 16), (128, 128, 128)).save(image)
+    image = _grey_image(tmp_path / "grey.png")
     records = save_attention_maps(loaded, [str(image)], tmp_path / "out", sa_block=0)
     assert records[0]["self_attention_png"].endswith("grey_sa1.png")  # model.blocks[0]
     assert (tmp_path / "out" / "grey_sa1.npy").exists()

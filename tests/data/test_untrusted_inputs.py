@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_line
 from PIL import Image
 
 from cait.data import ImageFolderDataset, build_datasets, build_val_dataset, read_image
@@ -34,12 +35,6 @@ def _tree(root: Path, classes=("cat", "dog"), splits=("train", "val"), per_class
             for i in range(per_class):
                 _image(root / split / name / f"{i}.png", 60 * c + 10 * i)
     return root
-
-
-def _one_line(err: pytest.ExceptionInfo) -> str:
-    message = str(err.value)
-    assert "\n" not in message, message
-    return message
 
 
 # --- EXIF orientation -----------------------------------------------------------------
@@ -90,7 +85,7 @@ def test_a_class_with_only_unreadable_files_is_an_error_naming_it(tmp_path, spli
             build_datasets(str(root), None, None)
         else:
             ImageFolderDataset(root / split, verify=False)
-    message = _one_line(err)
+    message = one_line(err)
     assert str(broken) in message and "no readable image" in message
 
 
@@ -104,7 +99,7 @@ def test_a_class_folder_with_no_image_files_is_an_error_naming_it(tmp_path, spli
     _image(empty / ".hidden.png")  # hidden files are not samples (below)
     with pytest.raises(ValueError) as err:
         build_datasets(str(root), None, None)
-    message = _one_line(err)
+    message = one_line(err)
     assert str(empty) in message and "no image files" in message
 
 
@@ -137,7 +132,7 @@ def test_a_class_folder_linked_to_val_is_an_error(tmp_path):
     (root / "train" / "cat").symlink_to(Path("..") / "val" / "cat")
     with pytest.raises(ValueError) as err:
         build_datasets(str(root), None, None)
-    message = _one_line(err)
+    message = one_line(err)
     assert "train/ and val/ share 12 files, e.g." in message
     assert str(root / "train" / "cat") in message and str(root / "val" / "cat") in message
 
@@ -219,7 +214,7 @@ def test_eval_on_a_root_without_val_says_so(tmp_path, classes):
     root = _tree(tmp_path / "data", splits=("train",))
     with pytest.raises(FileNotFoundError) as err:
         build_val_dataset(str(root), None, classes)
-    assert _one_line(err) == f"{root} has no val/ folder (expected {root}/val/<class>/<image>)"
+    assert one_line(err) == f"{root} has no val/ folder (expected {root}/val/<class>/<image>)"
 
 
 def test_eval_on_a_class_folder_tree_still_reads_it(tmp_path):
@@ -231,7 +226,7 @@ def test_training_on_a_root_without_train_says_so(tmp_path):
     root = _tree(tmp_path / "data", splits=("val",))
     with pytest.raises(FileNotFoundError) as err:
         build_datasets(str(root), None, None)
-    assert _one_line(err) == f"{root} has no train/ folder (expected {root}/train/<class>/<image>)"
+    assert one_line(err) == f"{root} has no train/ folder (expected {root}/train/<class>/<image>)"
 
 
 @pytest.mark.parametrize(
@@ -251,19 +246,19 @@ def test_training_on_a_root_without_train_says_so(tmp_path):
 def test_urls_and_stdin_are_named_as_such(given, expected):
     with pytest.raises(ValueError) as err:
         read_image(given)
-    assert _one_line(err) == expected
+    assert one_line(err) == expected
 
 
 def test_a_folder_is_not_an_image_file(tmp_path):
     with pytest.raises(ValueError) as err:
         read_image(tmp_path)
-    assert _one_line(err) == f"{tmp_path} is a folder, not an image file"
+    assert one_line(err) == f"{tmp_path} is a folder, not an image file"
 
 
 def test_a_missing_image_is_not_found(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         read_image(tmp_path / "nope.png")
-    assert _one_line(err) == f"image not found: {tmp_path / 'nope.png'}"
+    assert one_line(err) == f"image not found: {tmp_path / 'nope.png'}"
 
 
 def _read_as_another_user(path: Path) -> str:

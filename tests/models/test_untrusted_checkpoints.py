@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import one_line
 from safetensors.torch import save_file
 
 import cait
@@ -50,14 +51,6 @@ def _write(path, tensors: dict, metadata: dict, encoded: dict | None = None) -> 
         {k: v.contiguous() for k, v in tensors.items()}, str(path), {**header, **(encoded or {})}
     )
     return str(path)
-
-
-def _one_line(err: pytest.ExceptionInfo, *names: str) -> str:
-    message = str(err.value)
-    assert "\n" not in message, message
-    for name in names:
-        assert name in message, message
-    return message
 
 
 def _run(script: str, *args: str) -> dict:
@@ -98,40 +91,50 @@ def _set(meta: dict, dotted: str, value) -> dict:
     return meta
 
 
+# (field, value, what the message says of them): the first part follows "bad checkpoint
+# metadata: " directly, so it names the field; the rest name the value
 BAD_METADATA = [
-    ("evil", {"x": 1}, "evil"),  # an unknown key
-    ("model", "not_a_variant", "model"),
-    ("model", ["cait_digits_16"], "model"),
-    ("model", "torchvision:resnet18", "model"),
-    ("model", "timm:no_such_timm_model", "model"),
-    ("model_config", [16, 1], "model_config"),
-    ("model_config.bogus", 1, "bogus"),
-    ("model_config.embed_dim", 15, "embed_dim"),  # not divisible by 2 heads
-    ("model_config.depth", -1, "depth"),
-    ("model_config.depth", 1001, "depth"),  # past the bound on blocks
-    ("model_config.num_classes", True, "num_classes"),
-    ("model_config.patch_size", 0, "patch_size"),
-    ("data_settings.img_size", 10**6, "img_size"),
-    ("data_settings.crop_pct", 0.0, "crop_pct"),
-    ("data_settings.interpolation", "../../etc/passwd", "interpolation"),
-    ("data_settings.std", [0.5, 0.0, 0.5], "std"),
-    ("data_settings.mean", [0.5, 0.5], "mean"),
-    ("data_settings.extra", 1, "extra"),
-    ("class_names", ["a", "b"], "class_names"),  # 2 names, 3 classes
-    ("class_names", ["a", "b", 3], "class_names"),
-    ("class_names", "abc", "class_names"),
+    ("evil", {"x": 1}, ["unknown header entries ['evil']"]),
+    ("model", "not_a_variant", ["unknown model 'not_a_variant'"]),
+    ("model", ["cait_digits_16"], ["model must be a model name, got ['cait_digits_16']"]),
+    ("model", "torchvision:resnet18", ["unknown model 'torchvision:resnet18'"]),
+    ("model", "timm:no_such_timm_model", ["model 'timm:no_such_timm_model' is not in timm's"]),
+    ("model_config", [16, 1], ["model_config must be a mapping", "got [16, 1]"]),
+    ("model_config.bogus", 1, ["model_config: unknown CaiTConfig fields ['bogus']"]),
+    # not divisible by 2 heads
+    ("model_config.embed_dim", 15, ["model_config: embed_dim must be divisible", "got 15"]),
+    ("model_config.depth", -1, ["model_config: depth must be a positive", "got -1"]),
+    # past the bound on blocks
+    ("model_config.depth", 1001, ["model_config.depth must be at most 1000", "got 1001"]),
+    ("model_config.num_classes", True, ["model_config: num_classes must be", "got True"]),
+    ("model_config.patch_size", 0, ["model_config: patch_size must be a positive", "got 0"]),
+    ("data_settings.img_size", 10**6, ["data_settings.img_size must be", "got 1000000"]),
+    ("data_settings.crop_pct", 0.0, ["data_settings.crop_pct must be", "got 0.0"]),
+    (
+        "data_settings.interpolation",
+        "../../etc/passwd",
+        ["data_settings.interpolation must be one of", "got '../../etc/passwd'"],
+    ),
+    ("data_settings.std", [0.5, 0.0, 0.5], ["data_settings.std[1] must be", "got 0.0"]),
+    ("data_settings.mean", [0.5, 0.5], ["data_settings.mean and data_settings.std", "got 2 and"]),
+    ("data_settings.extra", 1, ["data_settings must have exactly the fields", "unknown ['extra']"]),
+    # 2 names, 3 classes
+    ("class_names", ["a", "b"], ["class_names must name the model's 3 classes", "got 2 names"]),
+    ("class_names", ["a", "b", 3], ["class_names must be a list of strings", "got ['a', 'b', 3]"]),
+    ("class_names", "abc", ["class_names must be a list of strings", "got 'abc'"]),
 ]
 
 
-@pytest.mark.parametrize(("field", "value", "named"), BAD_METADATA)
-def test_bad_metadata_is_refused_in_one_line_naming_file_and_field(tmp_path, field, value, named):
+@pytest.mark.parametrize(("field", "value", "said"), BAD_METADATA)
+def test_bad_metadata_is_refused_in_one_line_naming_file_and_field(tmp_path, field, value, said):
     model = _model()
     path = _write(
         tmp_path / "crafted.safetensors", model.state_dict(), _set(_metadata(model), field, value)
     )
     with pytest.raises(ValueError) as err:
         load_for_inference(path)
-    _one_line(err, "crafted.safetensors", named)
+    first, *rest = said
+    one_line(err, f"crafted.safetensors: bad checkpoint metadata: {first}", *rest)
 
 
 def test_a_missing_data_settings_field_is_named(tmp_path):
@@ -141,7 +144,7 @@ def test_a_missing_data_settings_field_is_named(tmp_path):
     path = _write(tmp_path / "crafted.safetensors", model.state_dict(), meta)
     with pytest.raises(ValueError) as err:
         load_for_inference(path)
-    _one_line(err, "crafted.safetensors", "data_settings", "crop_pct")
+    one_line(err, "crafted.safetensors", "data_settings", "crop_pct")
 
 
 def test_broken_json_in_the_header_names_the_file_and_the_key(tmp_path):
@@ -155,7 +158,7 @@ def test_broken_json_in_the_header_names_the_file_and_the_key(tmp_path):
     )
     with pytest.raises(ValueError) as err:
         load_for_inference(path)
-    _one_line(err, "crafted.safetensors", "class_names", "JSON")
+    one_line(err, "crafted.safetensors", "class_names", "JSON")
 
 
 def test_run_checkpoint_metadata_goes_through_the_same_schema(tmp_path):
@@ -168,7 +171,7 @@ def test_run_checkpoint_metadata_goes_through_the_same_schema(tmp_path):
     )
     with pytest.raises(ValueError) as err:
         load_for_inference(str(path))
-    _one_line(err, "last.pt", "class_names")
+    one_line(err, "last.pt", "class_names")
 
 
 # ---------------------------------------------------------- 2. sizes before allocation
@@ -215,7 +218,7 @@ def test_tensors_of_another_size_than_the_metadata_names_tensor_and_shapes(tmp_p
     path = _write(tmp_path / "m.safetensors", _model(embed_dim=32).state_dict(), _metadata())
     with pytest.raises(ValueError) as err:
         load_for_inference(path)
-    _one_line(err, "m.safetensors", "cls_token", "(1, 1, 32)", "(1, 1, 16)")
+    one_line(err, "m.safetensors", "cls_token", "(1, 1, 32)", "(1, 1, 16)")
 
 
 # ------------------------------------------------ 3. timm models from allow-listed fields
@@ -280,7 +283,7 @@ def test_timm_checkpoint_path_in_metadata_is_refused_and_nothing_is_opened(tmp_p
 def test_training_builds_a_timm_model_from_allowed_fields_only(field, value):
     with pytest.raises(ValueError) as err:
         build_model("timm:resnet10t", {field: value}, 3)
-    _one_line(err, field)
+    one_line(err, field)
 
 
 def test_a_timm_checkpoint_cait_writes_loads_back(tmp_path):
@@ -341,14 +344,14 @@ def test_a_hub_repository_is_written_hf_hub(no_network):
     assert not is_hub_id("hf-hub:../..")
     with pytest.raises(ValueError) as err:
         read_state_dict("hf-hub:../..")
-    _one_line(err, "hf-hub:../..", "not a Hugging Face Hub repository")
+    one_line(err, "hf-hub:../..", "not a Hugging Face Hub repository")
 
 
 def test_a_directory_is_not_a_checkpoint(no_network, tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(ValueError) as err:
         read_state_dict("runs")
-    _one_line(err, "runs", "directory")
+    one_line(err, "runs", "directory")
 
 
 # ---------------------------------------------------- 5. inference loads strictly
@@ -359,7 +362,7 @@ def test_inference_never_replaces_a_head_of_the_wrong_shape(tmp_path):
     path = _write(tmp_path / "m.safetensors", tensors, _metadata())  # metadata: 3 classes
     with pytest.raises(ValueError) as err:
         load_for_inference(path)
-    _one_line(err, "m.safetensors", "head.weight", "(5, 16)", "(3, 16)")
+    one_line(err, "m.safetensors", "head.weight", "(5, 16)", "(3, 16)")
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected"])
@@ -374,7 +377,7 @@ def test_inference_refuses_missing_and_unexpected_tensors(tmp_path, change):
     path = _write(tmp_path / "m.safetensors", tensors, _metadata())
     with pytest.raises(ValueError) as err:
         load_for_inference(path)
-    _one_line(err, "m.safetensors", named)
+    one_line(err, "m.safetensors", named)
 
 
 def test_weights_without_metadata_take_their_head_but_nothing_else_adapts(tmp_path):
@@ -390,7 +393,7 @@ def test_weights_without_metadata_take_their_head_but_nothing_else_adapts(tmp_pa
     torch.save(create_model(NAME, img_size=32).state_dict(), path)  # an 8x8 grid, not 4x4
     with pytest.raises(ValueError) as err:
         load_for_inference(str(path), NAME)
-    _one_line(err, "weights.pth", "pos_embed", "(1, 64, 96)", "(1, 16, 96)")
+    one_line(err, "weights.pth", "pos_embed", "(1, 64, 96)", "(1, 16, 96)")
 
 
 def test_fine_tuning_still_resets_the_head(tmp_path):

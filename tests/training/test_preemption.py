@@ -4,10 +4,8 @@ exactly, SIGTERM that stops cleanly, torchrun restarts that continue by themselv
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,31 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_distributed import EQUIVALENCE, _env  # tests/training is on the path (no __init__)
-from test_train import ROOT, digits_config
+from conftest import assert_same_weights, free_port
+from test_distributed import EQUIVALENCE, _env, _metrics
+from test_train import ROOT, digits_config  # tests/training is on the path (no __init__)
 
 from cait.runtime import get_rng_state
 from cait.training.checkpoint import load_checkpoint
 from cait.training.engine import EpochPosition, _usable
 from cait.training.optim import Optimisation
 from cait.training.preemption import TrainingPreempted
-from cait.training.records import TIMING_KEYS
 from cait.training.run import train
 
 EXIT_PREEMPTED = 75
-
-
-def _metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(a), load_file(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
 
 
 def _signal_at_step(monkeypatch, stop_step: int, sig: signal.Signals = signal.SIGTERM) -> None:
@@ -87,12 +72,12 @@ def test_sigterm_within_an_epoch_then_resume_auto_is_exact(
     assert "SIGTERM received: finishing this step" in caplog.text
     result = train(digits_config(tmp_path, *_SETTINGS, "resume=auto"))
     assert result.completed
-    _assert_same_weights(run / "model.safetensors", uninterrupted / "model.safetensors")
-    _assert_same_weights(run / "model_ema.safetensors", uninterrupted / "model_ema.safetensors")
+    assert_same_weights(run / "model.safetensors", uninterrupted / "model.safetensors")
+    assert_same_weights(run / "model_ema.safetensors", uninterrupted / "model_ema.safetensors")
     assert _metrics(run) == _metrics(uninterrupted)
 
 
-def test_checkpoints_within_epochs_every_n_steps(uninterrupted, tmp_path, caplog):
+def test_checkpoints_within_epochs_every_n_steps(tmp_path, caplog):
     caplog.set_level("INFO")
     train(digits_config(tmp_path, *_SETTINGS, "epochs=1", "checkpoint_every_steps=5"))
     steps = [r.getMessage() for r in caplog.records if "within epoch 1" in r.getMessage()]
@@ -111,7 +96,7 @@ def test_a_mid_epoch_checkpoint_with_loader_workers_resumes_exactly(tmp_path, mo
         with pytest.raises(TrainingPreempted):
             train(digits_config(tmp_path, *settings))
     train(digits_config(tmp_path, *settings, "resume=auto"))
-    _assert_same_weights(tmp_path / "run" / "model.safetensors", full / "run" / "model.safetensors")
+    assert_same_weights(tmp_path / "run" / "model.safetensors", full / "run" / "model.safetensors")
 
 
 def test_a_second_signal_while_stopping_changes_nothing(uninterrupted, tmp_path, monkeypatch):
@@ -129,9 +114,7 @@ def test_a_second_signal_while_stopping_changes_nothing(uninterrupted, tmp_path,
             train(digits_config(tmp_path, *_SETTINGS, "checkpoint_every_steps=null"))
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 6
     train(digits_config(tmp_path, *_SETTINGS, "resume=auto"))
-    _assert_same_weights(
-        tmp_path / "run" / "model.safetensors", uninterrupted / "model.safetensors"
-    )
+    assert_same_weights(tmp_path / "run" / "model.safetensors", uninterrupted / "model.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -321,7 +304,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_last_pt(uninterrupted_two, tm
     assert state["epoch_position"] is not None and len(state["epoch_position"]) == 2
     (resumed,) = _finish([_start(command)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
+    assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
 
 
 @pytest.mark.slow
@@ -341,7 +324,7 @@ def test_sigterm_to_cait_train_nproc_stops_its_workers_with_last_pt(uninterrupte
     assert len(load_checkpoint(run / "last.pt")["epoch_position"]) == 2
     (resumed,) = _finish([_start(command)])
     assert resumed.returncode == 0, _errors(resumed.stderr)
-    _assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
+    assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
 
 
 @pytest.mark.slow
@@ -356,8 +339,8 @@ def test_sigkill_of_a_worker_under_max_restarts_ends_with_the_same_weights(
     _kill_rank_mid_epoch(tmp_path, run, procs, rank=1, sig=signal.SIGKILL)
     (result,) = _finish(procs)
     assert result.returncode == 0, _errors(result.stderr)
-    assert "resuming" in result.stderr  # the restarted group continued from last.pt
-    _assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
+    assert "resumed from" in result.stderr  # the restarted group continued from last.pt
+    assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
 
 
 # One worker of a group that meets through a torchrun agent's store (TORCHELASTIC_*).
@@ -414,14 +397,8 @@ def test_a_restarted_worker_group_never_reads_its_predecessors_addresses(tmp_pat
         assert outputs == [b"2\n", b"2\n"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_agents(tmp_path: Path, run: Path, *extra: str) -> list[list[str]]:
-    port = _free_port()
+    port = free_port()
     rendezvous = [
         "--nnodes=2",
         "--nproc-per-node=1",
@@ -444,7 +421,7 @@ def test_two_agents_on_one_host_match_the_standalone_run(uninterrupted_two, tmp_
         # torchrun: when the agent that serves the rendezvous store exits first, the other
         # agent's last call to the store can fail after its workers finished
         assert r.returncode == 0 or _store_gone_after_success(r.stderr), r.stderr[-3000:]
-    _assert_same_weights(together / "model.safetensors", uninterrupted_two / "model.safetensors")
+    assert_same_weights(together / "model.safetensors", uninterrupted_two / "model.safetensors")
 
 
 @pytest.mark.slow
@@ -461,7 +438,7 @@ def test_sigkill_of_one_agents_worker_under_max_restarts_recovers_the_job(
     for r in results:
         assert r.returncode == 0 or _store_gone_after_success(r.stderr), _errors(r.stderr)
     assert any("resumed from" in r.stderr for r in results)
-    _assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
+    assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
 
 
 def _store_gone_after_success(log: str) -> bool:
