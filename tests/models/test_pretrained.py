@@ -35,27 +35,41 @@ def test_official_wrapper_and_prefixes_are_removed():
     assert _same_logits(src, dst)
 
 
-def test_another_variant_raises_naming_expected_and_actual(tmp_path):
+def test_another_variant_raises_one_line_naming_both_architectures(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(tiny(embed_dim=32, depth=3).state_dict(), path)
     with pytest.raises(ValueError) as info:
         cait.load_pretrained(tiny(), path)
     text = str(info.value)
-    assert "model:      embed_dim=24" in text and "depth=2" in text
-    assert "checkpoint: embed_dim=32" in text and "depth=3" in text
-    assert "unexpected keys: blocks.2." in text
-    assert "mis-shaped keys:" in text and "blocks.0.gamma_1: checkpoint (32,), model (24,)" in text
+    assert "\n" not in text
+    assert text.startswith(f"checkpoint {path} does not match the model; model: embed_dim=24")
+    assert "depth=2" in text and "checkpoint: embed_dim=32" in text and "depth=3" in text
+    assert "cls_token has shape (1, 1, 32) in the file but (1, 1, 24) in the model" in text
+    assert "more tensors differ" in text
 
 
-def test_missing_keys_are_named_and_non_strict_loads_the_rest():
+def test_strict_load_names_a_mis_shaped_tensor_and_both_shapes_in_one_line():
+    sd = tiny().state_dict()
+    sd["blocks.0.gamma_1"] = torch.ones(7)
+    with pytest.raises(ValueError) as info:
+        cait.load_pretrained(tiny(), sd)
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith("checkpoint state dict does not match the model; model: ")
+    assert text.endswith("; blocks.0.gamma_1 has shape (7,) in the file but (24,) in the model")
+
+
+def test_missing_keys_are_named_and_non_strict_loads_the_rest(caplog):
     src = tiny()
     sd = src.state_dict()
     del sd["blocks.1.attn.proj_l.weight"]
-    with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.attn\.proj_l\.weight"):
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.proj_l\.weight is missing from"):
         cait.load_pretrained(tiny(), sd)
     dst = tiny()
-    report = cait.load_pretrained(dst, sd, strict=False)
+    with caplog.at_level(logging.WARNING, logger="cait.models.pretrained"):
+        report = cait.load_pretrained(dst, sd, strict=False)
     assert report.missing == ["blocks.1.attn.proj_l.weight"]
+    assert "missing keys: blocks.1.attn.proj_l.weight" in caplog.text
     torch.testing.assert_close(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
 
 

@@ -10,13 +10,15 @@ class names. Run checkpoints (``last.pt``, ``best.pt``) hold them beside the wei
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
+from torch import Tensor, nn
 
 from cait.files import load_file_safely
 from cait.models.cait import CaiT
@@ -36,6 +38,7 @@ from cait.models.pretrained import (
     local_checkpoint,
     read_state_dict,
     safetensors_shapes,
+    tensor_shapes,
     unwrap_state_dict,
 )
 from cait.models.registry import (
@@ -211,13 +214,19 @@ def _metadata_in(obj: Any, path: Path) -> dict[str, Any] | None:
     return check_metadata({"model": name, **entries}, str(path))
 
 
-def _fitted_model(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: str) -> nn.Module:
-    """The model ``meta`` describes, built for real only once its skeleton (on the meta
-    device: no memory) has exactly the file's tensor names and shapes."""
+def _fitted_model(
+    build: Callable[[], nn.Module],
+    shapes: dict[str, tuple[int, ...]],
+    checkpoint: str,
+    what: str,
+) -> nn.Module:
+    """``build()``'s model, built for real only once its skeleton (built on the meta device:
+    no memory) has exactly the file's tensor names and shapes (``what`` names the model in
+    the error, see :func:`~cait.models.pretrained.check_tensors_fit`)."""
     with torch.device("meta"):
-        skeleton = model_from_spec(meta, source=path)
-    check_tensors_fit(skeleton, shapes, path, "the model its metadata describes")
-    return model_from_spec(meta, source=path)
+        skeleton = build()
+    check_tensors_fit(skeleton, shapes, checkpoint, what)
+    return build()
 
 
 @dataclass
@@ -252,22 +261,27 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
     missing or an unexpected tensor is a one-line ``ValueError`` naming it, found before
     the model is allocated.
     """
-    contents: Any = None
-    read = False  # whether contents hold a local torch file, read once
+    described = "the model its metadata describes"
+    # the weights of a file without metadata, read only once a model name is known to fit
+    # them to (a local torch file is read once, below, and its contents kept)
+    weights: Callable[[], dict[str, Tensor]] = partial(read_state_dict, checkpoint)
     if not is_remote(checkpoint):  # a URL or Hub repo holds no metadata
         path = local_checkpoint(checkpoint)
         if path.suffix == ".safetensors":  # the header holds the metadata and the shapes
             meta = read_checkpoint_metadata(path)
             if meta is not None:
-                model = _fitted_model(meta, safetensors_shapes(path), checkpoint)
+                build = partial(model_from_spec, meta, source=checkpoint)
+                model = _fitted_model(build, safetensors_shapes(path), checkpoint, described)
                 model.load_state_dict(read_state_dict(path), strict=True)
                 return _loaded(model, meta)
         else:  # read once, for the metadata and the weights; the file size bounds it
-            contents, read = load_file_safely(path), True
+            contents = load_file_safely(path)
+            weights = partial(_state_dict_in, contents, checkpoint)
             meta = _metadata_in(contents, path)
             if meta is not None:
-                state_dict = _state_dict_in(contents, checkpoint)
-                model = _fitted_model(meta, _shapes(state_dict), checkpoint)
+                state_dict = weights()
+                build = partial(model_from_spec, meta, source=checkpoint)
+                model = _fitted_model(build, tensor_shapes(state_dict), checkpoint, described)
                 model.load_state_dict(state_dict, strict=True)
                 return _loaded(model, meta)
     if model_name is None:
@@ -276,18 +290,13 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
             "`model_name`, the variant its weights are for"
         )
     variant = get_variant(model_name)
-    if read:
-        state_dict = _state_dict_in(contents, checkpoint)
-    else:
-        state_dict = read_state_dict(checkpoint)
+    state_dict = weights()
     head = state_dict.get("head.weight")
     num_classes = (
         head.shape[0] if head is not None and head.ndim == 2 else variant.config.num_classes
     )
-    with torch.device("meta"):
-        skeleton = create_model(model_name, num_classes=num_classes)
-    check_tensors_fit(skeleton, _shapes(state_dict), checkpoint, "the model")
-    model = create_model(model_name, num_classes=num_classes)
+    build = partial(create_model, model_name, num_classes=num_classes)
+    model = _fitted_model(build, tensor_shapes(state_dict), checkpoint, "the model")
     model.load_state_dict(state_dict, strict=True)
     folders, names = imagenet_class_names() if num_classes == 1000 else (None, None)
     return LoadedModel(model.eval(), variant.input_spec, names, folders)
@@ -298,10 +307,6 @@ def _state_dict_in(obj: Any, checkpoint: str) -> dict[str, Any]:
         return unwrap_state_dict(obj)
     except ValueError as err:
         raise ValueError(f"{checkpoint}: {err}") from None
-
-
-def _shapes(state_dict: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
 def _loaded(model: nn.Module, meta: dict[str, Any]) -> LoadedModel:

@@ -41,6 +41,7 @@ __all__ = [
     "local_checkpoint",
     "read_state_dict",
     "safetensors_shapes",
+    "tensor_shapes",
     "unwrap_state_dict",
 ]
 
@@ -169,6 +170,11 @@ def safetensors_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...
         return {_unwrapped(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
+def tensor_shapes(state_dict: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor of a state dict, by name."""
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
 def check_tensors_fit(
     model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str, what: str
 ) -> None:
@@ -176,7 +182,7 @@ def check_tensors_fit(
     names and shapes of ``model``'s state dict (``model`` may live on the meta device, so
     this costs no allocation). ``what`` says which model (``the model``, ``the model its
     metadata describes``)."""
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    own = tensor_shapes(model.state_dict())
     problems = [
         f"{k} has shape {tuple(shapes[k])} in the file but {own[k]} in the model"
         for k in own
@@ -199,7 +205,7 @@ def check_tensors_fit(
 
 def describe_state_dict(state_dict: Mapping[str, Tensor]) -> str:
     """A one-line summary of the architecture a state dict was saved from."""
-    return _describe_shapes({k: tuple(v.shape) for k, v in state_dict.items()})
+    return _describe_shapes(tensor_shapes(state_dict))
 
 
 def _describe_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
@@ -305,8 +311,9 @@ def load_pretrained(
 
     Position embeddings are resized when the checkpoint's grid differs, and a head with
     another number of classes is re-initialised (both logged). Any other difference raises
-    ``ValueError`` listing the missing, unexpected and mis-shaped keys by name; with
-    ``strict=False`` they are logged and the matching tensors are still loaded.
+    a one-line ``ValueError`` (:func:`check_tensors_fit`) naming a missing, unexpected or
+    mis-shaped tensor; with ``strict=False`` the differences are logged and the matching
+    tensors are still loaded.
     """
     if isinstance(source, Mapping):
         state_dict = unwrap_state_dict(source)
@@ -315,6 +322,10 @@ def load_pretrained(
         state_dict = read_state_dict(source)
         name = str(source)
     sd, report = adapt_state_dict(state_dict, model)
+    if strict:
+        check_tensors_fit(model, tensor_shapes(sd), f"checkpoint {name}", "the model")
+        model.load_state_dict(sd, strict=True)
+        return report
     own = model.state_dict()
     report.missing = sorted(k for k in own if k not in sd)
     report.unexpected = sorted(k for k in sd if k not in own)
@@ -323,29 +334,29 @@ def load_pretrained(
         for k in sd
         if k in own and sd[k].shape != own[k].shape
     )
-    if report.missing or report.unexpected or report.mis_shaped:
-        lines = [
-            f"checkpoint {name} does not match the model",
-            f"  model:      {_describe_model(model)}",
-            f"  checkpoint: {describe_state_dict(sd)}",
-        ]
+    differences = [
+        f"{label} keys: {_first_keys(keys)}"
         for label, keys in (
             ("missing", report.missing),
             ("unexpected", report.unexpected),
             ("mis-shaped", report.mis_shaped),
-        ):
-            if keys:
-                shown = ", ".join(keys[:20]) + (
-                    f", ... ({len(keys)} in all)" if len(keys) > 20 else ""
-                )
-                lines.append(f"  {label} keys: {shown}")
-        message = "\n".join(lines)
-        if strict:
-            raise ValueError(message)
-        logger.warning(message)
+        )
+        if keys
+    ]
+    if differences:
+        logger.warning(
+            "checkpoint %s does not match the model, only the tensors that fit are loaded; %s",
+            name,
+            "; ".join(differences),
+        )
     loadable = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(loadable, strict=False)
     return report
+
+
+def _first_keys(keys: list[str], shown: int = 20) -> str:
+    more = f", ... ({len(keys)} in all)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
 
 
 def convert_weights(
