@@ -201,7 +201,7 @@ print(json.dumps({"outcome": outcome, "grew_mb": peak_mb() - before}))
 
 
 def test_a_size_bomb_is_refused_before_allocating(tmp_path):
-    """An ~820-byte file whose metadata asks for embed_dim 9600 (4.4 GB per block) is
+    """An 856-byte file whose metadata asks for embed_dim 9600 (4.4 GB per block) is
     refused from the header alone, with the peak RSS growing by less than 300 MB."""
     meta = _set(_metadata(), "model_config.embed_dim", 9600)
     meta = _set(meta, "model_config.num_heads", 8)

@@ -218,6 +218,8 @@ def test_overwrite_keeps_the_old_run_until_the_new_first_checkpoint(
     finished_run, tmp_path, monkeypatch
 ):
     run = _copy_run(finished_run, tmp_path)
+    (run / "wandb" / "offline-run-1").mkdir(parents=True)  # as W&B's offline mode leaves
+    (run / "wandb" / "offline-run-1" / "run-1.wandb").write_bytes(b"old run")
     before = _tree(run)
     assert any(name.startswith("tensorboard/") for name in before)
 
@@ -236,7 +238,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_first_checkpoint(
     assert not result.completed
     left = _tree(run)
     assert "model.safetensors" not in left  # the old run's weights went
-    assert not any(name.startswith("tensorboard/") for name in left)  # its curves too
+    assert not any(name.startswith(("tensorboard/", "wandb/")) for name in left)  # its logs too
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert "epochs: 2" in (run / "config.yaml").read_text()

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from cait.data import build_val_dataset, collate_samples, eval_transform
 from cait.models.build import LoadedModel, load_for_inference
 from cait.models.cait import CaiT, ModelTrace
 from cait.models.layers import BlockTrace
+from cait.progress import progress_bar
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the CLI
     from matplotlib.figure import Figure
@@ -121,14 +121,16 @@ def residual_ratios(
     attn_sum = mlp_sum = count = None
     images = 0
     stages: list[str] = []
-    for batch, *_ in tqdm(loader, desc=f"residuals {label}", disable=not progress, leave=False):
-        out = model.forward_trace(batch.to(device))
-        stages = _stages(out)
-        a, m, n = branch_ratios(out.sa + out.ca)
-        attn_sum = a if attn_sum is None else attn_sum + a
-        mlp_sum = m if mlp_sum is None else mlp_sum + m
-        count = n if count is None else count + n
-        images += batch.shape[0]
+    with progress_bar(len(loader), f"residuals {label}", progress) as bar:
+        for batch, *_ in loader:
+            bar.update(1)
+            out = model.forward_trace(batch.to(device))
+            stages = _stages(out)
+            a, m, n = branch_ratios(out.sa + out.ca)
+            attn_sum = a if attn_sum is None else attn_sum + a
+            mlp_sum = m if mlp_sum is None else mlp_sum + m
+            count = n if count is None else count + n
+            images += batch.shape[0]
     if not images:
         raise ValueError("no images to measure the residual ratios on")
     return ResidualRatios(

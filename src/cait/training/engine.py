@@ -404,15 +404,14 @@ def evaluate(
             model(last)
     _synchronize(device)
     end = time.perf_counter()
+    # with the warm-up images of every rank, and how many ranks timed more than their first
     timed = torch.tensor([warm_images, float(passes > 1)], device=device, dtype=torch.float64)
-    all_reduce_sum(sums)
-    all_reduce_sum(timed)  # the warm-up images of every rank, and how many ranks timed more
+    totals = all_reduce_sum(torch.cat([sums, timed]))
     skipped = [s for rank in all_gather_objects(skipped) for s in rank]
-    loss_sum, correct1, correct5, images = sums.tolist()
+    loss_sum, correct1, correct5, images, warm_images_all, ranks_timed = totals.tolist()
     images = int(images)
     n = max(1, images)
     seconds = end - start
-    warm_images_all, ranks_timed = timed.tolist()
     if warm is not None and ranks_timed > 0:  # steady state: after every rank's first batch
         images_timed, seconds = images - warm_images_all, end - warm
     else:

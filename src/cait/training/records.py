@@ -11,13 +11,25 @@ from cait.files import atomic_write
 from cait.training.config import TrainConfig
 
 __all__ = [
+    "CURVES",
     "EPOCH_SECONDS_KEY",
     "IMAGES_PER_S_KEY",
+    "METRICS",
+    "RECORDS",
+    "SKIPPED_FILES",
     "TIMING_KEYS",
     "Recorder",
     "SkippedFiles",
     "plot_curves",
 ]
+
+# The records' names in the run's folder
+METRICS = "metrics.jsonl"
+SKIPPED_FILES = "skipped_files.txt"
+CURVES = "curves.png"
+_TENSORBOARD = "tensorboard"
+_WANDB = "wandb"  # W&B's own folder under the ``dir`` it is given
+RECORDS = (METRICS, SKIPPED_FILES, CURVES, _TENSORBOARD, _WANDB)
 
 # Per-epoch metrics that measure time, not learning: they differ between two identical runs.
 IMAGES_PER_S_KEY = "images_per_s"
@@ -36,7 +48,7 @@ class Recorder:
     def __init__(self, config: TrainConfig, out: Path, history: list[dict]) -> None:
         self.config = config
         self.out = out
-        self.path = out / "metrics.jsonl"
+        self.path = out / METRICS
         self.history = list(history)
         self.started = False
         self.tb = None
@@ -55,7 +67,7 @@ class Recorder:
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            self.tb = SummaryWriter(str(self.out / _TENSORBOARD))
         if config.wandb:
             try:
                 import wandb
@@ -79,10 +91,7 @@ class Recorder:
             self.tb.add_scalar("train/lr", lr, step)
 
     def epoch(self, metrics: dict) -> None:
-        self.history.append(metrics)
-        if not self.started:
-            self.start()  # metrics.jsonl then holds this epoch too
-            return self._epoch_scalars(metrics)
+        self.start()  # (when not yet started) the history before this epoch
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self._epoch_scalars(metrics)

@@ -54,8 +54,10 @@ from cait.training.optim import LRSchedule, ModelEma, Optimisation, build_optimi
 from cait.training.parallel import unwrap, wrap_model
 from cait.training.preemption import PreemptionWatch, TrainingPreempted
 from cait.training.records import (
+    CURVES,
     EPOCH_SECONDS_KEY,
     IMAGES_PER_S_KEY,
+    SKIPPED_FILES,
     Recorder,
     SkippedFiles,
     plot_curves,
@@ -172,9 +174,7 @@ def _train(config: TrainConfig, info: runtime.DistInfo, watch: PreemptionWatch) 
         skipped = _skipped_files(run)
         if folder is not None:
             folder.begin()  # the resume's checks passed: the run may write its folder
-            if folder.begun:
-                recorder.start()
-                skipped.start()
+            _start_records(folder, recorder, skipped)
         try:
             completed = _train_epochs(run, progress, recorder, skipped)
         finally:
@@ -382,7 +382,7 @@ def _skipped_files(run: _Run) -> SkippedFiles:
     """The unreadable files building the datasets left out, listed anew by a fresh run."""
     upfront = getattr(run.data.train, "skipped", []) + getattr(run.data.val, "skipped", [])
     return SkippedFiles(
-        run.out / "skipped_files.txt",
+        run.out / SKIPPED_FILES,
         upfront,
         fresh=run.model.resume_state is None,
         write=run.info.is_main,
@@ -463,8 +463,14 @@ def _checkpoint_written(
     """A run replacing another one takes over its folder with its first checkpoint, and
     its records start then."""
     run.folder.checkpoint_written(written)
-    skipped.start()
-    recorder.start()
+    _start_records(run.folder, recorder, skipped)
+
+
+def _start_records(folder: RunFolder, recorder: Recorder, skipped: SkippedFiles) -> None:
+    """The records are written from the moment the run may write its folder (once)."""
+    if folder.begun:
+        recorder.start()
+        skipped.start()
 
 
 def _within_epoch(
@@ -551,7 +557,7 @@ def _finish(run: _Run, progress: RunProgress, completed: bool) -> None:
     if completed:
         save_run_weights(run.model.trained, run.opt.ema, run.out, run.metadata, run.info.is_main)
     if progress.history and run.info.is_main:
-        plot_curves(progress.history, run.out / "curves.png")
+        plot_curves(progress.history, run.out / CURVES)
     minutes, seconds = divmod(round(sum(m[EPOCH_SECONDS_KEY] for m in progress.history)), 60)
     logger.info(
         "done: %d min %d s of training, best val top-1 %.2f; outputs in %s",

@@ -28,32 +28,23 @@ import yaml
 from cait.files import FolderLock, atomic_write, remove_stale_temporaries
 from cait.training.checkpoint import BEST, EMA_WEIGHTS, LAST, WEIGHTS
 from cait.training.config import TrainConfig
+from cait.training.records import METRICS, RECORDS
 
-__all__ = [
-    "AUTO",
-    "CONFIG",
-    "METRICS",
-    "RunFolder",
-    "check_output_folder",
-    "resolve_resume",
-    "run_files",
-]
+__all__ = ["RunFolder"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
+_CONFIG = "config.yaml"
 # ``resume: auto``: continue the output folder's run when it has one, else start fresh
-AUTO = "auto"
+_AUTO = "auto"
 # What makes a folder hold a run: something that took training to make.
 _RUN_MARKERS = (LAST, BEST, WEIGHTS, EMA_WEIGHTS, METRICS)
 # Everything a run writes at the top of its folder, removed when another run replaces it.
-_RUN_OUTPUTS = (*_RUN_MARKERS, CONFIG, "curves.png", "skipped_files.txt", "tensorboard")
+_RUN_OUTPUTS = tuple(dict.fromkeys((*_RUN_MARKERS, _CONFIG, *RECORDS)))
 
 
-def run_files(folder: str | Path) -> list[str]:
+def _run_files(folder: Path) -> list[str]:
     """The files in ``folder`` that show it holds a run (an empty metrics file does not)."""
-    folder = Path(folder)
     found = []
     for name in _RUN_MARKERS:
         path = folder / name
@@ -62,36 +53,20 @@ def run_files(folder: str | Path) -> list[str]:
     return found
 
 
-def resolve_resume(resume: str | None, output: str | Path) -> str | None:
+def _resolve_resume(resume: str | None, output: Path, held: list[str]) -> str | None:
     """``resume`` as a checkpoint path: ``auto`` becomes the output folder's ``last.pt``
-    when it has one, or None (a fresh start) when the folder holds no run."""
-    if resume != AUTO:
+    when it has one, or None (a fresh start) when the folder holds no run (``held``)."""
+    if resume != _AUTO:
         return resume
-    output = Path(output)
     last = output / LAST
     if last.is_file():
         return str(last)
-    held = run_files(output)
     if held:
         raise ValueError(
             f"resume=auto: {output} holds a run ({', '.join(held)}) but no {LAST} to "
             "continue from; start it over with overwrite (--overwrite)"
         )
     return None
-
-
-def check_output_folder(output: str | Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse a folder holding a run that this run neither continues nor was allowed to
-    replace."""
-    output = Path(output)
-    held = run_files(output)
-    if not held or overwrite or _continues(resume, output):
-        return
-    raise ValueError(
-        f"{output} already holds a run ({', '.join(held)}): continue it with "
-        f"--resume auto (or resume={output / LAST}), or replace it with --overwrite "
-        "(its files go once the new run's first checkpoint is written)"
-    )
 
 
 class RunFolder:
@@ -124,12 +99,19 @@ class RunFolder:
 
     def prepare(self, config: TrainConfig) -> TrainConfig:
         """``config`` with ``resume: auto`` resolved, once the folder is known to be
-        writable by it (:func:`check_output_folder`)."""
-        resume = resolve_resume(config.resume, self.out)
-        check_output_folder(self.out, resume, config.overwrite)
-        self.config = dataclasses.replace(config, resume=resume)
+        writable by it: a folder holding a run that this run neither continues nor was
+        allowed to replace (``overwrite``) is refused."""
+        held = _run_files(self.out)
+        resume = _resolve_resume(config.resume, self.out, held)
         # an old run is replaced only with overwrite, and only when not continuing it
-        self.replacing = bool(run_files(self.out)) and not _continues(resume, self.out)
+        self.replacing = bool(held) and not _continues(resume, self.out)
+        if self.replacing and not config.overwrite:
+            raise ValueError(
+                f"{self.out} already holds a run ({', '.join(held)}): continue it with "
+                f"--resume auto (or resume={self.out / LAST}), or replace it with "
+                "--overwrite (its files go once the new run's first checkpoint is written)"
+            )
+        self.config = dataclasses.replace(config, resume=resume)
         if self.replacing:
             logger.warning(
                 "overwrite: %s holds a run; its files stay until this run's first checkpoint",
@@ -172,7 +154,7 @@ class RunFolder:
         # as a recipe it must start a run, not continue or replace this one
         settings = {**self.config.to_dict(), "resume": None, "overwrite": False}
         text = yaml.safe_dump(settings, sort_keys=False)
-        atomic_write(self.out / CONFIG, lambda tmp: tmp.write_text(text))
+        atomic_write(self.out / _CONFIG, lambda tmp: tmp.write_text(text))
         self._begun = True
 
 
