@@ -765,7 +765,7 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
     inode, modification time); None when there is none."""
     try:
         st = path.stat()
-    except FileNotFoundError:
+    except OSError:  # none, or an output that is no folder (train reports that)
         return None
     return st.st_dev, st.st_ino, st.st_mtime_ns
 
