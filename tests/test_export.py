@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 
 from cait import export as export_module
 from cait.cli import main
-from cait.export import ExportError, export_model, timm_architecture
+from cait.export import ExportError, export_model
 from cait.models.build import checkpoint_metadata, load_for_inference, model_spec
 from cait.models.registry import create_model, get_variant
+from cait.models.timm_interop import timm_architecture
 from cait.training.checkpoint import save_safetensors
 
 NAME = "cait_digits_16"  # 16x16 images, patch 4: a 4x4 grid

@@ -42,8 +42,9 @@ from torch import Tensor, nn
 
 from cait import runtime
 from cait.data import build_val_dataset, eval_transform
-from cait.models.build import load_for_inference, timm_model
+from cait.models.build import load_for_inference
 from cait.models.registry import create_model, get_variant
+from cait.models.timm_interop import timm_model
 from cait.threads import adapt as adapt_threads
 from cait.threads import use_threads
 

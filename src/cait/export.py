@@ -18,7 +18,6 @@ replaced when asked.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -30,14 +29,20 @@ from typing import Any, Literal, get_args
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from cait.files import atomic_write, error_line, remove_stale_temporaries, temporary_path
 from cait.models.build import load_for_inference
 from cait.models.cait import CaiT
-from cait.models.config import CaiTConfig
-from cait.models.registry import InputSpec, get_variant, list_models
+from cait.models.hub import HubUploadError, push_folder_to_hub
+from cait.models.registry import InputSpec
+from cait.models.timm_interop import (
+    OTHER_FORMATS_HINT,
+    timm_from_folder,
+    timm_hub_config,
+    timm_state_dict,
+    write_hub_folder,
+)
 
 __all__ = [
     "DEFAULT_EXAMPLE_BATCH",
@@ -51,10 +56,6 @@ __all__ = [
     "ParityCheck",
     "export_checkpoint",
     "export_model",
-    "push_folder_to_hub",
-    "timm_architecture",
-    "timm_hub_config",
-    "timm_state_dict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,9 +80,6 @@ MIN_ONNX_OPSET = 17
 _ONNX_SINGLE_FILE_BYTES = 2**31
 # Loggers of the ONNX exporter's optimisation passes, whose INFO lines narrate each rewrite.
 _ONNX_CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
-_HUB_CONFIG = "config.json"
-_HUB_WEIGHTS = "model.safetensors"
-_SUGGEST_OTHER_FORMATS = "export it with --format onnx or --format pt2 instead"
 
 
 class ExportError(ValueError):
@@ -187,7 +185,10 @@ def export_model(
             model, output, input_spec, folder_names or class_names, class_names, dynamic_size
         )
         if push_to_hub is not None:
-            url = push_folder_to_hub(output, push_to_hub)
+            try:
+                url = push_folder_to_hub(output, push_to_hub)
+            except HubUploadError as err:
+                raise ExportError(str(err)) from err
             result = dataclasses.replace(result, pushed_to=url)
         return result
     example, shapes, sizes = _example_and_shapes(model, input_spec, batch, dynamic_size)
@@ -462,169 +463,6 @@ def _export_pt2(
 
 # ----------------------------------------------------------------------------------- timm
 
-# What a CaiTConfig must be for timm's ``Cait`` (timm/models/cait.py): a class token that
-# enters late, through class attention, LayerScale, talking heads in the SA blocks, no
-# distillation token. timm's ViT (``VisionTransformer``, and ``VisionTransformerDistilled``
-# for a distillation token: the DeiT models) takes plain attention, pre-norm residuals with
-# or without LayerScale, and a class token at the input or none at all.
-
-
-def _is_timm_cait(c: CaiTConfig) -> bool:
-    return c.class_token == "late" and c.has_class_token
-
-
-def _timm_gaps(c: CaiTConfig, global_pool: str) -> list[str]:
-    """What timm cannot express of ``c`` read through ``global_pool``; empty when it can."""
-    gaps = []
-    if c.branch_scale not in ("layerscale", "none"):
-        gaps.append(f"branch_scale={c.branch_scale!r} (timm has LayerScale or nothing)")
-    if _is_timm_cait(c):
-        if not c.talking_heads:
-            gaps.append("class attention with plain (not talking-heads) self-attention")
-        if c.branch_scale != "layerscale":
-            gaps.append("class attention without LayerScale")
-        if c.distilled:
-            gaps.append("a distillation token in the class-attention stage")
-    elif c.talking_heads:
-        gaps.append("talking heads without a class-attention stage")
-    if c.distilled and global_pool != "token":  # timm's distilled DeiT reads both tokens
-        gaps.append(f"a distillation token read with global_pool={global_pool!r}")
-    return gaps
-
-
-def _closest_released(config: CaiTConfig, names: list[str]) -> str:
-    """The released variant closest to ``config``: nearest width first, then depth, then
-    the same input size (``model_args`` set every field; the name is for people reading
-    the Hub)."""
-
-    def distance(name: str) -> tuple[int, int, bool]:
-        v = get_variant(name).config
-        return (
-            abs(v.embed_dim - config.embed_dim),
-            abs(v.depth - config.depth),
-            (v.img_size, v.patch_size) != (config.img_size, config.patch_size),
-        )
-
-    return min(names, key=distance)
-
-
-def timm_architecture(
-    config: CaiTConfig, global_pool: str | None = None, dynamic_size: bool = False
-) -> tuple[str, dict[str, Any]]:
-    """timm's model name and the ``model_args`` that make it ``config``, its head reading
-    the tokens by ``global_pool`` (the model's; ``config.pooling`` by default).
-
-    The name is a released variant (the closest by width and depth) and the arguments set
-    every architecture field, so the folder does not depend on timm's defaults. A config
-    timm cannot express raises ``ValueError`` naming what timm lacks.
-    """
-    global_pool = config.pooling if global_pool is None else global_pool
-    gaps = _timm_gaps(config, global_pool)
-    if gaps:
-        raise ValueError(f"timm has no model with {'; '.join(gaps)}: {_SUGGEST_OTHER_FORMATS}")
-    c = config
-    args: dict[str, Any] = {
-        "img_size": c.img_size,
-        "patch_size": c.patch_size,
-        "in_chans": c.in_chans,
-        "embed_dim": c.embed_dim,
-        "depth": c.depth,
-        "num_heads": c.num_heads,
-        "mlp_ratio": c.mlp_ratio,
-        "qkv_bias": c.qkv_bias,
-        "global_pool": global_pool,
-    }
-    released = [n for n in list_models() if get_variant(n).hf_hub_id is not None]
-    if _is_timm_cait(c):
-        if dynamic_size:
-            raise ValueError(
-                "timm's Cait takes one input size (it has no dynamic_img_size): export without "
-                "dynamic height and width, or with --format onnx"
-            )
-        names = [n for n in released if n.startswith("cait_")]
-        args.update(
-            init_values=c.init_scale,
-            depth_token_only=c.ca_depth,
-            mlp_ratio_token_only=c.mlp_ratio,
-        )
-        return _closest_released(c, names), args
-    names = [n for n in released if n.startswith("deit_") and get_variant(n).config.distilled]
-    if not c.distilled:
-        names = [
-            n for n in released if n.startswith("deit_") and not get_variant(n).config.distilled
-        ]
-    if c.branch_scale == "layerscale":
-        args["init_values"] = c.init_scale
-    if global_pool == "avg":  # normalise every token, then average the patches (as we do)
-        args["fc_norm"] = False
-    if not c.has_class_token:
-        args["class_token"] = False
-    if dynamic_size:
-        args["dynamic_img_size"] = True
-    return _closest_released(c, names), args
-
-
-def timm_state_dict(model: CaiT) -> dict[str, Tensor]:
-    """The model's weights under timm's names.
-
-    Ours are timm's for CaiT and DeiT; only LayerScale in a ViT differs (timm's
-    ``blocks.i.ls1.gamma`` for our ``blocks.i.gamma_1``, as in its Cait models).
-    """
-    vit_layerscale = model.config.class_token == "early" or model.config.pooling == "avg"
-    out = {}
-    for key, value in model.state_dict().items():
-        if vit_layerscale and key.startswith("blocks.") and key.endswith((".gamma_1", ".gamma_2")):
-            key = f"{key[: -len('gamma_1')]}ls{key[-1]}.gamma"
-        out[key] = value.detach().contiguous().cpu()
-    return out
-
-
-def timm_hub_config(
-    model: CaiT,
-    input_spec: InputSpec,
-    label_names: Sequence[str] | None = None,
-    label_descriptions: Sequence[str] | None = None,
-    dynamic_size: bool = False,
-) -> dict[str, Any]:
-    """The ``config.json`` timm reads from a Hub repo or a local folder for ``model``
-    (``timm.models.load_model_config_from_path``): architecture, ``model_args``, and the
-    ``pretrained_cfg`` that says how to feed it (from ``input_spec``)."""
-    c = model.config
-    architecture, model_args = timm_architecture(
-        c, getattr(model, "global_pool", None), dynamic_size
-    )
-    # the model's own timm cfg names its layers; the input values come from input_spec,
-    # which the checkpoint recorded
-    own = getattr(model, "pretrained_cfg", None)
-    own = own if isinstance(own, dict) else {}
-    classifier = own.get("classifier", ("head", "head_dist") if c.distilled else "head")
-    config: dict[str, Any] = {
-        "architecture": architecture,
-        "num_classes": model.num_classes,
-        "num_features": c.embed_dim,
-        "global_pool": model_args["global_pool"],
-        "model_args": model_args,
-        "pretrained_cfg": {
-            "input_size": [c.in_chans, input_spec.img_size, input_spec.img_size],
-            "fixed_input_size": not dynamic_size,
-            "interpolation": input_spec.interpolation,
-            "crop_pct": input_spec.crop_pct,
-            "crop_mode": "center",
-            "mean": list(input_spec.mean),
-            "std": list(input_spec.std),
-            "num_classes": model.num_classes,
-            "pool_size": None,
-            "first_conv": own.get("first_conv", "patch_embed.proj"),
-            "classifier": list(classifier) if isinstance(classifier, tuple) else classifier,
-            **({"license": own["license"]} if "license" in own else {}),
-        },
-    }
-    if label_names is not None and len(label_names) == model.num_classes:
-        config["label_names"] = list(label_names)
-        if label_descriptions is not None and list(label_descriptions) != list(label_names):
-            config["label_descriptions"] = dict(zip(label_names, label_descriptions, strict=True))
-    return config
-
 
 def _export_timm(
     model: nn.Module,
@@ -637,7 +475,7 @@ def _export_timm(
     if not isinstance(model, CaiT):
         raise ExportError(
             f"the timm format maps cait models to timm's; {type(model).__name__} is not one: "
-            f"{_SUGGEST_OTHER_FORMATS}"
+            f"{OTHER_FORMATS_HINT}"
         )
     config = timm_hub_config(model, input_spec, label_names, label_descriptions, dynamic_size)
     weights = timm_state_dict(model)
@@ -649,15 +487,9 @@ def _export_timm(
     checks: list[tuple[ParityCheck, ...]] = []
 
     def write(folder: Path) -> None:
-        import timm
-
-        text = json.dumps(config, indent=2) + "\n"
-        atomic_write(folder / _HUB_CONFIG, lambda tmp: tmp.write_text(text))
-        atomic_write(
-            folder / _HUB_WEIGHTS, lambda tmp: save_file(weights, str(tmp), {"format": "pt"})
-        )
+        write_hub_folder(folder, config, weights)
         try:
-            theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+            theirs = timm_from_folder(folder)
         except Exception as err:  # timm's own checks (missing keys, arguments) end here
             raise ExportError(
                 f"timm could not build the exported folder ({error_line(err)})"
@@ -699,20 +531,3 @@ def _write_folder_atomically(output: Path, write: Callable[[Path], None]) -> Non
             old.rename(output)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def push_folder_to_hub(folder: str | os.PathLike[str], repo_id: str) -> str:
-    """Upload ``folder`` to the Hub model repo ``repo_id`` (created when missing); returns
-    the commit URL. Needs a token (``hf auth login``) and the network."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    try:
-        api.create_repo(repo_id=repo_id, repo_type="model", exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model")
-    except Exception as err:  # network, authentication, permissions: all end the push
-        raise ExportError(
-            f"could not upload {folder} to the Hub repo {repo_id} ({error_line(err)}); the "
-            f"folder is written: retry with `hf upload {repo_id} {folder}`"
-        ) from err
-    return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")

@@ -25,7 +25,8 @@ from cait.models.build import (
     load_for_inference,
     model_spec,
 )
-from cait.models.pretrained import is_hub_id, load_pretrained, read_state_dict
+from cait.models.hub import is_hub_id
+from cait.models.pretrained import load_pretrained, read_state_dict
 from cait.models.registry import create_model, get_variant
 from cait.training.checkpoint import save_safetensors
 

@@ -12,6 +12,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 import cait.models.build
+import cait.models.timm_interop
 import cait.training.engine
 import cait.training.losses
 from cait.cli import main as cli_main
@@ -344,7 +345,7 @@ def test_eval_and_predict_official_weights_on_an_imagenet_folder(tmp_path, capsy
         == 0
     )
     preds = json.loads(capsys.readouterr().out)[0]["predictions"]
-    names = cait.models.build.imagenet_class_names()[1]
+    names = cait.models.timm_interop.imagenet_class_names()[1]
     assert preds[0]["name"] == names[preds[0]["class"]]
     assert names[0].startswith("tench")
     assert cli_main(["eval", "--checkpoint", str(weights), "--data", "digits"]) == 2

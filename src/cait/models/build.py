@@ -23,14 +23,7 @@ from torch import Tensor, nn
 from cait.files import load_file_safely
 from cait.models.cait import CaiT
 from cait.models.config import pretrained_cfg
-from cait.models.metadata import (
-    TIMM_PREFIX,
-    cait_config_of,
-    check_metadata,
-    check_timm_args,
-    decode_header,
-    input_spec_of,
-)
+from cait.models.metadata import cait_config_of, check_metadata, decode_header, input_spec_of
 from cait.models.pretrained import (
     check_tensors_fit,
     convert_weights,
@@ -41,58 +34,30 @@ from cait.models.pretrained import (
     tensor_shapes,
     unwrap_state_dict,
 )
-from cait.models.registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    InputSpec,
-    create_model,
-    get_variant,
+from cait.models.registry import InputSpec, create_model, get_variant
+from cait.models.timm_interop import (
+    check_timm_args,
+    imagenet_class_names,
+    is_timm,
+    timm_input_spec,
+    timm_model,
 )
 
 __all__ = [
-    "TIMM_PREFIX",
     "TORCHVISION_PREFIX",
     "LoadedModel",
     "build_model",
     "checkpoint_metadata",
     "convert_checkpoint",
-    "imagenet_class_names",
     "input_spec",
-    "is_timm",
     "load_for_inference",
     "model_from_spec",
     "model_spec",
     "read_checkpoint_metadata",
-    "timm_model",
     "torchvision_model",
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
-# timm's fallbacks for a model without a pretrained config (timm.data.resolve_data_config)
-_TIMM_DEFAULT_SPEC = InputSpec(224, 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
-
-
-def is_timm(name: str) -> bool:
-    return name.startswith(TIMM_PREFIX)
-
-
-def _timm_bare_name(name: str) -> str:
-    """``timm:NAME`` -> ``NAME``, checked against timm's registry."""
-    import timm
-
-    bare = name.removeprefix(TIMM_PREFIX)
-    if not timm.is_model(bare):
-        raise ValueError(f"unknown timm model {bare!r} (see timm.list_models())")
-    return bare
-
-
-def timm_model(name: str, **kwargs: Any) -> nn.Module:
-    """An untrained timm model from ``timm:NAME`` (or a bare timm name), built from the
-    fields of :data:`~cait.models.metadata.TIMM_MODEL_ARGS` only."""
-    import timm
-
-    kwargs = check_timm_args(kwargs, "timm model")
-    return timm.create_model(_timm_bare_name(name), pretrained=False, **kwargs)
 
 
 def torchvision_model(name: str, **kwargs: Any) -> nn.Module:
@@ -108,7 +73,7 @@ def torchvision_model(name: str, **kwargs: Any) -> nn.Module:
 
 def build_model(name: str, model_args: dict[str, Any], num_classes: int) -> nn.Module:
     """A freshly initialised model with ``num_classes`` outputs. A timm model takes only the
-    fields of :data:`~cait.models.metadata.TIMM_MODEL_ARGS`, so that every checkpoint cait
+    fields of :data:`~cait.models.timm_interop.TIMM_MODEL_ARGS`, so that every checkpoint cait
     writes is one it reads back."""
     if is_timm(name):
         return timm_model(
@@ -124,14 +89,7 @@ def input_spec(name: str, model_args: dict[str, Any] | None = None) -> InputSpec
     ``img_size`` among them changes the size.
     """
     if is_timm(name):
-        import timm
-
-        cfg = timm.get_pretrained_cfg(_timm_bare_name(name))
-        if cfg is None:
-            return _TIMM_DEFAULT_SPEC
-        return InputSpec(
-            int(cfg.input_size[-1]), cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std
-        )
+        return timm_input_spec(name)
     variant = get_variant(name)
     config = variant.config.replace(**(model_args or {}))
     return variant.input_spec.replace(img_size=config.img_size)
@@ -242,14 +200,6 @@ class LoadedModel:
     settings: InputSpec
     class_names: list[str] | None
     folder_names: list[str] | None
-
-
-def imagenet_class_names() -> tuple[list[str], list[str]]:
-    """ImageNet-1k synsets (sorted, the index order of the released weights) and names."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return list(info.label_names()), list(info.label_descriptions())
 
 
 def load_for_inference(checkpoint: str, model_name: str | None = None) -> LoadedModel:

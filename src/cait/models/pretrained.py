@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +22,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from cait.files import atomic_write, error_line, first_line, load_file_safely
+from cait.files import atomic_write, first_line, load_file_safely
 from cait.models.cait import CaiT
+from cait.models.hub import (
+    HUB_PREFIX,
+    download_hub_weights,
+    is_hub_id,
+    looks_like_repo_id,
+)
 from cait.models.layers import resample_pos_embed
 
 __all__ = [
-    "HUB_PREFIX",
     "LoadReport",
     "adapt_state_dict",
     "check_tensors_fit",
     "checkpoint_not_found",
     "convert_weights",
     "describe_state_dict",
-    "is_hub_id",
     "is_remote",
     "load_pretrained",
     "local_checkpoint",
@@ -51,12 +54,7 @@ logger = logging.getLogger(__name__)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Entries of a checkpoint dict that may hold the state dict (official: "model").
 _STATE_DICT_ENTRIES = ("model", "state_dict")
-# How timm (and cait) write a Hugging Face Hub repository: hf-hub:owner/name
-HUB_PREFIX = "hf-hub:"
 _URL_SCHEMES = ("http://", "https://")
-# owner/name as the Hub spells them: word characters, "." and "-", not starting with either
-# (so no "..")
-_REPO_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
 
 
 @dataclass
@@ -98,13 +96,6 @@ def _unwrapped(key: str) -> str:
     return key
 
 
-def is_hub_id(text: str) -> bool:
-    """Whether ``text`` names a Hugging Face Hub repository: ``hf-hub:owner/name``, as timm
-    writes it. A bare ``owner/name`` is a local path (``runs/small`` must never be looked up
-    on the network)."""
-    return text.startswith(HUB_PREFIX) and bool(_REPO_ID.match(text.removeprefix(HUB_PREFIX)))
-
-
 def is_remote(text: str) -> bool:
     """Whether a source is fetched over the network: an ``http(s)://`` URL or a Hub repo."""
     return text.startswith(_URL_SCHEMES) or is_hub_id(text)
@@ -113,7 +104,7 @@ def is_remote(text: str) -> bool:
 def checkpoint_not_found(text: str) -> FileNotFoundError:
     """The error for a local checkpoint path that does not exist (one line; a path that
     reads like ``owner/name`` gets the Hub spelling as a hint)."""
-    if _REPO_ID.match(text):
+    if looks_like_repo_id(text):
         return FileNotFoundError(
             f"checkpoint not found: {text} (no such file; a Hugging Face Hub repository is "
             f"written {HUB_PREFIX}{text})"
@@ -149,17 +140,7 @@ def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
             ) from err
         return unwrap_state_dict(obj)
     if is_hub_id(text):
-        from huggingface_hub import hf_hub_download
-
-        repo_id = text.removeprefix(HUB_PREFIX)
-        try:
-            downloaded = hf_hub_download(repo_id, "model.safetensors")
-        except Exception as err:  # network, missing repo, offline mode: all end here
-            raise FileNotFoundError(
-                f"checkpoint not found: the Hugging Face Hub could not provide "
-                f"{repo_id}/model.safetensors ({error_line(err)})"
-            ) from err
-        return unwrap_state_dict(load_file_safely(downloaded))
+        return unwrap_state_dict(load_file_safely(download_hub_weights(text)))
     return unwrap_state_dict(load_file_safely(local_checkpoint(text)))
 
 

@@ -15,8 +15,9 @@ from typing import Any, Literal, get_args
 import yaml
 
 from cait.data.transforms import AugmentConfig
-from cait.models.build import input_spec, is_timm
+from cait.models.build import input_spec
 from cait.models.config import CaiTConfig
+from cait.models.timm_interop import is_timm
 from cait.runtime import Amp, Device
 from cait.schema import check_fields, convert_fields, from_dict
 from cait.training.losses import DistillKind, SoftNormalisation

@@ -13,16 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cait.models.build import (
-    TORCHVISION_PREFIX,
-    input_spec,
-    is_timm,
-    load_for_inference,
-    timm_model,
-    torchvision_model,
-)
+from cait.models.build import TORCHVISION_PREFIX, load_for_inference, torchvision_model
 from cait.models.pretrained import read_state_dict
 from cait.models.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from cait.models.timm_interop import is_timm, timm_input_spec, timm_model
 
 __all__ = ["Teacher", "load_teacher"]
 
@@ -97,7 +91,7 @@ def load_teacher(
     if is_timm(source):
         model = timm_model(source, num_classes=num_classes)
         _load_weights(model, weights, source)
-        spec = input_spec(source)  # timm's pretrained config (ImageNet statistics without one)
+        spec = timm_input_spec(source)  # timm's pretrained config (ImageNet statistics without one)
         mean, std, size = spec.mean, spec.std, None
     elif source.startswith(TORCHVISION_PREFIX):
         model = torchvision_model(source, num_classes=num_classes)
