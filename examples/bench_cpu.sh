@@ -56,7 +56,7 @@ summary
 # bf16 accuracy of the trained demo model (make demo) on the 360-image digits test split
 if [ -f runs/demo/model.safetensors ]; then
 $PY -c "
-from cait.bench import checkpoint_precision_agreement as agree
+from cait.bench.precision import checkpoint_precision_agreement as agree
 for autocast in (False, True):
     print('bf16', 'autocast' if autocast else 'cast', agree('runs/demo/model.safetensors', 'digits', 'bf16', autocast=autocast))
 "

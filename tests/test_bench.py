@@ -1,4 +1,5 @@
-"""``cait bench``: throughput and memory figures, the check against timm, the JSON output.
+"""``cait bench``: throughput and memory figures, the check against timm, the JSON output, what
+``import cait.bench`` loads, and the precision agreement of a checkpoint.
 
 Checks that hold on any device take a ``device`` parameter (``DEVICES`` of conftest.py)
 whose CUDA case is marked ``gpu`` and skipped without a CUDA device; ``make test-gpu`` runs
@@ -8,12 +9,20 @@ those, and ``examples/gpu_checks.sh`` runs them before its timings.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import DEVICES, NEEDS_CUDA
 
+import cait
 from cait.bench import benchmark, format_table
+from cait.bench.precision import checkpoint_precision_agreement
 from cait.cli import main
+
+PRE_LAYOUT = Path(__file__).resolve().parent / "fixtures" / "pre_layout"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -33,6 +42,20 @@ def test_bench_reports_throughput_and_memory(device):
 def test_bench_compare_timm_needs_a_timm_model():
     with pytest.raises(ValueError, match="timm has no model named 'cait_digits_16'"):
         benchmark("cait_digits_16", batch_size=2, compare="timm")
+
+
+def test_importing_bench_loads_no_timm_torchvision_or_matplotlib():
+    """The CLI reads ``DTYPES`` and ``COMPARE_WITH`` from ``cait.bench`` to build its flags;
+    that import loads the model side only (timm is imported when a comparison is built)."""
+    code = "import sys, cait.bench; print(' '.join(sys.modules))"
+    src = str(Path(cait.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    loaded = {name.split(".")[0] for name in out.stdout.split()}
+    assert "cait" in loaded
+    assert not loaded & {"timm", "torchvision", "matplotlib", "onnx", "gradio"}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,3 +97,13 @@ def test_bench_compare_timm_in_bf16_on_cuda(train):
     )
     assert r.device.startswith("cuda") and r.top1_agreement == 1.0 and r.ratio > 0
     assert all(t.peak_mem_mib is not None and t.peak_mem_mib > 0 for t in r.timings)
+
+
+def test_checkpoint_precision_agreement_on_the_checkpoints_validation_split():
+    """What ``examples/bench_cpu.sh`` reports for the demo model: the fp32 top-1 is what
+    ``cait eval`` gives for the same weights file on the digits test split."""
+    expected = json.loads((PRE_LAYOUT / "expected.json").read_text())["model.safetensors"]
+    r = checkpoint_precision_agreement(str(PRE_LAYOUT / "model.safetensors"), "digits", "bf16")
+    assert r["images"] == expected["eval"]["images"] == 360
+    assert 100 * r["top1_fp32"] == pytest.approx(expected["eval"]["top1"])
+    assert 0.0 <= r["top1_bf16"] <= 1.0 and 0.9 <= r["agreement"] <= 1.0

@@ -19,7 +19,7 @@ import torch
 from conftest import CUDA_CASE, DEVICES, NEEDS_CUDA, randomize_
 
 import cait
-from cait.bench import precision_agreement
+from cait.bench.precision import precision_agreement
 from cait.kernels.talking_heads import talking_heads_attention
 from cait.models.layers import TalkingHeadAttention
 

@@ -1,4 +1,5 @@
-"""Throughput and peak memory of a model, alone or side by side with timm: ``cait bench``.
+"""Throughput and peak memory of a model, alone or side by side with timm: ``cait bench``
+(timm's model, and the check that it computes what ours does, are :mod:`cait.bench.compare`).
 
 Protocol (so that ratios survive a noisy, shared machine): every model is built in the same
 process on the same random batch; after ``warmup`` untimed steps each, ``rounds`` timed
@@ -22,60 +23,45 @@ step, including the allocator's and the BLAS library's scratch space.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import ctypes
 import gc
 import logging
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cait import runtime
-from cait.data import build_val_dataset, eval_transform
-from cait.models.build import load_for_inference
+from cait.bench.compare import (
+    CHECK_IMAGES,
+    CHECK_LAYERSCALE,
+    COMPARE_WITH,
+    Compare,
+    build_reference,
+    check_agreement,
+    class_logits,
+    set_layerscale,
+)
 from cait.models.registry import create_model, get_variant
-from cait.models.timm_interop import timm_model
 from cait.threads import adapt as adapt_threads
 from cait.threads import use_threads
 
 __all__ = [
-    "COMPARE_WITH",
     "DTYPES",
     "BenchResult",
-    "LoadResult",
     "ModelTiming",
     "benchmark",
-    "benchmark_under_load",
-    "checkpoint_precision_agreement",
-    "competitors",
-    "format_load_table",
     "format_table",
-    "precision_agreement",
 ]
 
 logger = logging.getLogger(__name__)
 
 DTYPES = runtime.DTYPES  # the precisions a benchmark runs in
-# What `cait bench --compare` can time beside ours: timm's model of the same name.
-Compare = Literal["timm"]
-COMPARE_WITH: tuple[str, ...] = get_args(Compare)
-# LayerScale factor used for the output check: the released init (1e-5) would make every
-# residual branch invisible in the logits, so that any two models would "agree".
-CHECK_LAYERSCALE = 0.1
-# Outputs of the two fp32 models must agree to this, relative to the largest logit, on the
-# first CHECK_IMAGES images of the batch (on the benchmark's device, before timing).
-FP32_TOLERANCE = 1e-4
-CHECK_IMAGES = 16
 
 
 @dataclass
@@ -115,27 +101,6 @@ class BenchResult:
         return asdict(self)
 
 
-def _set_layerscale(model: nn.Module, value: float) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("gamma_1", "gamma_2")):
-                p.fill_(value)
-
-
-def _build_timm(name: str, state_dict: dict[str, Tensor]) -> nn.Module:
-    """timm's model of the same name, with our weights."""
-    try:
-        ref = timm_model(name)
-    except ValueError as err:
-        raise ValueError(f"timm has no model named {name!r} to compare with") from err
-    ref.load_state_dict(state_dict, strict=True)
-    return ref
-
-
-def _logits(out: Tensor | tuple[Tensor, ...]) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _make_step(
     model: nn.Module,
     images: Tensor,
@@ -153,7 +118,7 @@ def _make_step(
 
         def step() -> None:
             with runtime.autocast(device, amp):
-                loss = F.cross_entropy(_logits(model(images)).float(), targets)
+                loss = F.cross_entropy(class_logits(model(images)).float(), targets)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -212,21 +177,6 @@ def _peak_memory_mib(step: Callable[[], None], device: torch.device) -> float | 
         return None
 
 
-def _agreement(ours: nn.Module, ref: nn.Module, images: Tensor) -> tuple[float, float]:
-    """Max |logit difference| and top-1 agreement of two models on the same batch (eval)."""
-    with torch.inference_mode():
-        a = _logits(ours.eval()(images)).float()
-        b = _logits(ref.eval()(images)).float()
-    diff = (a - b).abs().max().item()
-    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    if diff > FP32_TOLERANCE * max(b.abs().max().item(), 1.0):
-        raise RuntimeError(
-            f"outputs of cait and timm disagree: max abs difference {diff:.3g} "
-            f"(tolerance {FP32_TOLERANCE:g} relative to the largest logit)"
-        )
-    return diff, agree
-
-
 def _check_options(
     dtype: str,
     compare_dtype: str,
@@ -253,7 +203,7 @@ def _model_and_batch(
     """Our model (LayerScale at :data:`CHECK_LAYERSCALE`) and a random batch of images
     ``(B, C, H, W)`` and targets ``(B,)`` at the variant's resolution, on the CPU."""
     ours = create_model(model_name, **overrides)
-    _set_layerscale(ours, CHECK_LAYERSCALE)
+    set_layerscale(ours, CHECK_LAYERSCALE)
     size = get_variant(model_name).img_size
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, ours.config.in_chans, size, size, generator=gen)
@@ -390,9 +340,9 @@ def benchmark(
     images, targets = images.to(dev), targets.to(dev)
     models: dict[str, tuple[nn.Module, str]] = {"cait": (ours.to(dev), dtype)}
     if compare == "timm":
-        ref = _build_timm(model_name, ours.state_dict()).to(dev)
+        ref = build_reference(model_name, ours.state_dict()).to(dev)
         check = images[:CHECK_IMAGES]
-        result.max_abs_diff, result.top1_agreement = _agreement(ours, ref, check)
+        result.max_abs_diff, result.top1_agreement = check_agreement(ours, ref, check)
         models["timm"] = (ref, compare_dtype)
 
     step_fns = _warm_up(
@@ -434,142 +384,3 @@ def format_table(result: BenchResult) -> str:
             f"{r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.0%}"
         )
     return "\n".join(lines)
-
-
-# A competitor keeps one core busy in pure Python (no threads of its own), and gives up on
-# its own after this many seconds should this process die without stopping it.
-COMPETITOR_MAX_S = 900
-_BUSY = (
-    "import sys, time\n"
-    "end = time.monotonic() + float(sys.argv[1])\n"
-    "while time.monotonic() < end:\n"
-    "    pass\n"
-)
-
-
-@contextlib.contextmanager
-def competitors(
-    count: int, max_seconds: float = COMPETITOR_MAX_S
-) -> Iterator[list[subprocess.Popen]]:
-    """``count`` busy processes, one core's worth of work each, for the ``with`` block:
-    the load of another job on the machine. Each stops at the end of the block, or by
-    itself after ``max_seconds``."""
-    if count < 0:
-        raise ValueError(f"the number of competitors must be >= 0, got {count}")
-    procs = [
-        subprocess.Popen([sys.executable, "-c", _BUSY, str(max_seconds)]) for _ in range(count)
-    ]
-    try:
-        time.sleep(0.5 if count else 0.0)  # running before the first timed step
-        yield procs
-    finally:
-        for proc in procs:
-            proc.kill()
-        for proc in procs:
-            proc.wait()
-
-
-@dataclass
-class LoadResult:
-    """The same benchmark idle and beside ``competitors`` busy processes."""
-
-    competitors: int
-    idle: BenchResult
-    loaded: BenchResult
-
-    def slowdowns(self) -> dict[str, float]:
-        """Idle images/s over loaded images/s, per model (2.0: twice the idle time)."""
-        loaded = {t.impl: t.images_per_s for t in self.loaded.timings}
-        return {t.impl: t.images_per_s / loaded[t.impl] for t in self.idle.timings}
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "slowdowns": self.slowdowns()}
-
-
-def benchmark_under_load(model_name: str, load: int, **kwargs: Any) -> LoadResult:
-    """:func:`benchmark` idle, then again with ``load`` busy competitor processes that it
-    starts and stops itself (:func:`competitors`)."""
-    if load < 1:
-        raise ValueError(f"load must be at least 1 competitor, got {load}")
-    idle = benchmark(model_name, **kwargs)
-    with competitors(load):
-        loaded = benchmark(model_name, **kwargs)
-    return LoadResult(load, idle, loaded)
-
-
-def format_load_table(result: LoadResult) -> str:
-    """What ``cait bench --load N`` prints: images/s idle and loaded, and the slowdown."""
-    r = result
-    lines = [
-        f"{r.idle.model} {r.idle.mode} batch {r.idle.batch_size}: idle and with "
-        f"{r.competitors} busy competitor process{'es' if r.competitors > 1 else ''} "
-        f"(threads at the end: {r.idle.threads} idle, {r.loaded.threads} loaded; cait.threads)",
-        f"{'impl':<6}{'idle img/s':>12}{'loaded img/s':>14}{'slowdown':>10}",
-    ]
-    loaded = {t.impl: t.images_per_s for t in r.loaded.timings}
-    for t in r.idle.timings:
-        lines.append(
-            f"{t.impl:<6}{t.images_per_s:>12.2f}{loaded[t.impl]:>14.2f}"
-            f"{r.slowdowns()[t.impl]:>9.2f}x"
-        )
-    if r.loaded.ratio is not None:
-        lines.append(f"cait / timm: {r.idle.ratio:.2f}x idle, {r.loaded.ratio:.2f}x loaded")
-    return "\n".join(lines)
-
-
-def precision_agreement(
-    model: nn.Module,
-    images: Tensor,
-    targets: Tensor,
-    dtype: str = "bf16",
-    batch_size: int = 256,
-    autocast: bool = False,
-) -> dict[str, float]:
-    """Top-1 of ``model`` in fp32 and in ``dtype`` on the same images, and their agreement.
-
-    The low-precision model is a cast copy (or, with ``autocast``, the fp32 model under
-    autocast); ``model`` itself is left unchanged. ``agreement`` is the fraction of images
-    whose predicted class is the same in both; ``max_abs_prob_diff`` compares the softmax
-    probabilities.
-    """
-    low_dtype = DTYPES[dtype]
-    device = next(model.parameters()).device
-    low = model if autocast else copy.deepcopy(model).to(low_dtype)
-    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low_dtype, "none")
-    preds, low_preds, diffs = [], [], []
-    model.eval()
-    low.eval()
-    with torch.inference_mode():
-        for batch in images.split(batch_size):
-            batch = batch.to(device)
-            p = model(batch).float().softmax(-1)
-            if autocast:
-                with runtime.autocast(device, amp):
-                    q = low(batch).float().softmax(-1)
-            else:
-                q = low(batch.to(low_dtype)).float().softmax(-1)
-            preds.append(p.argmax(-1).cpu())
-            low_preds.append(q.argmax(-1).cpu())
-            diffs.append((p - q).abs().max().item())
-    pred, low_pred = torch.cat(preds), torch.cat(low_preds)
-    return {
-        "images": len(pred),
-        "top1_fp32": (pred == targets).float().mean().item(),
-        f"top1_{dtype}": (low_pred == targets).float().mean().item(),
-        "agreement": (pred == low_pred).float().mean().item(),
-        "max_abs_prob_diff": max(diffs),
-    }
-
-
-def checkpoint_precision_agreement(
-    checkpoint: str, data: str = "digits", dtype: str = "bf16", autocast: bool = False
-) -> dict[str, float]:
-    """:func:`precision_agreement` for a checkpoint on its validation split (e.g. the demo
-    model on the digits test split), with the checkpoint's eval transform."""
-
-    loaded = load_for_inference(checkpoint)
-    dataset = build_val_dataset(data, eval_transform(loaded.settings), loaded.folder_names)
-    samples = [dataset[i] for i in range(len(dataset))]
-    images = torch.stack([s[0] for s in samples])
-    targets = torch.tensor([s[1] for s in samples])
-    return precision_agreement(loaded.model, images, targets, dtype, autocast=autocast)
