@@ -45,6 +45,14 @@ LEVELS = {
 TOP = {"cait", "cait.__main__"}
 LOCAL_IMPORTS_ALLOWED = {"cait.cli"}
 NO_DISTRIBUTED = ("cait.kernels", "cait.models")
+# Third-party libraries that one concept owns: only these modules import them, at any level.
+# timm: its interop (names, models, the export mapping) and its augmentation ops (RandAugment,
+# Mixup, random erasing) in the training transforms; huggingface_hub: the Hub's download and
+# upload.
+OWNERS = {
+    "timm": {"cait.models.timm_interop", "cait.data.transforms"},
+    "huggingface_hub": {"cait.models.hub"},
+}
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,10 @@ def violations(known: set[str], imports: list[Import]) -> list[str]:
             imp.target.startswith("torch.distributed") or imp.target == "cait.runtime"
         ):
             problems.append(f"{imp.source}:{imp.line} imports {imp.target}: distributed code")
+        library = imp.target.split(".")[0]
+        if library in OWNERS and imp.source not in OWNERS[library]:
+            owners = ", ".join(sorted(OWNERS[library]))
+            problems.append(f"{imp.source}:{imp.line} imports {imp.target}: only {owners} may")
         if not _is_cait(imp.target) or imp.target == imp.source:
             continue
         if imp.local and imp.source not in LOCAL_IMPORTS_ALLOWED:
@@ -205,6 +217,9 @@ def _fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
         ({"models/a.py": "import torch.distributed as dist\n"}, "distributed code"),
         ({"kernels/a.py": "from cait import runtime\n", "runtime.py": ""}, "distributed code"),
         ({"widgets/a.py": "import cait.models\n", "models/__init__.py": ""}, "in no wing"),
+        ({"models/build.py": "def f():\n    import timm\n"}, "only cait.data.transforms"),
+        ({"export.py": "from timm.models import load_checkpoint\n"}, "only cait.data"),
+        ({"export.py": "from huggingface_hub import HfApi\n"}, "only cait.models.hub may"),
     ],
 )
 def test_the_checker_finds_each_broken_rule(tmp_path, files, expected):
@@ -220,7 +235,8 @@ def test_the_checker_accepts_downward_and_lazy_third_party_imports(tmp_path):
     files = {
         "__init__.py": "from cait.models import a\n",
         "models/__init__.py": "from cait.models.a import f\n",
-        "models/a.py": "from cait.kernels import k\n\ndef f():\n    import timm\n",
+        "models/a.py": "from cait.kernels import k\n\ndef f():\n    import torchvision\n",
+        "models/timm_interop.py": "def f():\n    import timm\n",
         "kernels/__init__.py": "",
         "kernels/k.py": "",
         "cli.py": "def main():\n    from cait.models import a\n",

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from cait.files import atomic_write, error_line, remove_stale_temporaries, temporary_path
 from cait.models.build import load_for_inference
 from cait.models.cait import CaiT
-from cait.models.hub import HubUploadError, push_folder_to_hub
+from cait.models.hub import HubUploadError, check_repo_id, push_folder_to_hub
 from cait.models.registry import InputSpec
 from cait.models.timm_interop import (
     OTHER_FORMATS_HINT,
@@ -225,12 +225,7 @@ def _check_options(
             raise ValueError(
                 f"pushing to the Hub needs the timm format (a folder timm reads), got {fmt!r}"
             )
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(push_to_hub)
-        except HFValidationError as err:
-            raise ValueError(f"invalid Hub repo id {push_to_hub!r}: {err}") from err
+        check_repo_id(push_to_hub)
     path = Path(output)
     if fmt != "timm" and path.is_dir():
         raise ValueError(f"{path} is a folder; format {fmt!r} writes one file")

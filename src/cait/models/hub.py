@@ -17,6 +17,7 @@ __all__ = [
     "HUB_PREFIX",
     "HUB_WEIGHTS",
     "HubUploadError",
+    "check_repo_id",
     "download_hub_weights",
     "is_hub_id",
     "looks_like_repo_id",
@@ -47,6 +48,18 @@ def is_hub_id(text: str) -> bool:
 def looks_like_repo_id(text: str) -> bool:
     """Whether ``text`` reads like ``owner/name`` (a hint that a Hub repo was meant)."""
     return bool(_REPO_ID.match(text))
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` (``owner/name``, as an upload names it) checked by huggingface_hub's own
+    rules; a ``ValueError`` in one line otherwise."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"invalid Hub repo id {repo_id!r}: {err}") from err
+    return repo_id
 
 
 def download_hub_weights(hub_id: str) -> str:
