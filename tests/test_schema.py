@@ -139,3 +139,38 @@ def test_library_messages_name_config_keys_not_flags():
     with pytest.raises(ValueError) as err:
         DistillConfig(teacher="timm:resnet18")
     assert "distill.kind" in str(err.value) and "--" not in str(err.value)
+
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> list:
+    """What ``yaml.safe_load`` makes of a 'billion laughs' document: each level a list of
+    ``width`` references to the level below (9**9 leaves, a few hundred objects)."""
+    value: Any = "lol"
+    for _ in range(levels):
+        value = [value] * width
+    return value
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        lambda v: from_dict(Outer, {"inner": {"scale": v}}),  # a scalar field
+        lambda v: convert(v, tuple[int, int], "size"),  # a fixed-length tuple
+        lambda v: convert(v, Literal["a", "b"], "choice"),
+        lambda v: from_dict(Outer, v),  # not a mapping
+    ],
+)
+def test_a_message_shows_a_bounded_part_of_an_unbounded_value(check):
+    with pytest.raises(ValueError) as err:
+        check(_alias_bomb())
+    message = str(err.value)
+    assert len(message) < 500 and "..." in message, message
+
+
+def test_a_value_checks_message_is_bounded_too():
+    from cait.models.checks import integer, sequence
+
+    with pytest.raises(ValueError) as err:
+        sequence(integer(0, 9), (1, 4))(_alias_bomb(), "model_config.depths")
+    assert len(str(err.value)) < 500 and "model_config.depths" in str(err.value)
+    with pytest.raises(ValueError, match=r"got 'x{20}\.\.\.x{20}'|got 'x+\.\.\.x+'"):
+        integer(0, 9)("x" * 10**6, "depth")

@@ -18,17 +18,36 @@ Messages name the field by its dotted path in the config tree (``optim.lr``).
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from collections.abc import Iterable
 from typing import Any, Literal, TypeVar
 
-__all__ = ["check_fields", "convert", "convert_fields", "from_dict", "reject_unknown"]
+__all__ = ["check_fields", "convert", "convert_fields", "from_dict", "reject_unknown", "shown"]
 
 T = TypeVar("T")
 
 # what a value of each scalar type is called in messages (read by people writing YAML)
 _SCALAR_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+# How much of a bad value a message shows: a value read from a file can be anything, a YAML
+# alias bomb included (a list of lists whose repr is billions of characters), so messages
+# show a bounded repr: 3 levels, the first 6 items of each container, 60 characters of a
+# string, 40 digits of an integer, 80 characters of any other object, 200 characters in all.
+_SHOWN = reprlib.Repr()  # its limits are attributes (keyword arguments only from 3.12)
+_SHOWN.maxlevel = 3
+_SHOWN.maxtuple = _SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxfrozenset = 6
+_SHOWN.maxstring = 60
+_SHOWN.maxlong = 40
+_SHOWN.maxother = 80
+_SHOWN_CHARS = 200
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to a bounded size, for error messages (see ``_SHOWN``)."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
 def _join(where: str, name: str) -> str:
@@ -68,7 +87,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ValueError(f"{where or cls.__name__} must be a mapping, got {data!r}")
+        raise ValueError(f"{where or cls.__name__} must be a mapping, got {shown(data)}")
     return cls(**convert_fields(cls, data, where))
 
 
@@ -85,19 +104,21 @@ def convert(value: Any, annotation: Any, where: str, *, strict: bool = False) ->
     if origin is Literal:
         # compared with the type too: True == 1, but a bool is not the choice 1
         if not any(type(value) is type(a) and value == a for a in args):
-            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
+            raise ValueError(f"{where} must be one of {list(args)}, got {shown(value)}")
         return value
     if origin is tuple or annotation is tuple:
         return _convert_tuple(value, args, where, strict)
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping, got {value!r}")
+            raise ValueError(f"{where} must be a mapping, got {shown(value)}")
         return value if strict else dict(value)
     if annotation is Any:
         return value
     if dataclasses.is_dataclass(annotation):
         if strict and not isinstance(value, annotation):
-            raise ValueError(f"{where} must be an instance of {annotation.__name__}, got {value!r}")
+            raise ValueError(
+                f"{where} must be an instance of {annotation.__name__}, got {shown(value)}"
+            )
         return from_dict(annotation, value, where)
     return _convert_scalar(value, annotation, where, strict)
 
@@ -118,12 +139,12 @@ def _convert_union(value: Any, args: tuple, where: str, strict: bool) -> Any:
 
 def _convert_tuple(value: Any, args: tuple, where: str, strict: bool) -> tuple:
     if not isinstance(value, tuple if strict else list | tuple):
-        raise ValueError(f"{where} must be a {'tuple' if strict else 'list'}, got {value!r}")
+        raise ValueError(f"{where} must be a {'tuple' if strict else 'list'}, got {shown(value)}")
     if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
         items = [args[0]] * len(value)
     elif args:  # tuple[X, Y]: exactly these
         if len(value) != len(args):
-            raise ValueError(f"{where} must have {len(args)} items, got {list(value)}")
+            raise ValueError(f"{where} must have {len(args)} items, got {shown(list(value))}")
         items = list(args)
     else:
         items = [Any] * len(value)
@@ -147,5 +168,5 @@ def _convert_scalar(value: Any, annotation: type, where: str, strict: bool) -> A
         ok = isinstance(value, annotation) and (annotation is bool or not isinstance(value, bool))
     if not ok:
         kind = _SCALAR_NAMES.get(annotation, f"a {annotation.__name__}")
-        raise ValueError(f"{where} must be {kind}, got {value!r}")
+        raise ValueError(f"{where} must be {kind}, got {shown(value)}")
     return value

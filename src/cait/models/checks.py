@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from cait.schema import shown
+
 __all__ = [
     "CROP_PCT_RANGE",
     "INTERPOLATIONS",
@@ -50,7 +52,7 @@ Check = Callable[[Any, str], Any]
 def integer(low: int, high: int) -> Check:
     def check(value: Any, where: str) -> int:
         if type(value) is not int or not low <= value <= high:
-            raise ValueError(f"{where} must be an integer in [{low}, {high}], got {value!r}")
+            raise ValueError(f"{where} must be an integer in [{low}, {high}], got {shown(value)}")
         return value
 
     return check
@@ -63,7 +65,9 @@ def number(low: float, high: float, *, high_open: bool = False) -> Check:
             high_open and value == high
         ):
             bracket = ")" if high_open else "]"
-            raise ValueError(f"{where} must be a number in [{low}, {high}{bracket}, got {value!r}")
+            raise ValueError(
+                f"{where} must be a number in [{low}, {high}{bracket}, got {shown(value)}"
+            )
         return float(value)
 
     return check
@@ -71,14 +75,14 @@ def number(low: float, high: float, *, high_open: bool = False) -> Check:
 
 def flag(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{where} must be true or false, got {value!r}")
+        raise ValueError(f"{where} must be true or false, got {shown(value)}")
     return value
 
 
 def choice(*choices: str) -> Check:
     def check(value: Any, where: str) -> str:
         if not isinstance(value, str) or value not in choices:
-            raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}")
+            raise ValueError(f"{where} must be one of {list(choices)}, got {shown(value)}")
         return value
 
     return check
@@ -92,7 +96,7 @@ def sequence(item: Check, lengths: tuple[int, int]) -> Check:
 
     def check(value: Any, where: str) -> tuple[Any, ...]:
         if not isinstance(value, list | tuple) or not low <= len(value) <= high:
-            raise ValueError(f"{where} must be a list of {count} values, got {value!r:.200}")
+            raise ValueError(f"{where} must be a list of {count} values, got {shown(value)}")
         return tuple(item(v, f"{where}[{i}]") for i, v in enumerate(value))
 
     return check
