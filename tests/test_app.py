@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -25,6 +26,7 @@ from cait import app as app_module
 from cait.analysis.residuals import residual_ratios
 from cait.app import (
     DIGIT_EXAMPLES,
+    NOT_UPLOADED,
     PHOTO_EXAMPLES,
     VIEW_PX,
     analyse,
@@ -35,6 +37,7 @@ from cait.app import (
     retrace,
     self_attention_view,
     serve,
+    uploaded_file,
 )
 from cait.cli import build_parser, main
 from cait.data import DigitsDataset, eval_transform
@@ -349,6 +352,82 @@ def test_the_api_does_not_read_server_files_it_was_not_sent(server, checkpoints,
             (uploaded,) = http.post("gradio_api/upload", files={"files": f}).json()
         answered = call(http, uploaded)
         assert "event: complete" in answered and "predictions" in answered, answered
+
+
+# ------------------------------------------------- only what was uploaded is read (issue 28)
+
+
+def _outside_cases(folder: Path, uploads: Path) -> dict[str, Path]:
+    """Paths a hostile request may name: ``folder`` is outside the upload folder,
+    ``uploads`` a folder inside it that the cases may write into."""
+    image = folder / "secret.png"
+    shutil.copy(DIGIT_EXAMPLES[0], image)
+    (folder / "notes.txt").write_text("not an image\n")
+    link = uploads / "link.png"
+    link.symlink_to(image)
+    fifo = uploads / "pipe.png"
+    os.mkfifo(fifo)
+    return {
+        "an image outside": image,
+        "a text file outside": folder / "notes.txt",
+        "a missing file": folder / "nowhere.png",
+        "a folder": folder,
+        "the upload folder itself": uploads.parent,
+        "a way out with ..": uploads / ".." / ".." / image.relative_to("/"),
+        "a link out of the upload folder": link,
+        "a named pipe in the upload folder": fifo,
+    }
+
+
+def test_only_regular_files_inside_the_upload_folder_are_accepted(tmp_path):
+    uploads = tmp_path / "uploads"
+    (uploads / "abc").mkdir(parents=True)
+    inside = uploads / "abc" / "digit.png"
+    shutil.copy(DIGIT_EXAMPLES[0], inside)
+    (uploads / "abc" / "again.png").symlink_to(inside)  # a link that stays inside
+    assert uploaded_file(str(inside), uploads) == inside
+    assert uploaded_file(str(uploads / "abc" / "again.png"), uploads) == inside
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cases = _outside_cases(outside, uploads / "abc")
+    cases.update({"not a string": {"path": str(inside)}, "a NUL byte": f"{inside}\0"})
+    for case, path in cases.items():
+        with pytest.raises(ValueError) as err:
+            uploaded_file(path if isinstance(path, dict | str) else str(path), uploads)
+        assert str(err.value) == NOT_UPLOADED, case  # the same words, whatever the reason
+
+
+def test_no_endpoint_reads_a_server_file_it_was_not_sent(server, checkpoints, tmp_path):
+    """Raw HTTP with a bare ``{"path": ...}`` (no FileData meta, which Gradio would check):
+    every case gets one refusal, in the same words, and the named pipe stalls nothing."""
+    import httpx
+
+    def call(http: httpx.Client, endpoint: str, data: list) -> str:
+        started = http.post(f"gradio_api/call/{endpoint}", json={"data": data})
+        assert started.status_code == 200, started.text
+        return http.get(f"gradio_api/call/{endpoint}/{started.json()['event_id']}").text
+
+    with httpx.Client(base_url=server, timeout=60) as http:
+        with open(DIGIT_EXAMPLES[0], "rb") as f:
+            (uploaded,) = http.post("gradio_api/upload", files={"files": f}).json()
+        cases = _outside_cases(tmp_path, Path(uploaded).parent)
+        answers = {}
+        for case, path in cases.items():
+            payload = {"path": str(path)}
+            page = call(http, "page", [payload, str(checkpoints[0]), 2, "mean of heads"])
+            assert "Cannot use this image" in page and NOT_UPLOADED in page, (case, page)
+            assert "%)" not in page and str(tmp_path) not in page, (case, page)
+            api = call(http, "predict", [payload, str(checkpoints[0]), 3])
+            assert "event: error" in api and "predictions" not in api, (case, api)
+            assert str(tmp_path) not in api, (case, api)
+            answers[case] = (page.split("data:", 1)[1], api.split("data:", 1)[1])
+        assert len(set(answers.values())) == 1, answers  # nothing tells the cases apart
+        # the same image, uploaded, is answered by both
+        page = call(http, "page", [{"path": uploaded}, str(checkpoints[0]), 2, "mean of heads"])
+        assert "%)" in page and "Cannot use" not in page, page
+        api = call(http, "predict", [{"path": uploaded}, str(checkpoints[0]), 3])
+        assert "event: complete" in api and "predictions" in api, api
 
 
 # -------------------------------------------------------------------- in a real browser

@@ -14,17 +14,21 @@ two forwards at once are no faster than one after the other, and a burst of requ
 its turn instead of failing. The same analysis, as JSON, is the HTTP endpoint ``/predict``
 (for ``gradio_client``; see the README).
 
-Uploads are untrusted: each file is read by :func:`cait.data.read_image` (which converts
-grayscale, RGBA, palette and 16-bit images to RGB), after a look at its header refuses
-images of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (where PIL itself only warns) and
-images smaller than one patch. Every refusal is a one-line message on the page; the server
-keeps serving.
+Uploads are untrusted. A request names its image by a path, and the app reads only a
+regular file inside its own upload folder (:func:`uploaded_file`, before anything opens
+it); any other path gets one refusal that says nothing about the server's files. Each file
+is read by :func:`cait.data.read_image` (which converts grayscale, RGBA, palette and 16-bit
+images to RGB), after a look at its header refuses images of more than
+``PIL.Image.MAX_IMAGE_PIXELS`` pixels (where PIL itself only warns) and images smaller than
+one patch. Every refusal is a one-line message on the page; the server keeps serving.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
+    "NOT_UPLOADED",
     "AppModel",
     "Analysis",
     "analyse",
@@ -66,6 +71,7 @@ __all__ = [
     "retrace",
     "self_attention_view",
     "serve",
+    "uploaded_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,6 +87,10 @@ MEAN_OF_HEADS = "mean of heads"
 QUERY_COLOUR = (0, 255, 255)  # the outline of the clicked patch, apart from 'inferno'
 # One group for every event that runs a model: they take turns (module docstring).
 MODEL_QUEUE = "model"
+# The answer to a request that names any file but one uploaded to this app (a path elsewhere,
+# a folder, a link out of the upload folder, a named pipe, nothing at all): the same words
+# for every reason, so that it tells nothing about the server's files.
+NOT_UPLOADED = "This app reads only images uploaded to it (gradio_client: handle_file)."
 # Pages whose last analysis the server keeps (Gradio's default is 10000): an xxs24 analysis
 # holds about 2 MB, an m48 one about 45 MB.
 STATE_SESSIONS = 64
@@ -309,12 +319,32 @@ def patch_at(analysis: Analysis, x: float, y: float) -> int:
     return row * cols + col
 
 
-def _uploaded(payload: dict[str, Any] | None) -> Path | None:
-    """The file of an image input's raw payload (its events skip Gradio's decoding, which
-    fails on a file that is not an image with a generic error and no message; Gradio has
-    checked by then that the file came through its upload)."""
-    path = (payload or {}).get("path")
-    return Path(path) if path else None
+def uploaded_file(path: object, uploads: str | Path) -> Path:
+    """The regular file ``path`` names inside the folder ``uploads``, links resolved,
+    checked before anything opens it; anything else raises ``ValueError(NOT_UPLOADED)``.
+
+    Gradio checks that a file came through its upload only for the payloads it decodes; the
+    image events (``preprocess=False``) and ``/predict`` (a dict parameter) get the path as
+    the client sent it, so the app checks it here.
+    """
+    try:
+        real = Path(os.path.realpath(path, strict=True))  # type: ignore[arg-type]
+        inside = real.is_relative_to(os.path.realpath(uploads))
+        regular = stat.S_ISREG(real.stat().st_mode)  # a stat: a named pipe is not opened
+    except (OSError, TypeError, ValueError):  # missing, a link loop, not a str, a NUL byte
+        raise ValueError(NOT_UPLOADED) from None
+    if not (inside and regular):
+        raise ValueError(NOT_UPLOADED)
+    return real
+
+
+def _uploaded(payload: object, uploads: Path) -> Path | None:
+    """The uploaded file of an image input's raw payload, ``None`` for no image. Its events
+    skip Gradio's decoding, which fails on a file that is not an image with a generic error
+    and no message."""
+    if payload is None:
+        return None
+    return uploaded_file(payload.get("path") if isinstance(payload, dict) else None, uploads)
 
 
 def _head_choices(model: CaiT) -> list[str]:
@@ -350,12 +380,12 @@ def build_app(models: Sequence[AppModel]) -> gr.Blocks:
     nothing = (None, None, None, None)  # label, gallery, view, state
 
     def on_image(payload: dict | None, label: str, block: float, head: str | None):
-        path = _uploaded(payload)
-        if path is None:
-            return ("", *nothing)
         app_model = by_label[label]
         depth = len(app_model.model.blocks)
         try:
+            path = _uploaded(payload, uploads)
+            if path is None:
+                return ("", *nothing)
             image = check_image(path, app_model.model.config.patch_size)
             analysis = analyse(app_model, image, min(int(block), depth) - 1)
         except ValueError as err:
@@ -408,11 +438,11 @@ def build_app(models: Sequence[AppModel]) -> gr.Blocks:
         ``handle_file``), ``model`` the checkpoint as given to ``cait app``."""
         if model not in by_label:
             raise gr.Error(f"unknown model {model!r}; this app serves {list(by_label)}")
-        path = _uploaded(image) if isinstance(image, dict) else None
-        if path is None:
-            raise gr.Error("send the image as a file (gradio_client.handle_file)")
         app_model = by_label[model]
         try:
+            path = _uploaded(image, uploads)
+            if path is None:
+                raise ValueError(NOT_UPLOADED)
             picture = check_image(path, app_model.model.config.patch_size)
             analysis = analyse(app_model, picture, topk=topk)
         except ValueError as err:
@@ -420,6 +450,7 @@ def build_app(models: Sequence[AppModel]) -> gr.Blocks:
         return {"model": model, **analysis.to_dict()}
 
     with gr.Blocks(title="CaiT: look inside", analytics_enabled=False) as app:
+        uploads = Path(app.GRADIO_CACHE)  # where Gradio writes this app's uploads
         gr.Markdown(
             "# CaiT: what the class token looks at\n"
             "Drop, paste or upload an image, or pick an example. The class-attention maps "
