@@ -10,37 +10,34 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import re
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, randomize_
+from conftest import free_port
 from PIL import Image
+from test_inference import png_claiming, tiny_checkpoint
 
 from cait import app as app_module
+from cait.analysis.explore import VIEW_PX, patch_at, self_attention_view
 from cait.analysis.residuals import residual_ratios
 from cait.app import (
     DIGIT_EXAMPLES,
+    NOT_UPLOADED,
     PHOTO_EXAMPLES,
-    VIEW_PX,
     analyse,
     build_app,
     check_image,
     load_app_models,
-    patch_at,
     retrace,
-    self_attention_view,
     serve,
+    uploaded_file,
 )
 from cait.cli import build_parser, main
 from cait.data import DigitsDataset, eval_transform
-from cait.models.build import checkpoint_metadata, model_spec
-from cait.models.registry import create_model, get_variant
-from cait.training.checkpoint import save_safetensors
 
 DIGITS = "cait_digits_16"  # 16x16 input, patch 4: a 4x4 grid
 PHOTOS = "cait_tiny_32"  # 32x32 input, patch 4: an 8x8 grid
@@ -55,21 +52,12 @@ pytestmark = [
 ]
 
 
-def _checkpoint(folder: Path, name: str, classes: list[str], seed: int) -> Path:
-    args = {"depth": 2}
-    model = randomize_(create_model(name, **args), seed=seed)
-    meta = checkpoint_metadata(model_spec(name, model, args), get_variant(name).input_spec, classes)
-    path = folder / f"{name}.safetensors"
-    save_safetensors(model.state_dict(), path, meta)
-    return path
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("app_checkpoints")
     return (
-        _checkpoint(folder, DIGITS, list(DigitsDataset.classes), seed=1),
-        _checkpoint(folder, PHOTOS, PHOTO_CLASSES, seed=2),
+        tiny_checkpoint(folder, DIGITS, list(DigitsDataset.classes), seed=1),
+        tiny_checkpoint(folder, PHOTOS, PHOTO_CLASSES, seed=2),
     )
 
 
@@ -150,19 +138,6 @@ def test_the_self_attention_view_shows_the_clicked_patchs_row(models):
 # --------------------------------------------------------------------------- bad input
 
 
-def _png_claiming(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb's
-    header: PIL reads the size before decoding anything)."""
-    Image.new("L", (1, 1)).save(path)
-    data = bytearray(path.read_bytes())
-    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
-    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
-    path.write_bytes(bytes(data))
-    return path
-
-
 def _bad_file(kind: str, folder: Path) -> Path:
     if kind == "text":
         path = folder / "notes.txt"
@@ -175,9 +150,9 @@ def _bad_file(kind: str, folder: Path) -> Path:
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
         path.write_bytes(path.read_bytes()[:400])
     elif kind == "bomb":  # over twice PIL's limit: PIL refuses it
-        path = _png_claiming(folder / "bomb.png", 30_000, 30_000)
+        path = png_claiming(folder / "bomb.png", 30_000, 30_000)
     elif kind == "huge":  # over PIL's limit, where PIL only warns: the app refuses it
-        path = _png_claiming(folder / "huge.png", 10_000, 10_000)
+        path = png_claiming(folder / "huge.png", 10_000, 10_000)
     elif kind == "tiny":
         path = folder / "tiny.png"
         Image.new("RGB", (3, 3)).save(path)
@@ -349,6 +324,125 @@ def test_the_api_does_not_read_server_files_it_was_not_sent(server, checkpoints,
             (uploaded,) = http.post("gradio_api/upload", files={"files": f}).json()
         answered = call(http, uploaded)
         assert "event: complete" in answered and "predictions" in answered, answered
+
+
+# ------------------------------------------------- only what was uploaded is read (issue 28)
+
+
+def _outside_cases(folder: Path, uploads: Path) -> dict[str, Path]:
+    """Paths a hostile request may name: ``folder`` is outside the upload folder,
+    ``uploads`` a folder inside it that the cases may write into."""
+    image = folder / "secret.png"
+    shutil.copy(DIGIT_EXAMPLES[0], image)
+    (folder / "notes.txt").write_text("not an image\n")
+    link = uploads / "link.png"
+    link.symlink_to(image)
+    fifo = uploads / "pipe.png"
+    os.mkfifo(fifo)
+    up_to_root = [".."] * (len(uploads.parts) - 1)
+    way_out = Path(uploads, *up_to_root, *image.parts[1:])  # uploads/../../tmp/.../secret.png
+    assert way_out.is_file() and ".." in way_out.parts
+    return {
+        "an image outside": image,
+        "a text file outside": folder / "notes.txt",
+        "a missing file": folder / "nowhere.png",
+        "a folder": folder,
+        "the upload folder itself": uploads.parent,
+        "a way out with ..": way_out,
+        "a link out of the upload folder": link,
+        "a named pipe in the upload folder": fifo,
+    }
+
+
+def test_only_regular_files_inside_the_upload_folder_are_accepted(tmp_path):
+    uploads = tmp_path / "uploads"
+    (uploads / "abc").mkdir(parents=True)
+    inside = uploads / "abc" / "digit.png"
+    shutil.copy(DIGIT_EXAMPLES[0], inside)
+    (uploads / "abc" / "again.png").symlink_to(inside)  # a link that stays inside
+    assert uploaded_file(str(inside), uploads) == inside
+    assert uploaded_file(str(uploads / "abc" / "again.png"), uploads) == inside
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cases = _outside_cases(outside, uploads / "abc")
+    cases.update({"not a string": {"path": str(inside)}, "a NUL byte": f"{inside}\0"})
+    for case, path in cases.items():
+        with pytest.raises(ValueError) as err:
+            uploaded_file(path if isinstance(path, dict | str) else str(path), uploads)
+        assert str(err.value) == NOT_UPLOADED, case  # the same words, whatever the reason
+
+
+def _call(http, endpoint: str, data: list) -> str:
+    """One call of an API endpoint by raw HTTP: the event stream of its answer."""
+    started = http.post(f"gradio_api/call/{endpoint}", json={"data": data})
+    assert started.status_code == 200, started.text
+    return http.get(f"gradio_api/call/{endpoint}/{started.json()['event_id']}").text
+
+
+def test_no_endpoint_reads_a_server_file_it_was_not_sent(server, checkpoints, tmp_path):
+    """Raw HTTP with a bare ``{"path": ...}`` (no FileData meta, which Gradio would check):
+    every case gets one refusal, in the same words, and the named pipe stalls nothing."""
+    import httpx
+
+    with httpx.Client(base_url=server, timeout=60) as http:
+        with open(DIGIT_EXAMPLES[0], "rb") as f:
+            (uploaded,) = http.post("gradio_api/upload", files={"files": f}).json()
+        cases = _outside_cases(tmp_path, Path(uploaded).parent)
+        answers = {}
+        for case, path in cases.items():
+            payload = {"path": str(path)}
+            page = _call(http, "page", [payload, str(checkpoints[0]), 2, "mean of heads"])
+            assert "Cannot use this image" in page and NOT_UPLOADED in page, (case, page)
+            assert "%)" not in page and str(tmp_path) not in page, (case, page)
+            api = _call(http, "predict", [payload, str(checkpoints[0]), 3])
+            assert "event: error" in api and "predictions" not in api, (case, api)
+            assert str(tmp_path) not in api, (case, api)
+            answers[case] = (page.split("data:", 1)[1], api.split("data:", 1)[1])
+        assert len(set(answers.values())) == 1, answers  # nothing tells the cases apart
+        # the same image, uploaded, is answered by both
+        page = _call(http, "page", [{"path": uploaded}, str(checkpoints[0]), 2, "mean of heads"])
+        assert "%)" in page and "Cannot use" not in page, page
+        api = _call(http, "predict", [{"path": uploaded}, str(checkpoints[0]), 3])
+        assert "event: complete" in api and "predictions" in api, api
+
+
+def test_every_value_a_client_sends_is_checked_and_refused_in_one_line(server, checkpoints, capfd):
+    """The image events take the client's values undecoded (preprocess=False): a model,
+    block or head that the page would never send is a message, not a traceback; /predict's
+    too. The server logs no traceback for any refusal."""
+    import httpx
+
+    label = str(checkpoints[0])
+    with httpx.Client(base_url=server, timeout=60) as http:
+        with open(DIGIT_EXAMPLES[0], "rb") as f:
+            (uploaded,) = http.post("gradio_api/upload", files={"files": f}).json()
+        file = {"path": uploaded}
+        capfd.readouterr()
+        page_cases = {
+            "unknown model": ([file, "nope.pt", 2, "mean of heads"], "unknown model 'nope.pt'"),
+            "model not a name": ([file, ["x"], 2, "mean of heads"], "unknown model ['x']"),
+            "block not a number": ([file, label, "2", "mean of heads"], "SA block must be"),
+            "no block": ([file, label, None, "mean of heads"], "SA block must be"),
+            "no such head": ([file, label, 2, "head 9"], "SA head must be one of"),
+            "head not a name": ([file, label, 2, 1], "SA head must be one of"),
+        }
+        for case, (data, message) in page_cases.items():
+            page = _call(http, "page", data)
+            assert "event: complete" in page and "Cannot use this image" in page, (case, page)
+            assert message in page, (case, page)
+        assert "%)" in _call(http, "page", [file, label, 2, "head 1"])  # a good head
+        api_cases = {
+            "topk not a number": ([file, label, "3"], "topk must be an integer >= 1"),
+            "topk 0": ([file, label, 0], "topk must be >= 1, got 0"),
+            "unknown model": ([file, "nope.pt", 3], "unknown model 'nope.pt'"),
+        }
+        for case, (data, message) in api_cases.items():
+            api = _call(http, "predict", data)
+            assert "event: error" in api and message in api, (case, api)
+        outside = {"path": str(DIGIT_EXAMPLES[0])}
+        assert NOT_UPLOADED in _call(http, "predict", [outside, label, 3])
+    assert "Traceback" not in capfd.readouterr().err
 
 
 # -------------------------------------------------------------------- in a real browser

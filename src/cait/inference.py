@@ -1,21 +1,56 @@
-"""Evaluation and prediction from a checkpoint: ``cait eval`` and ``cait predict``."""
+"""Inference from a checkpoint: one image at a time (``cait predict``, and the app's model
+runs) and a whole validation split (``cait eval``).
+
+One image goes one way, whoever asks: its file is checked and read
+(:func:`read_checked_image`: a decompression bomb and an image smaller than one patch of the
+model are refused from the header, before decoding), the model's eval transform makes its
+input, and the model gives the top-k classes (:func:`predict_image`), with its trace
+(:meth:`cait.CaiT.forward_trace`) for a caller that draws what the model did.
+"""
 
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cait import runtime
-from cait.data import build_val_dataset, collate_samples, eval_transform, read_image
+from cait.data import (
+    UNREADABLE_IMAGE_ERRORS,
+    build_val_dataset,
+    collate_samples,
+    eval_transform,
+    read_image,
+)
+from cait.data.datasets import UnreadableImage, check_image_file
+from cait.files import first_line
 from cait.models.build import LoadedModel, load_for_inference
+from cait.models.cait import CaiT, ModelTrace
 from cait.threads import adapt as adapt_threads
 from cait.training.engine import evaluate
 
 # LoadedModel and load_for_inference live in cait.models.build; named here too because
 # cait.inference exported them before the package layout
-__all__ = ["LoadedModel", "evaluate_checkpoint", "load_for_inference", "predict"]
+__all__ = [
+    "ImagePrediction",
+    "LoadedModel",
+    "evaluate_checkpoint",
+    "load_for_inference",
+    "patch_size",
+    "predict",
+    "predict_image",
+    "read_checked_image",
+    "top_classes",
+    "trace_input",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +87,108 @@ def evaluate_checkpoint(
     return result
 
 
+def patch_size(model: nn.Module) -> int:
+    """The side of one patch of ``model`` (a timm model's ``patch_embed``); 1 for a model
+    without patches. An image smaller than a patch gives the model nothing to look at."""
+    if isinstance(model, CaiT):
+        return model.config.patch_size
+    size = getattr(getattr(model, "patch_embed", None), "patch_size", 1)
+    return max(size) if isinstance(size, tuple) else int(size)
+
+
+def _header_size(path: str | Path) -> tuple[int, int]:
+    """Width and height from the header alone: nothing is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS (and refuses above twice that); refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as header:
+                return header.size
+    except PermissionError:
+        raise ValueError(f"permission denied: {path}") from None
+    except UNREADABLE_IMAGE_ERRORS as err:
+        raise UnreadableImage(path, first_line(err)) from err
+
+
+def read_checked_image(path: str | Path, patch: int = 1) -> Image.Image:
+    """An image file a user named, as RGB (:func:`cait.data.read_image`), once its header
+    shows it is no decompression bomb (at most ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, where
+    PIL itself only warns) and no smaller than one ``patch`` x ``patch`` patch. Anything
+    else is a one-line ``ValueError`` (``FileNotFoundError``) naming the file."""
+    if check_image_file(path).st_size == 0:  # nothing is opened before this check
+        raise UnreadableImage(path, "empty file")
+    width, height = _header_size(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ValueError(
+            f"{path} is {width}x{height} pixels, more than the {limit:,} pixels cait decodes "
+            "(it could be a decompression bomb)"
+        )
+    if min(width, height) < patch:
+        raise ValueError(
+            f"{path} is {width}x{height} pixels, smaller than one {patch}x{patch} patch of "
+            "this model"
+        )
+    return read_image(path)
+
+
+def top_classes(logits: Tensor, names: Sequence[str] | None, topk: int) -> list[dict[str, Any]]:
+    """The ``topk`` most probable classes of one image's ``logits`` ``(num_classes,)``,
+    best first: ``{"class": index, "name": ..., "probability": ...}``."""
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    probs = logits.float().softmax(-1)
+    values, indices = probs.topk(min(topk, probs.numel()))
+    return [
+        {"class": i, "name": names[i] if names else str(i), "probability": p}
+        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
 @torch.no_grad()
+def trace_input(model: CaiT, x: Tensor) -> ModelTrace:
+    """:meth:`~cait.CaiT.forward_trace` of one input ``(C, H, W)``."""
+    adapt_threads()  # the thread count for this image, after other processes' load
+    return model.forward_trace(x[None])
+
+
+@dataclass
+class ImagePrediction:
+    """What a model made of one image: ``x`` is the input it saw ``(C, S, S)``, normalised;
+    ``predictions`` the top-k classes (:func:`top_classes`); ``trace`` the model's trace
+    when it was asked for."""
+
+    x: Tensor
+    predictions: list[dict[str, Any]]
+    trace: ModelTrace | None = None
+
+
+@torch.no_grad()
+def predict_image(
+    loaded: LoadedModel,
+    image: Image.Image,
+    topk: int = 5,
+    names: Sequence[str] | None = None,
+    trace: bool = False,
+) -> ImagePrediction:
+    """Run ``loaded``'s model (on the device it is on) on one RGB image. ``names`` are the
+    class names to report (default: the checkpoint's); ``trace`` keeps the model's trace
+    (a cait model only)."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    x = eval_transform(loaded.settings)(image)
+    if trace:
+        if not isinstance(model, CaiT):
+            raise ValueError(f"a trace needs a cait model with forward_trace, got {type(model)}")
+        traced = trace_input(model, x.to(device))
+        logits = traced.logits
+    else:
+        adapt_threads()
+        traced, logits = None, model(x[None].to(device))
+    names = names if names is not None else loaded.class_names
+    return ImagePrediction(x, top_classes(logits[0], names, topk), traced)
+
+
 def predict(
     checkpoint: str,
     images: list[str],
@@ -60,29 +196,14 @@ def predict(
     model_name: str | None = None,
     device: str = "auto",
 ) -> list[dict]:
-    """Top-k classes with names and probabilities for each image file."""
+    """Top-k classes with names and probabilities for each image file (each read and
+    checked by :func:`read_checked_image`: a one-line error naming a file it cannot use)."""
     dev = runtime.inference_device(device, "none")
     loaded = load_for_inference(checkpoint, model_name)
-    model = loaded.model.to(dev)
-    transform = eval_transform(loaded.settings)
+    loaded.model.to(dev)
     results = []
     for image in images:
-        adapt_threads()
-        img = read_image(image)
-        probs = model(transform(img)[None].to(dev)).float().softmax(-1)[0]
-        k = min(topk, probs.numel())
-        values, indices = probs.topk(k)
-        results.append(
-            {
-                "image": str(image),
-                "predictions": [
-                    {
-                        "class": int(i),
-                        "name": loaded.class_names[i] if loaded.class_names else str(int(i)),
-                        "probability": float(p),
-                    }
-                    for p, i in zip(values.tolist(), indices.tolist(), strict=True)
-                ],
-            }
-        )
+        picture = read_checked_image(image, patch_size(loaded.model))
+        answer = predict_image(loaded, picture, topk)
+        results.append({"image": str(image), "predictions": answer.predictions})
     return results

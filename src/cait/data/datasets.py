@@ -34,9 +34,11 @@ __all__ = [
     "DigitsDataset",
     "ImageFolderDataset",
     "UNREADABLE_IMAGE_ERRORS",
+    "UnreadableImage",
     "build_datasets",
     "build_val_dataset",
     "check_disjoint",
+    "check_image_file",
     "class_folders",
     "collate_samples",
     "export_digits",
@@ -94,33 +96,49 @@ def load_image(path: str | Path) -> Image.Image:
 URL_SCHEMES = ("http://", "https://")
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """:func:`load_image` for files a user named, with a one-line error naming the path: a
-    missing file raises ``FileNotFoundError``; a URL, ``-``, a folder, a file the user may
-    not read or one that is not an image raise ``ValueError``."""
+class UnreadableImage(ValueError):
+    """A file a user named that is not an image PIL can decode; ``reason`` is PIL's first
+    line (which may name the file)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.reason = reason
+
+
+def check_image_file(path: str | Path) -> os.stat_result:
+    """The checks :func:`read_image` makes before it opens ``path`` (nothing is opened):
+    its ``stat``, or the one-line error that ``read_image`` raises."""
     text = str(path)
     if text == "-":
         raise ValueError("reading an image from standard input is not supported")
     if text.lower().startswith(URL_SCHEMES):
         raise ValueError(f"URLs are not read: download {text} first")
     try:
-        mode = Path(path).stat().st_mode
+        info = Path(path).stat()
     except PermissionError:  # a folder on the way may not be searched
         raise ValueError(f"permission denied: {path}") from None
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"image not found: {path}") from None
     except OSError as err:  # a link loop, a name too long
         raise ValueError(f"cannot read image {path}: {err.strerror}") from None
-    if stat.S_ISDIR(mode):
+    if stat.S_ISDIR(info.st_mode):
         raise ValueError(f"{path} is a folder, not an image file")
-    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
         raise ValueError(f"{path} is not a regular file")
+    return info
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """:func:`load_image` for files a user named, with a one-line error naming the path: a
+    missing file raises ``FileNotFoundError``; a URL, ``-``, a folder, a file the user may
+    not read or one that is not an image (:class:`UnreadableImage`) raise ``ValueError``."""
+    check_image_file(path)
     try:
         return load_image(path)
     except PermissionError:
         raise ValueError(f"permission denied: {path}") from None
     except UNREADABLE_IMAGE_ERRORS as err:
-        raise ValueError(f"cannot read image {path}: {first_line(err)}") from err
+        raise UnreadableImage(path, first_line(err)) from err
 
 
 def _hidden(name: str) -> bool:
