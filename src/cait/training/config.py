@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from cait.data.transforms import AugmentConfig
+from cait.data.config import AugmentConfig
 from cait.models.build import input_spec, is_timm
 from cait.models.config import CaiTConfig
 from cait.runtime import Amp, Device
