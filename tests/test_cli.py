@@ -9,10 +9,13 @@ from typing import get_args
 import pytest
 
 from cait.bench import DTYPES
-from cait.cli import _TRAIN_FLAGS, build_parser, main
+from cait.cli import build_parser, main
+from cait.cli.train import _TRAIN_FLAGS, train_config_from_args
 from cait.models.config import AttnImpl
 from cait.runtime import Amp, Device, DeviceType
 from cait.training.config import DistillKind, TrainConfig
+from cait.training.engine import NonFiniteLossError
+from cait.training.preemption import TrainingInterrupted, TrainingPreempted
 
 
 def _option(command: str, flag: str) -> argparse.Action:
@@ -162,8 +165,6 @@ def test_a_negative_topk_is_a_usage_error(tmp_path, capsys):
 
 
 def test_a_zero_flag_overrides_the_recipe(tmp_path):
-    from cait.cli import train_config_from_args
-
     recipe = tmp_path / "r.yaml"
     recipe.write_text("seed: 7\ndata: {workers: 10}\n")
     args = build_parser().parse_args(["train", "--recipe", str(recipe), "--workers", "0"])
@@ -194,14 +195,42 @@ def test_ctrl_c_in_train_says_what_the_output_folder_holds(
     if earlier_run:
         (out / "last.pt").write_bytes(b"the earlier run's checkpoint")
 
-    def interrupted_train(config):
+    def interrupted_run(config, info, watch):  # the run inside train(), interrupted
         if writes:  # as save_checkpoint does: a new file renamed over the old one
             (out / "last.tmp").write_bytes(b"this run's checkpoint")
             (out / "last.tmp").replace(out / "last.pt")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("cait.cli.train", interrupted_train)
+    monkeypatch.setattr("cait.training.run._train", interrupted_run)
     assert main(["train", "--data", "digits", "--output", str(out), *flags]) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("cait train: interrupted; ") and hint in err
     assert ("--resume auto" in err) == ("continue with" in hint)
+
+
+def test_ctrl_c_in_ablate_is_one_word(tmp_path, monkeypatch, capsys):
+    # rerunning the same `cait ablate` resumes its runs: training's --resume hint is not shown
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted(f"{tmp_path}/last.pt holds the run's last checkpoint: ...")
+
+    monkeypatch.setattr("cait.analysis.ablation.run_ablation", interrupted)
+    assert main(["ablate", "--grid", "tiny", "--output", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "cait ablate: interrupted"
+
+
+@pytest.mark.parametrize(
+    "stop, status, line",
+    [
+        (TrainingPreempted("stopped by SIGTERM at step 3"), 75, "stopped by SIGTERM at step 3"),
+        (NonFiniteLossError("loss became nan in epoch 2"), 2, "error: loss became nan in epoch 2"),
+    ],
+)
+def test_training_stops_are_an_exit_status_and_one_line(
+    stop, status, line, tmp_path, monkeypatch, capsys
+):
+    def stopped_run(config, info, watch):
+        raise stop
+
+    monkeypatch.setattr("cait.training.run._train", stopped_run)
+    assert main(["train", "--data", "digits", "--output", str(tmp_path)]) == status
+    assert capsys.readouterr().err.strip() == f"cait train: {line}"

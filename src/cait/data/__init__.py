@@ -1,5 +1,7 @@
-"""Images in: datasets, transforms and samplers for training and evaluation."""
+"""Images in: the augmentation config, datasets, transforms and samplers for training and
+evaluation."""
 
+from cait.data.config import AugmentConfig
 from cait.data.datasets import (
     DIGITS,
     UNREADABLE_IMAGE_ERRORS,
@@ -18,7 +20,7 @@ from cait.data.samplers import (
     ShuffleSampler,
     build_train_sampler,
 )
-from cait.data.transforms import AugmentConfig, build_mixup, eval_transform, train_transform
+from cait.data.transforms import build_mixup, eval_transform, train_transform
 
 __all__ = [
     "DIGITS",

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from cait.data.transforms import AugmentConfig
+from cait.data.config import AugmentConfig
 from cait.models.build import input_spec
 from cait.models.config import CaiTConfig
 from cait.models.timm_interop import is_timm

@@ -3,6 +3,9 @@ warning signal such as SIGUSR1, sent some time ahead) makes every rank finish it
 optimiser step; rank 0 then writes ``last.pt`` and every rank stops with
 :class:`TrainingPreempted` (``cait train`` exits with status 75). The run continues with
 ``--resume auto`` (docs/DISTRIBUTED.md).
+
+Ctrl-C (SIGINT) stops a run at once instead: it ends in :class:`TrainingInterrupted`, which
+says what the output folder holds then.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ import torch
 
 from cait.runtime import all_reduce_max, dist_info
 
-__all__ = ["PREEMPT_SIGNALS", "PreemptionWatch", "TrainingPreempted", "check_signal_names"]
+__all__ = [
+    "PREEMPT_SIGNALS",
+    "PreemptionWatch",
+    "TrainingInterrupted",
+    "TrainingPreempted",
+    "check_signal_names",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +36,11 @@ PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 
 class TrainingPreempted(Exception):
     """A signal asked the run to stop; its ``last.pt`` is written."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; the message says what its output folder holds now and how
+    to go on (:meth:`cait.training.run_folder.FolderAtStart.after_interrupt`)."""
 
 
 def check_signal_names(names: tuple[str, ...]) -> None:

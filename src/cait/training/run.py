@@ -52,7 +52,7 @@ from cait.training.engine import (
 from cait.training.losses import DistillationLoss
 from cait.training.optim import LRSchedule, ModelEma, Optimisation, build_optimizer
 from cait.training.parallel import unwrap, wrap_model
-from cait.training.preemption import PreemptionWatch, TrainingPreempted
+from cait.training.preemption import PreemptionWatch, TrainingInterrupted, TrainingPreempted
 from cait.training.records import (
     CURVES,
     EPOCH_SECONDS_KEY,
@@ -62,7 +62,7 @@ from cait.training.records import (
     SkippedFiles,
     plot_curves,
 )
-from cait.training.run_folder import RunFolder
+from cait.training.run_folder import FolderAtStart, RunFolder
 from cait.training.teacher import load_teacher
 
 __all__ = ["TrainResult", "resolve_data_settings", "train"]
@@ -150,13 +150,19 @@ def train(config: TrainConfig) -> TrainResult:
     """Train (or fine-tune, or resume) a model as ``config`` says; see ``docs/TRAINING.md``.
 
     Under ``torchrun`` every process calls this: data-parallel training over all of them
-    (``docs/DISTRIBUTED.md``); only rank 0 writes files.
+    (``docs/DISTRIBUTED.md``); only rank 0 writes files. A signal in ``preempt_signals``
+    ends it in :class:`TrainingPreempted` (with ``last.pt`` written), Ctrl-C in
+    :class:`TrainingInterrupted`, which says what the output folder holds.
     """
-    with (
-        runtime.distributed(config.device, config.dist_timeout) as info,
-        PreemptionWatch(config.preempt_signals) as watch,
-    ):
-        return _train(config, info, watch)
+    at_start = FolderAtStart.of(config)
+    try:
+        with (
+            runtime.distributed(config.device, config.dist_timeout) as info,
+            PreemptionWatch(config.preempt_signals) as watch,
+        ):
+            return _train(config, info, watch)
+    except KeyboardInterrupt as interrupt:  # the folder is released: what does it hold?
+        raise TrainingInterrupted(at_start.after_interrupt()) from interrupt
 
 
 def _train(config: TrainConfig, info: runtime.DistInfo, watch: PreemptionWatch) -> TrainResult:

@@ -30,7 +30,7 @@ from cait.training.checkpoint import BEST, EMA_WEIGHTS, LAST, WEIGHTS
 from cait.training.config import TrainConfig
 from cait.training.records import METRICS, RECORDS
 
-__all__ = ["RunFolder"]
+__all__ = ["FolderAtStart", "RunFolder"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +161,43 @@ class RunFolder:
 def _continues(resume: str | None, output: Path) -> bool:
     """Whether ``resume`` is a checkpoint of the run in ``output``."""
     return resume is not None and Path(resume).resolve().parent == output.resolve()
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file ``path`` is, as far as a checkpoint's atomic rename changes it (device,
+    inode, modification time); None when there is none."""
+    try:
+        st = path.stat()
+    except OSError:  # none, or an output that is no folder (the run reports that)
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderAtStart:
+    """The output folder's ``last.pt`` as a run found it, to say what the folder holds
+    once the run is interrupted (on every rank: each reads the folder itself)."""
+
+    out: Path
+    overwrite: bool
+    last: tuple[int, int, int] | None  # last.pt's identity before the run
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> FolderAtStart:
+        out = Path(config.output)
+        return cls(out, config.overwrite, _file_identity(out / LAST))
+
+    def after_interrupt(self) -> str:
+        """What the folder holds now, and how to continue the run when it can be."""
+        last = self.out / LAST
+        now = _file_identity(last)
+        if now is None:
+            return f"no checkpoint was written yet, so {self.out} holds none"
+        if now == self.last and self.overwrite:
+            # an earlier run's last.pt, kept until this run's first checkpoint (RunFolder):
+            # resuming it would continue the run that overwrite was to replace
+            return (
+                f"this run wrote no checkpoint, so {self.out} holds the earlier run, "
+                "left as it was (nothing replaced)"
+            )
+        return f"{last} holds the run's last checkpoint: continue with --resume auto"

@@ -1,0 +1,101 @@
+"""What the commands share: the exit statuses, the help formatter, flags several commands
+take, and training's own ends in the command line's terms.
+
+Nothing here imports the library at module level: ``cait --help`` imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+
+__all__ = [
+    "CHECKPOINT_HELP",
+    "EXIT_INTERRUPTED",
+    "EXIT_PREEMPTED",
+    "EXIT_USER_ERROR",
+    "MODEL_HELP",
+    "HelpFormatter",
+    "Stopped",
+    "positive_int",
+    "threads_flag",
+    "training_stops",
+]
+
+# Exit statuses: 2 for a failure the user can fix (a bad path, value or file; argparse's
+# own), 75 for a run stopped by a preemption signal with its last.pt written (EX_TEMPFAIL
+# of sysexits.h: try again, with --resume auto), 130 for Ctrl-C (128 + SIGINT, the shell's
+# convention).
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
+
+MODEL_HELP = "the variant, for official or timm weights that carry no config (see cait models)"
+CHECKPOINT_HELP = (
+    "model.safetensors, last.pt or best.pt of a cait run; or official/timm weights "
+    "(a file, an http(s) URL or hf-hub:OWNER/NAME) with --model"
+)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (when it has one worth showing); the
+    examples in the epilogs keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        # by identity, not `in (None, False, ...)`: 0 == False, so a default of 0 was hidden
+        shown = not (
+            default is None or default is False or default == [] or default == argparse.SUPPRESS
+        )
+        if shown and action.option_strings and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse then prints a one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def threads_flag(p: argparse.ArgumentParser) -> None:
+    """``--threads``: a command that computes in this process passes it to
+    :func:`cait.threads.use_threads` first (train: through its config)."""
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch intra-op threads (default: as many as the cores other processes leave "
+        "free, up to torch's count, re-checked every 2 s; OMP_NUM_THREADS also pins it)",
+    )
+
+
+class Stopped(Exception):
+    """A command that stopped before its end as asked, not by an error: ``cait COMMAND:
+    <message>`` is printed and the process exits with ``status``."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@contextlib.contextmanager
+def training_stops() -> Iterator[None]:
+    """Training's own ends in the command line's terms: a preempted run (its ``last.pt``
+    written) stops with :data:`EXIT_PREEMPTED`; a run whose loss diverged is the user's to
+    fix (a learning rate, say), a one-line error."""
+    from cait.training.engine import NonFiniteLossError
+    from cait.training.preemption import TrainingPreempted
+
+    try:
+        yield
+    except TrainingPreempted as stop:
+        raise Stopped(str(stop), EXIT_PREEMPTED) from stop
+    except NonFiniteLossError as err:
+        raise ValueError(str(err)) from err

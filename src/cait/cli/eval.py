@@ -1,0 +1,62 @@
+"""``cait eval``: a checkpoint's top-1, top-5 and loss on a validation split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import get_args
+
+from cait.cli._common import CHECKPOINT_HELP, MODEL_HELP, positive_int, threads_flag
+
+__all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
+
+PURPOSE = "evaluate a checkpoint on a validation split"
+EXAMPLES = """
+cait eval --checkpoint runs/demo/model.safetensors --data digits
+cait eval --checkpoint XXS24_224.pth --model cait_xxs24_224 --data /data/imagenet
+"""
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    from cait.runtime import Amp, Device
+
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--data", required=True, help="an image folder (its val/ is used) or digits")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--device", choices=get_args(Device), default="auto", help="where to run")
+    p.add_argument("--amp", choices=get_args(Amp), default="none", help="mixed precision")
+    p.add_argument(
+        "--crop-pct", type=float, help="the centre crop's ratio (default: the checkpoint's)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    threads_flag(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cait.inference import evaluate_checkpoint
+    from cait.threads import use_threads
+
+    use_threads(args.threads)
+    r = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        model_name=args.model,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        crop_pct=args.crop_pct,
+    )
+    summary = {k: r[k] for k in ("top1", "top5", "loss", "images")}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
+            f"on {r['images']} images  ({r['images_per_s']:.0f} images/s)"
+        )
+        if r["skipped"]:
+            print(f"skipped {len(r['skipped'])} unreadable file(s)")
+    return 0
