@@ -199,19 +199,30 @@ def _loaded(model: nn.Module, meta: ModelMetadata | None, model_name: str | None
 def convert_checkpoint(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], model_name: str | None = None
 ) -> dict[str, Tensor]:
-    """Convert an official (or any supported) checkpoint to a plain safetensors file; returns
-    its tensors.
+    """Convert a checkpoint (official, timm's, a plain state dict or one of ours) to a
+    safetensors file; returns its tensors.
 
-    With ``model_name`` the weights are first loaded strictly into that variant (whose name
-    the header then records), so a file that does not fit it is refused before anything is
-    written.
+    One of ours keeps its metadata (the model, its input settings and class names), once its
+    tensors are checked against the model it describes; ``model_name``, if given, must be
+    that model. Any other file, with ``model_name``, is first loaded strictly into that
+    variant (whose name the header then records). A file that does not fit is refused
+    before anything is written.
     """
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise ValueError(f"destination must end with .safetensors, got {dst.name}")
     source = str(src)
-    state_dict = _open(source).weights()
-    if model_name is not None:
+    file = _open(source)
+    state_dict = file.weights()
+    meta = file.metadata
+    if meta is not None:
+        if model_name not in (None, meta.name):
+            raise ValueError(f"{source} holds a checkpoint of {meta.name}, not of {model_name}")
+        build = partial(model_from_metadata, meta, source=source)
+        _check_fit(build, tensor_shapes(state_dict), source, "the model its metadata describes")
+    elif model_name is not None:
         load_pretrained(create_model(model_name), state_dict)
-    save_safetensors(state_dict, dst, None, source=Path(source).name, variant=model_name)
+    entries = None if meta is None else meta.entries
+    variant = model_name if meta is None else None  # the metadata names the model
+    save_safetensors(state_dict, dst, entries, source=Path(source).name, variant=variant)
     return state_dict
