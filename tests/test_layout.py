@@ -312,3 +312,56 @@ def test_the_light_check_accepts_light_modules():
     )
     assert imported_modules(output) == ["torch", "timmy", "cait.cli"]
     assert heavy_imports(output) == []
+
+
+# ------------------------------------------------ one module owns the weights-file format
+
+FORMAT_MODULE = "cait.models.weights_file"
+# The metadata entries that describe a model in a checkpoint; only the format module names
+# them (issue 27). "model" is left out: it is also the weights' entry, and a word everywhere.
+METADATA_KEYS = ("model_config", "data_settings", "class_names")
+
+
+def metadata_key_mentions(root: Path) -> list[str]:
+    """Every string constant that is exactly a metadata key (a dict key, a subscript, a
+    comparison) in a module other than the format module, one line each. Attribute names
+    (``loaded.class_names``) and words inside messages are not keys."""
+    found = []
+    for path in sorted((root / "cait").rglob("*.py")):
+        module = module_name(path, root)
+        if module == FORMAT_MODULE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if node.value in METADATA_KEYS:
+                    found.append(f"{module}:{node.lineno} names the metadata key {node.value!r}")
+    return found
+
+
+def test_only_the_format_module_names_the_metadata_keys():
+    source = (SRC / Path(*FORMAT_MODULE.split("."))).with_suffix(".py").read_text()
+    named = {
+        node.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and node.value in METADATA_KEYS
+    }
+    assert named == set(METADATA_KEYS)  # the rule is about keys that exist, in that module
+    mentions = metadata_key_mentions(SRC)
+    assert not mentions, "\n".join(mentions)
+
+
+def test_the_metadata_key_rule_catches_a_module_that_names_a_key(tmp_path):
+    files = {
+        "__init__.py": "",
+        "models/weights_file.py": 'KEYS = ("model_config", "data_settings", "class_names")\n',
+        "inference.py": (
+            "def names(meta, loaded):\n"
+            '    assert loaded.class_names, f"class_names: {meta}"\n'  # not keys
+            '    return meta["class_names"]\n'
+        ),
+        "training/checkpoint.py": 'def spec(state):\n    return state.get("model_config")\n',
+    }
+    assert metadata_key_mentions(_fake_package(tmp_path, files)) == [
+        "cait.inference:3 names the metadata key 'class_names'",
+        "cait.training.checkpoint:2 names the metadata key 'model_config'",
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from safetensors.torch import load_file
 
 import cait
 from cait.cli import main as cli_main
+from cait.models.build import load_for_inference
+from cait.models.weights_file import checkpoint_metadata, model_spec, save_pt
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=5)
 
@@ -138,6 +141,50 @@ def test_convert_records_the_source_and_the_checked_variant(tmp_path):
     cait.convert_checkpoint(official, tmp_path / "plain.safetensors")
     with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as f:
         assert f.metadata() == {"format": "pt", "source": "TINY.pth"}
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _run_checkpoint(path: Path) -> Path:
+    """A last.pt as a run writes it: 3 classes with names of their own, an eval crop and
+    statistics that are not the variant's."""
+    model = cait.create_model("cait_digits_16", num_classes=3, embed_dim=16, depth=1)
+    inputs = cait.get_variant("cait_digits_16").input_spec.replace(
+        crop_pct=0.9, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6)
+    )
+    meta = checkpoint_metadata(model_spec("cait_digits_16", model, {}), inputs, ["x", "y", "z"])
+    save_pt(model.state_dict(), path, meta, run={"config": {}, "epoch": 0})
+    return path
+
+
+@pytest.mark.parametrize("layout", ["today", "pre_seams"])
+def test_convert_keeps_a_run_checkpoints_class_names_and_inputs(tmp_path, layout):
+    """cait convert of a run's last.pt (issue 28): predict then prints the same labels."""
+    src = (
+        _run_checkpoint(tmp_path / "last.pt")
+        if layout == "today"
+        else FIXTURES / layout / "last.pt"
+    )
+    out = tmp_path / "converted.safetensors"
+    assert cli_main(["convert", str(src), str(out)]) == 0
+    before, after = load_for_inference(str(src)), load_for_inference(str(out))
+    assert after.class_names == before.class_names and after.settings == before.settings
+    size = before.settings.img_size
+    assert _same_logits(before.model, after.model, size=size)
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["source"] == "last.pt"
+
+
+def test_convert_of_a_run_checkpoint_refuses_another_model_name(tmp_path, capsys):
+    src = _run_checkpoint(tmp_path / "last.pt")
+    out = tmp_path / "x.safetensors"
+    assert cli_main(["convert", str(src), str(out), "--model", "cait_tiny_32"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt holds a checkpoint of cait_digits_16, not of cait_tiny_32" in err
+    assert not out.exists()
+    assert cli_main(["convert", str(src), str(out), "--model", "cait_digits_16"]) == 0
+    assert load_for_inference(str(out)).class_names == ["x", "y", "z"]
 
 
 def test_convert_cli_refuses_weights_of_another_model(tmp_path, capsys):

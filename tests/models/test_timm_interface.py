@@ -93,7 +93,8 @@ def test_loaded_checkpoint_carries_its_input_spec(tmp_path):
     """A checkpoint of ours gives timm's data config its own size and statistics."""
     from safetensors.torch import save_file
 
-    from cait.models.build import checkpoint_metadata, load_for_inference, model_spec
+    from cait.models.build import load_for_inference
+    from cait.models.weights_file import checkpoint_metadata, model_spec
 
     model = cait.create_model("cait_digits_16")
     spec = cait.get_variant("cait_digits_16").input_spec.replace(crop_pct=0.9)
@@ -153,7 +154,7 @@ def test_global_pool_choices_and_errors():
     with pytest.raises(ValueError, match="needs a class token"):
         cait.CaiT(cait.CaiTConfig(pooling="avg", ca_depth=0), global_pool="token")
     with pytest.raises(ValueError, match="checkpoints record the config only"):
-        from cait.models.build import model_spec
+        from cait.models.weights_file import model_spec
 
         model_spec("cait_digits_16", model, {})
 

@@ -18,17 +18,11 @@ from conftest import one_line
 from safetensors.torch import save_file
 
 import cait
-from cait.models.build import (
-    build_model,
-    checkpoint_metadata,
-    convert_checkpoint,
-    load_for_inference,
-    model_spec,
-)
+from cait.models.build import build_model, convert_checkpoint, load_for_inference
 from cait.models.hub import is_hub_id
 from cait.models.pretrained import load_pretrained, read_state_dict
 from cait.models.registry import create_model, get_variant
-from cait.training.checkpoint import save_safetensors
+from cait.models.weights_file import checkpoint_metadata, model_spec, save_safetensors
 
 NAME = "cait_digits_16"
 ARGS = {"embed_dim": 16, "depth": 1, "ca_depth": 1, "num_heads": 2, "num_classes": 3}
@@ -162,17 +156,20 @@ def test_broken_json_in_the_header_names_the_file_and_the_key(tmp_path):
     one_line(err, "crafted.safetensors", "class_names", "JSON")
 
 
-def test_run_checkpoint_metadata_goes_through_the_same_schema(tmp_path):
+@pytest.mark.parametrize("layout", ["today", "before the seams change"])
+def test_run_checkpoint_metadata_goes_through_the_same_schema(tmp_path, layout):
     model = _model()
     path = tmp_path / "last.pt"
-    meta = _metadata(model)
-    torch.save(
-        {"model": model.state_dict(), "config": {"model": NAME}, **meta, "class_names": ["a"]},
-        path,
-    )
+    meta = {**_metadata(model), "class_names": ["a"]}
+    if layout == "today":
+        contents = {"model": model.state_dict(), "metadata": meta, "run": {"config": {}}}
+    else:  # the metadata beside the run's fields, the name in the run's config
+        entries = {k: v for k, v in meta.items() if k != "model"}
+        contents = {"model": model.state_dict(), "config": {"model": NAME}, **entries}
+    torch.save(contents, path)
     with pytest.raises(ValueError) as err:
         load_for_inference(str(path))
-    one_line(err, "last.pt", "class_names")
+    one_line(err, "last.pt: bad checkpoint metadata: class_names")
 
 
 # ---------------------------------------------------------- 2. sizes before allocation

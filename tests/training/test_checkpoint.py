@@ -12,14 +12,12 @@ import torch
 from safetensors.torch import save_file
 
 from cait import runtime
-from cait.models.build import (
-    checkpoint_metadata,
-    load_for_inference,
-    model_spec,
-    read_checkpoint_metadata,
-)
+from cait.models.build import load_for_inference
 from cait.models.registry import InputSpec, create_model
+from cait.models.weights_file import checkpoint_metadata, model_spec, read_checkpoint_metadata
 from cait.training.checkpoint import (
+    RUN_FIELDS,
+    RunCheckpoint,
     RunProgress,
     check_resume,
     load_checkpoint,
@@ -37,9 +35,10 @@ NAME = "cait_digits_16"
 ARGS = {"depth": 1, "embed_dim": 16, "num_heads": 2, "ca_depth": 1}
 SETTINGS = InputSpec(16, 1.0, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 CLASSES = [str(i) for i in range(10)]
-# every entry of last.pt / best.pt, in the order they are written
+# the entries of last.pt / best.pt: the weights, the model's metadata, the run's state
+FILE_KEYS = ["model", "metadata", "run"]
+# every entry of the run's state, in the order they are written
 RUN_KEYS = [
-    "model",
     "optimizer",
     "schedule",
     "scaler",
@@ -52,9 +51,6 @@ RUN_KEYS = [
     "history",
     "best_top1",
     "config",
-    "model_config",
-    "data_settings",
-    "class_names",
 ]
 
 
@@ -87,24 +83,29 @@ def _state_after_one_epoch():
 
 def test_a_run_state_round_trips_with_every_key(tmp_path):
     state, model, opt, _ = _state_after_one_epoch()
-    assert list(state) == RUN_KEYS
-    assert state["schedule"] == {"step": 4, "peak_lr": 1e-3, "steps_per_epoch": 4, "world_size": 1}
-    assert state["rng_ranks"] is None and state["scaler"] is None
-    assert state["config"]["model"] == NAME and state["class_names"] == CLASSES
+    assert list(state.run) == RUN_KEYS == list(RUN_FIELDS)
+    schedule = state.run["schedule"]
+    assert schedule == {"step": 4, "peak_lr": 1e-3, "steps_per_epoch": 4, "world_size": 1}
+    assert state.run["rng_ranks"] is None and state.run["scaler"] is None
+    metadata = checkpoint_metadata(model_spec(NAME, model, ARGS), SETTINGS, CLASSES)
+    assert state.run["config"]["model"] == NAME and state.metadata == metadata
     save_run_checkpoint(state, tmp_path, is_best=False)
     assert not (tmp_path / "best.pt").exists()
+    # the file: the weights, the metadata and the run's state, each under its own entry
+    on_disk = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert list(on_disk) == FILE_KEYS and list(on_disk["run"]) == RUN_KEYS
+    assert on_disk["metadata"] == metadata
     back = load_checkpoint(tmp_path / "last.pt")
-    assert list(back) == RUN_KEYS
+    assert list(back.run) == RUN_KEYS
     for key, value in model.state_dict().items():
-        assert torch.equal(back["model"][key], value), key
+        assert torch.equal(back.weights[key], value), key
     for key, value in opt.ema.state_dict().items():
-        assert torch.equal(back["ema"][key], value), key
-    assert back["optimizer"]["param_groups"] == opt.optimizer.state_dict()["param_groups"]
-    assert (back["epoch"], back["step"], back["best_top1"]) == (0, 4, 12.5)
-    assert back["data_settings"] == SETTINGS.to_dict()
+        assert torch.equal(back.run["ema"][key], value), key
+    assert back.run["optimizer"]["param_groups"] == opt.optimizer.state_dict()["param_groups"]
+    assert (back.run["epoch"], back.run["step"], back.run["best_top1"]) == (0, 4, 12.5)
+    assert back.metadata == metadata
     # the model it describes can be rebuilt from the file alone
-    meta = read_checkpoint_metadata(tmp_path / "last.pt")
-    assert meta == checkpoint_metadata(model_spec(NAME, model, ARGS), SETTINGS, CLASSES)
+    assert read_checkpoint_metadata(tmp_path / "last.pt") == metadata
     loaded = load_for_inference(str(tmp_path / "last.pt"))
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
@@ -116,7 +117,7 @@ def test_resume_takes_back_the_optimiser_the_ema_the_progress_and_the_rng(tmp_pa
     after = (torch.rand(3), random.random(), np.random.rand())  # what the run draws next
     saved = load_checkpoint(tmp_path / "last.pt")
     config, fresh, fresh_opt, _ = _setup()  # building the model draws from the RNG
-    fresh.load_state_dict(saved["model"])
+    fresh.load_state_dict(saved.weights)
     progress = resume_run(saved, fresh, fresh_opt, config, runtime.DistInfo())
     assert progress == RunProgress(start_epoch=1, step=4, history=[{"epoch": 1}], best_top1=12.5)
     redrawn = (torch.rand(3), random.random(), np.random.rand())
@@ -154,8 +155,14 @@ def test_files_that_are_not_run_checkpoints_are_refused(tmp_path):
     torch.save([torch.zeros(2)], listed)
     with pytest.raises(ValueError, match="not a cait training checkpoint"):
         load_checkpoint(listed)
+    weights_alone = tmp_path / "weights_alone.pt"  # the layout, with no run state in it
+    state, _, _, _ = _state_after_one_epoch()
+    torch.save({"model": state.weights, "metadata": state.metadata}, weights_alone)
+    with pytest.raises(ValueError, match="not a cait training checkpoint"):
+        load_checkpoint(weights_alone)
     hostile = tmp_path / "hostile.pt"
-    torch.save({"model": {}, "config": {}, "x": PurePosixPath("x")}, hostile)  # not plain data
+    run = {"config": {}, "x": PurePosixPath("x")}  # not plain data
+    torch.save({"model": {}, "metadata": state.metadata, "run": run}, hostile)
     with pytest.raises(ValueError, match="refusing to load"):
         load_checkpoint(hostile)
 
@@ -198,3 +205,37 @@ def test_a_file_with_a_model_config_but_no_model_name_is_refused_by_name(tmp_pat
     torch.save({"model_config": {}, "data_settings": {}, "class_names": []}, path)
     with pytest.raises(ValueError, match="odd.pt looks like a cait checkpoint but lacks"):
         load_for_inference(str(path))
+
+
+def _old_layout(state: RunCheckpoint) -> dict:
+    """``state`` as cait wrote run checkpoints before the metadata and the run's state had
+    entries of their own (tests/fixtures/pre_seams): side by side at the top level, with the
+    model's name in the run's config only."""
+    entries = {k: v for k, v in state.metadata.items() if k != "model"}
+    return {"model": state.weights, **state.run, **entries}
+
+
+def test_a_checkpoint_in_the_old_layout_reads_as_in_the_new(tmp_path):
+    state, model, _, _ = _state_after_one_epoch()
+    torch.save(_old_layout(state), tmp_path / "old.pt")
+    save_checkpoint(state, tmp_path / "new.pt")
+    old, new = load_checkpoint(tmp_path / "old.pt"), load_checkpoint(tmp_path / "new.pt")
+    assert old.metadata == new.metadata == state.metadata
+    assert list(old.run) == list(new.run) == RUN_KEYS
+    assert old.run["history"] == new.run["history"] and old.run["step"] == new.run["step"]
+    assert old.weights.keys() == new.weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(old.weights[k], new.weights[k]) for k in new.weights)
+    for name in ("old.pt", "new.pt"):
+        assert read_checkpoint_metadata(tmp_path / name) == state.metadata
+
+
+def test_the_layouts_entries_are_checked(tmp_path):
+    state, _, _, _ = _state_after_one_epoch()
+    extra = tmp_path / "extra.pt"
+    torch.save({"model": state.weights, "metadata": state.metadata, "run": {}, "x": 1}, extra)
+    with pytest.raises(ValueError, match=r"extra.pt: unknown entries \['x'\]"):
+        load_checkpoint(extra)
+    listed = tmp_path / "listed.pt"
+    torch.save({"model": state.weights, "metadata": [1, 2], "run": state.run}, listed)
+    with pytest.raises(ValueError, match="listed.pt: bad checkpoint metadata: the metadata must"):
+        load_for_inference(str(listed))

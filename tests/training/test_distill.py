@@ -226,8 +226,8 @@ def test_teacher_then_distilled_student_through_the_cli(tmp_path, capsys):
         == 0
     )
     state = load_checkpoint(student_dir / "last.pt")
-    assert state["config"]["distill"]["kind"] == "hard"
-    assert "dist_token" in state["model"] and "head_dist.weight" in state["model"]
+    assert state.run["config"]["distill"]["kind"] == "hard"
+    assert "dist_token" in state.weights and "head_dist.weight" in state.weights
     assert (student_dir / "metrics.jsonl").read_text().count("\n") == 1
     capsys.readouterr()
     # a teacher for another number of classes is refused before any training step

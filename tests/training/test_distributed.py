@@ -312,12 +312,12 @@ def test_distributed_resume_is_exact(tmp_path):
     _torchrun(str(script), str(ROOT), str(tmp_path))
     full = load_checkpoint(tmp_path / "full" / "last.pt")
     split = load_checkpoint(tmp_path / "split" / "last.pt")
-    assert full["epoch"] == split["epoch"] == 1
-    assert len(split["rng_ranks"]) == WORLD
-    for key in full["model"]:
-        assert torch.equal(full["model"][key], split["model"][key]), key
-    for key in full["ema"]:
-        assert torch.equal(full["ema"][key], split["ema"][key]), key
+    assert full.run["epoch"] == split.run["epoch"] == 1
+    assert len(split.run["rng_ranks"]) == WORLD
+    for key in full.weights:
+        assert torch.equal(full.weights[key], split.weights[key]), key
+    for key in full.run["ema"]:
+        assert torch.equal(full.run["ema"][key], split.run["ema"][key]), key
     assert _metrics(tmp_path / "full") == _metrics(tmp_path / "split")
 
 
@@ -367,7 +367,8 @@ def test_fsdp_run_checkpoints_and_reloads_in_one_process(tmp_path):
             logits = loaded.model(saved["x"])
         torch.testing.assert_close(logits, saved["logits"], rtol=0, atol=1e-5)
     state = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert state["epoch"] == 1 and isinstance(next(iter(state["optimizer"]["state"])), int)
+    optimizer = state.run["optimizer"]
+    assert state.run["epoch"] == 1 and isinstance(next(iter(optimizer["state"])), int)
     rows = _metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["val_images"] == 360
 

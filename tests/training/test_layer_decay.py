@@ -147,15 +147,17 @@ def test_a_run_with_layer_decay_trains_and_resumes_only_with_it(tmp_path):
     """Our CaiT's group_matcher through train(): one epoch of two, then a resume."""
     first = train(digits_config(tmp_path, "optim.layer_decay=0.75", "epochs=2", "stop_after=1"))
     state = load_checkpoint(first.output / "last.pt")
-    groups = state["optimizer"]["param_groups"]
+    groups = state.run["optimizer"]["param_groups"]
     # cait_digits_16 cut to 2 SA blocks: stem, 2 blocks, head
     assert sorted({g["lr_scale"] for g in groups}) == [0.75**3, 0.75**2, 0.75, 1.0]
-    assert all(g["lr"] == pytest.approx(state["history"][-1]["lr"] * g["lr_scale"]) for g in groups)
+    assert all(
+        g["lr"] == pytest.approx(state.run["history"][-1]["lr"] * g["lr_scale"]) for g in groups
+    )
     resume = f"resume={first.output / 'last.pt'}"
     with pytest.raises(ValueError, match="resume with the optim.layer_decay"):
         train(digits_config(tmp_path, "epochs=2", resume))
     resumed = train(digits_config(tmp_path, "optim.layer_decay=0.75", "epochs=2", resume))
     assert resumed.completed
-    history = load_checkpoint(resumed.output / "last.pt")["history"]
+    history = load_checkpoint(resumed.output / "last.pt").run["history"]
     assert [row["epoch"] for row in history] == [1, 2]
     assert all(math.isfinite(row["train_loss"]) for row in history)

@@ -71,7 +71,7 @@ def test_old_checkpoints_evaluate_the_same(folder, name):
 def test_an_old_run_resumes_to_the_same_end(folder, tmp_path):
     resume = tmp_path / "last.pt"
     shutil.copy(FIXTURES / folder / "last.pt", resume)
-    saved = dict(load_checkpoint(resume)["config"])
+    saved = dict(load_checkpoint(resume).run["config"])
     # device: the fixture ran on the CPU, where the numbers are reproducible
     overrides = dict(
         resume=str(resume), output=str(tmp_path / "run"), progress=False, tensorboard=False

@@ -4,6 +4,7 @@ exactly, SIGTERM that stops cleanly, torchrun restarts that continue by themselv
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from test_distributed import EQUIVALENCE, _env, _metrics
 from test_train import ROOT, digits_config  # tests/training is on the path (no __init__)
 
 from cait.runtime import get_rng_state
-from cait.training.checkpoint import load_checkpoint
+from cait.training.checkpoint import load_checkpoint, save_checkpoint
 from cait.training.engine import EpochPosition, _usable
 from cait.training.optim import Optimisation
 from cait.training.preemption import TrainingPreempted
@@ -67,7 +68,7 @@ def test_sigterm_within_an_epoch_then_resume_auto_is_exact(
             train(digits_config(tmp_path, *_SETTINGS))
     run = tmp_path / "run"
     state = load_checkpoint(run / "last.pt")
-    assert state["step"] == stop_step and state["epoch_position"] is not None
+    assert state.run["step"] == stop_step and state.run["epoch_position"] is not None
     assert not (run / ".lock").exists()
     assert "SIGTERM received: finishing this step" in caplog.text
     result = train(digits_config(tmp_path, *_SETTINGS, "resume=auto"))
@@ -83,7 +84,7 @@ def test_checkpoints_within_epochs_every_n_steps(tmp_path, caplog):
     steps = [r.getMessage() for r in caplog.records if "within epoch 1" in r.getMessage()]
     assert steps and all(m.startswith(f"step {5 * (i + 1)}: wrote") for i, m in enumerate(steps))
     state = load_checkpoint(tmp_path / "run" / "last.pt")  # the epoch's end replaces them
-    assert state["epoch_position"] is None and state["epoch"] == 0
+    assert state.run["epoch_position"] is None and state.run["epoch"] == 0
 
 
 @pytest.mark.slow
@@ -112,7 +113,7 @@ def test_a_second_signal_while_stopping_changes_nothing(uninterrupted, tmp_path,
         with pytest.raises(TrainingPreempted, match="at step 6"):
             # no checkpoint every N steps: the preemption's is the first write
             train(digits_config(tmp_path, *_SETTINGS, "checkpoint_every_steps=null"))
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 6
+    assert load_checkpoint(tmp_path / "run" / "last.pt").run["step"] == 6
     train(digits_config(tmp_path, *_SETTINGS, "resume=auto"))
     assert_same_weights(tmp_path / "run" / "model.safetensors", uninterrupted / "model.safetensors")
 
@@ -153,7 +154,7 @@ def test_a_malformed_position_or_rng_state_is_refused_in_one_line(uninterrupted,
     before anything trains (a ValueError, which the CLI prints in one line)."""
     state = load_checkpoint(uninterrupted / "last.pt")
     crafted = tmp_path / "crafted.pt"
-    torch.save({**state, **change}, crafted)
+    save_checkpoint(dataclasses.replace(state, run={**state.run, **change}), crafted)
     with pytest.raises(ValueError, match="malformed"):
         train(digits_config(tmp_path, *_SETTINGS, f"resume={crafted}"))
 
@@ -177,7 +178,7 @@ def _wait_for_mid_epoch_checkpoint(run: Path, proc: subprocess.Popen, timeout: f
     while proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint within an epoch in time"
         last = run / "last.pt"
-        if last.exists() and load_checkpoint(last).get("epoch_position"):
+        if last.exists() and load_checkpoint(last).run.get("epoch_position"):
             return
         time.sleep(0.2)
     raise AssertionError(f"the run ended first: {proc.communicate()}")
@@ -301,7 +302,8 @@ def test_sigterm_to_one_rank_stops_every_rank_with_last_pt(uninterrupted_two, tm
     assert "exitcode  : 75" in result.stderr or "exitcode: 75" in result.stderr, result.stderr
     assert "stopped by SIGTERM" in result.stderr
     state = load_checkpoint(run / "last.pt")
-    assert state["epoch_position"] is not None and len(state["epoch_position"]) == 2
+    positions = state.run["epoch_position"]
+    assert positions is not None and len(positions) == 2
     (resumed,) = _finish([_start(command)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")
@@ -321,7 +323,7 @@ def test_sigterm_to_cait_train_nproc_stops_its_workers_with_last_pt(uninterrupte
     assert result.returncode != 0
     for rank in (0, 1):  # each worker's last line (torchrun reports its own SIGTERM)
         assert f"[rank {rank}] cait train: stopped by SIGTERM at step" in result.stderr
-    assert len(load_checkpoint(run / "last.pt")["epoch_position"]) == 2
+    assert len(load_checkpoint(run / "last.pt").run["epoch_position"]) == 2
     (resumed,) = _finish([_start(command)])
     assert resumed.returncode == 0, _errors(resumed.stderr)
     assert_same_weights(run / "model.safetensors", uninterrupted_two / "model.safetensors")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -30,10 +31,20 @@ from cait.files import (
     remove_stale_temporaries,
     temporary_path,
 )
-from cait.training.checkpoint import load_checkpoint, save_checkpoint
+from cait.models.registry import create_model, get_variant
+from cait.models.weights_file import checkpoint_metadata, model_spec
+from cait.training.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
 from cait.training.run import train
 
 SRC = str(ROOT / "src")
+
+
+def run_checkpoint(w: torch.Tensor, config: dict) -> RunCheckpoint:
+    """A run checkpoint as these tests write it: one tensor ``w``, a digits model's metadata
+    and a run state of ``config`` alone (what they check survives a fault)."""
+    spec = model_spec("cait_digits_16", create_model("cait_digits_16"), {})
+    meta = checkpoint_metadata(spec, get_variant("cait_digits_16").input_spec, list("0123456789"))
+    return RunCheckpoint({"w": w}, meta, {"config": config})
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -71,12 +82,22 @@ def _copy_run(src: Path, tmp_path: Path) -> Path:
 
 # --- checkpoints under faults -------------------------------------------------------------
 
-_SLOW_SAVE = textwrap.dedent(
-    """
-    import sys, time, torch
-    from cait.training import checkpoint
+# a process that writes a checkpoint, then writes another one slowly (made here: its own
+# run_checkpoint, after the imports it needs)
+_SLOW_SAVE_IMPORTS = """\
+import sys, time, torch
+from cait.models.registry import create_model, get_variant
+from cait.models.weights_file import checkpoint_metadata, model_spec
+from cait.training import checkpoint
+from cait.training.checkpoint import RunCheckpoint
+"""
+_SLOW_SAVE = (
+    _SLOW_SAVE_IMPORTS
+    + inspect.getsource(run_checkpoint)
+    + textwrap.dedent(
+        """
     path, pause = sys.argv[1], float(sys.argv[2])
-    checkpoint.save_checkpoint({"model": {"w": torch.zeros(4)}, "config": {"v": 1}}, path)
+    checkpoint.save_checkpoint(run_checkpoint(torch.zeros(4), {"v": 1}), path)
     real_save = torch.save
 
     def slow_save(obj, f):
@@ -92,9 +113,10 @@ _SLOW_SAVE = textwrap.dedent(
             out.write(data[len(data) // 2 :])
 
     torch.save = slow_save
-    checkpoint.save_checkpoint({"model": {"w": torch.ones(1000)}, "config": {"v": 2}}, path)
+    checkpoint.save_checkpoint(run_checkpoint(torch.ones(1000), {"v": 2}), path)
     print("SAVED", flush=True)
     """
+    )
 )
 
 
@@ -119,7 +141,7 @@ def test_sigkill_mid_write_keeps_the_previous_checkpoint_and_the_next_writer_cle
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     state = load_checkpoint(path)
-    assert state["config"] == {"v": 1} and torch.equal(state["model"]["w"], torch.zeros(4))
+    assert state.run["config"] == {"v": 1} and torch.equal(state.weights["w"], torch.zeros(4))
     # a process killed with SIGKILL cannot remove its temporary file, named after it...
     assert _temporaries(tmp_path) == [_temporary("last.pt", proc.pid)]
     # ...so the next writer of the folder removes it (a live writer's is kept)
@@ -137,7 +159,7 @@ def test_ctrl_c_mid_write_finishes_the_write_then_stops(tmp_path):
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert "SAVED" not in out  # it stopped right after the write...
     state = load_checkpoint(path)  # ...which completed: the new checkpoint, whole
-    assert state["config"] == {"v": 2} and torch.equal(state["model"]["w"], torch.ones(1000))
+    assert state.run["config"] == {"v": 2} and torch.equal(state.weights["w"], torch.ones(1000))
     assert _temporaries(tmp_path) == []
 
 
@@ -157,11 +179,11 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary(small_disk):
     path = small_disk / "last.pt"
-    save_checkpoint({"model": {"w": torch.zeros(4)}, "config": {"v": 1}}, path)
+    save_checkpoint(run_checkpoint(torch.zeros(4), {"v": 1}), path)
     with pytest.raises(OSError) as failure:
-        save_checkpoint({"model": {"w": torch.ones(200_000)}, "config": {"v": 2}}, path)
+        save_checkpoint(run_checkpoint(torch.ones(200_000), {"v": 2}), path)
     assert failure.value.errno == errno.ENOSPC and "No space left" in str(failure.value)
-    assert load_checkpoint(path)["config"] == {"v": 1}
+    assert load_checkpoint(path).run["config"] == {"v": 1}
     assert _temporaries(small_disk) == []
 
 
@@ -242,7 +264,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_first_checkpoint(
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert "epochs: 2" in (run / "config.yaml").read_text()
-    assert load_checkpoint(run / "last.pt")["config"]["epochs"] == 2
+    assert load_checkpoint(run / "last.pt").run["config"]["epochs"] == 2
 
 
 def test_a_failed_resume_changes_nothing(finished_run, tmp_path):
@@ -349,7 +371,7 @@ def test_ctrl_c_exits_130_and_resume_auto_continues(tmp_path):
     assert last_line.startswith("cait train: interrupted;") and "--resume auto" in last_line
     assert "Traceback" not in err
     assert not (run / ".lock").exists() and _temporaries(run) == []
-    epochs_done = load_checkpoint(run / "last.pt")["epoch"] + 1
+    epochs_done = load_checkpoint(run / "last.pt").run["epoch"] + 1
     assert 1 <= epochs_done < 3
     resumed = subprocess.run(
         command + ["--resume", "auto"], cwd=ROOT, env=env, capture_output=True, text=True

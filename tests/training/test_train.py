@@ -70,8 +70,9 @@ def test_a_short_run_writes_every_output(tmp_path):
         assert all(isinstance(r[key], float) for r in rows), key
     assert rows[-1]["val_images"] == 360
     state = load_checkpoint(out / "last.pt")
-    assert state["epoch"] == 1 and state["config"]["model"] == "cait_digits_16"
-    assert state["class_names"] == [str(i) for i in range(10)]
+    assert state.run["epoch"] == 1 and state.metadata["model"] == "cait_digits_16"
+    assert state.run["config"]["model"] == "cait_digits_16"
+    assert state.metadata["class_names"] == [str(i) for i in range(10)]
     with Image.open(out / "curves.png") as img:
         assert img.size == (1000, 400)
 
@@ -101,10 +102,10 @@ def test_resume_is_exact(tmp_path):
     )
     full, resumed = _run_in_two_parts(tmp_path, *extra)
     a, b = load_checkpoint(full.output / "last.pt"), load_checkpoint(resumed.output / "last.pt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["ema"]:
-        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    for key in a.weights:
+        assert torch.equal(a.weights[key], b.weights[key]), key
+    for key in a.run["ema"]:
+        assert torch.equal(a.run["ema"][key], b.run["ema"][key]), key
     rows_a = _read_metrics(full.output / "metrics.jsonl")
     rows_b = _read_metrics(resumed.output / "metrics.jsonl")
     assert len(rows_a) == 3
@@ -114,7 +115,7 @@ def test_resume_is_exact(tmp_path):
 def test_resume_is_exact_with_workers(tmp_path):
     full, resumed = _run_in_two_parts(tmp_path, "data.workers=2")
     a, b = load_checkpoint(full.output / "last.pt"), load_checkpoint(resumed.output / "last.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
 
 
 def test_resume_with_another_model_fails_before_training(tmp_path):
@@ -155,8 +156,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     with pytest.raises(cait.training.engine.NonFiniteLossError, match="loss became nan in epoch 2"):
         train(config)
     state = load_checkpoint(config.output + "/last.pt")
-    assert state["epoch"] == 0
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state.run["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state.weights.values())
 
 
 def _write_photo_folder(root: Path) -> None:
@@ -201,7 +202,7 @@ def test_bad_images_are_converted_or_skipped_and_reported(tmp_path, caplog):
     assert rows[-1]["skipped_files"] == 4
     assert rows[-1]["val_images"] == 12  # the broken val file is left out, nothing counted twice
     state = load_checkpoint(result.output / "last.pt")
-    assert state["class_names"] == ["china", "flower"]
+    assert state.metadata["class_names"] == ["china", "flower"]
 
 
 @pytest.mark.parametrize(
@@ -254,7 +255,7 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     )
     assert code == 0
     assert "final val top-1" in capsys.readouterr().out
-    assert load_checkpoint(out / "last.pt")["config"]["seed"] == 3
+    assert load_checkpoint(out / "last.pt").run["config"]["seed"] == 3
 
     assert (
         cli_main(

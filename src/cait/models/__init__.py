@@ -1,7 +1,8 @@
 """What the paper defines: the config, the layers, the model, the variant table, its weights.
 
 ``registry`` holds the variants (each with its input spec), ``pretrained`` reads and loads
-weights, and ``build`` answers "give me the model for this name or checkpoint".
+weights, ``weights_file`` is what a checkpoint holds (its metadata, ``.safetensors`` and
+``.pt``), and ``build`` answers "give me the model for this name or checkpoint".
 """
 
 from cait.models.build import (

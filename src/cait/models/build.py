@@ -1,10 +1,8 @@
 """A model by name or from a checkpoint: the one place that answers "give me the model for this".
 
 Names are our variants (``cait models``) or any timm model as ``timm:NAME``. A checkpoint
-describes its model with a few metadata entries (:func:`checkpoint_metadata`): the name, the
-full ``model_config`` (enough to rebuild it without any other input), the input spec and the
-class names. Run checkpoints (``last.pt``, ``best.pt``) hold them beside the weights;
-``model.safetensors`` holds them JSON-encoded in its header.
+describes its model with a few metadata entries, enough to rebuild it without any other
+input; what a file holds and how it is read is :mod:`cait.models.weights_file`.
 """
 
 from __future__ import annotations
@@ -12,27 +10,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from cait.files import load_file_safely
 from cait.models.cait import CaiT
-from cait.models.config import pretrained_cfg
-from cait.models.metadata import cait_config_of, check_metadata, decode_header, input_spec_of
+from cait.models.config import CaiTConfig, pretrained_cfg
 from cait.models.pretrained import (
     check_tensors_fit,
-    convert_weights,
     is_remote,
+    load_pretrained,
     local_checkpoint,
     read_state_dict,
-    safetensors_shapes,
     tensor_shapes,
-    unwrap_state_dict,
 )
 from cait.models.registry import InputSpec, create_model, get_variant
 from cait.models.timm_interop import (
@@ -42,7 +35,18 @@ from cait.models.timm_interop import (
     timm_input_spec,
     timm_model,
 )
+from cait.models.weights_file import (
+    ModelMetadata,
+    WeightsFile,
+    checkpoint_metadata,
+    model_spec,
+    read_checkpoint_metadata,
+    read_weights_file,
+    save_safetensors,
+)
 
+# checkpoint_metadata, model_spec and read_checkpoint_metadata are weights_file's; they are
+# importable from here too, where their callers found them before it existed.
 __all__ = [
     "TORCHVISION_PREFIX",
     "LoadedModel",
@@ -51,7 +55,7 @@ __all__ = [
     "convert_checkpoint",
     "input_spec",
     "load_for_inference",
-    "model_from_spec",
+    "model_from_metadata",
     "model_spec",
     "read_checkpoint_metadata",
     "torchvision_model",
@@ -95,96 +99,40 @@ def input_spec(name: str, model_args: dict[str, Any] | None = None) -> InputSpec
     return variant.input_spec.replace(img_size=config.img_size)
 
 
-def model_spec(name: str, model: nn.Module, model_args: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint stores to rebuild ``model``: its name and its full config."""
-    if isinstance(model, CaiT):
-        if model.global_pool != model.config.pooling:
-            raise ValueError(
-                f"global_pool={model.global_pool!r} differs from the config's pooling "
-                f"{model.config.pooling!r}, and checkpoints record the config only: set "
-                "the config's pooling instead"
-            )
-        return {"model": name, "model_config": model.config.to_dict()}
-    return {"model": name, "model_config": {"num_classes": model.num_classes, **model_args}}
-
-
-def model_from_spec(spec: dict[str, Any], source: str = "checkpoint") -> nn.Module:
+def model_from_metadata(meta: ModelMetadata, source: str = "checkpoint") -> nn.Module:
     """Rebuild the (untrained) model a checkpoint describes, from the checked values of its
-    metadata only (:func:`cait.models.metadata.check_metadata`; ``source`` names the file in
-    messages)."""
-    name = spec["model"]
-    if is_timm(name):
-        args = check_timm_args(spec["model_config"], "model_config")
-        try:
-            return timm_model(name, **args)
-        except TypeError as err:  # a field this timm model's constructor does not take
-            raise ValueError(
-                f"{source}: {name} cannot be built from its model_config ({err})"
-            ) from None
-    return CaiT(cait_config_of(spec))
-
-
-def checkpoint_metadata(
-    spec: dict[str, Any], inputs: InputSpec, class_names: list[str]
-) -> dict[str, Any]:
-    """The entries that describe a model in every checkpoint cait writes."""
-    return {
-        "model": spec["model"],
-        "model_config": spec["model_config"],
-        "data_settings": inputs.to_dict(),
-        "class_names": list(class_names),
-    }
-
-
-def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The metadata of one of our checkpoints (see :func:`checkpoint_metadata`), checked
-    against the schema of :mod:`cait.models.metadata`, or ``None`` for a file without it
-    (official or timm weights, a plain state dict)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    if path.suffix == ".safetensors":
-        return decode_header(_safetensors_header(path), str(path))
-    return _metadata_in(load_file_safely(path), path)
-
-
-def _safetensors_header(path: Path) -> dict[str, str]:
+    metadata only (``source`` names the file in messages)."""
+    if isinstance(meta.config, CaiTConfig):
+        return CaiT(meta.config)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
-
-
-def _metadata_in(obj: Any, path: Path) -> dict[str, Any] | None:
-    """The checked metadata of a loaded torch checkpoint (``None`` for a file without it)."""
-    if not (isinstance(obj, dict) and "model_config" in obj):
-        return None
-    # a run checkpoint keeps the name in its config ("model" holds the weights)
-    config = obj.get("config")
-    name = config.get("model") if isinstance(config, dict) else obj.get("model")
-    missing = [k for k in ("model_config", "data_settings", "class_names") if k not in obj]
-    if not isinstance(name, str) or missing:
+        return timm_model(meta.name, **meta.config)
+    except TypeError as err:  # a field this timm model's constructor does not take
         raise ValueError(
-            f"{path} looks like a cait checkpoint but lacks its model name or {missing}"
-        )
-    entries = {k: obj[k] for k in ("model_config", "data_settings", "class_names")}
-    return check_metadata({"model": name, **entries}, str(path))
+            f"{source}: {meta.name} cannot be built from its model_config ({err})"
+        ) from None
 
 
-def _fitted_model(
+def _check_fit(
     build: Callable[[], nn.Module],
     shapes: dict[str, tuple[int, ...]],
     checkpoint: str,
     what: str,
-) -> nn.Module:
-    """``build()``'s model, built for real only once its skeleton (built on the meta device:
-    no memory) has exactly the file's tensor names and shapes (``what`` names the model in
-    the error, see :func:`~cait.models.pretrained.check_tensors_fit`)."""
+) -> None:
+    """Raise unless ``build()``'s model, built on the meta device (no memory), has exactly the
+    file's tensor names and shapes (``what`` names the model in the error, see
+    :func:`~cait.models.pretrained.check_tensors_fit`)."""
     with torch.device("meta"):
         skeleton = build()
     check_tensors_fit(skeleton, shapes, checkpoint, what)
-    return build()
+
+
+def _open(checkpoint: str) -> WeightsFile:
+    """The weights file ``checkpoint`` names: a local file of either kind, or a URL or Hub
+    repository (which holds no metadata, and is downloaded when its weights are asked for)."""
+    if is_remote(checkpoint):
+        weights = cache(partial(read_state_dict, checkpoint))
+        return WeightsFile(None, lambda: tensor_shapes(weights()), weights)
+    return read_weights_file(local_checkpoint(checkpoint), checkpoint)
 
 
 @dataclass
@@ -211,70 +159,70 @@ def load_for_inference(checkpoint: str, model_name: str | None = None) -> Loaded
     missing or an unexpected tensor is a one-line ``ValueError`` naming it, found before
     the model is allocated.
     """
-    described = "the model its metadata describes"
-    # the weights of a file without metadata, read only once a model name is known to fit
-    # them to (a local torch file is read once, below, and its contents kept)
-    weights: Callable[[], dict[str, Tensor]] = partial(read_state_dict, checkpoint)
-    if not is_remote(checkpoint):  # a URL or Hub repo holds no metadata
-        path = local_checkpoint(checkpoint)
-        if path.suffix == ".safetensors":  # the header holds the metadata and the shapes
-            meta = read_checkpoint_metadata(path)
-            if meta is not None:
-                build = partial(model_from_spec, meta, source=checkpoint)
-                model = _fitted_model(build, safetensors_shapes(path), checkpoint, described)
-                model.load_state_dict(read_state_dict(path), strict=True)
-                return _loaded(model, meta)
-        else:  # read once, for the metadata and the weights; the file size bounds it
-            contents = load_file_safely(path)
-            weights = partial(_state_dict_in, contents, checkpoint)
-            meta = _metadata_in(contents, path)
-            if meta is not None:
-                state_dict = weights()
-                build = partial(model_from_spec, meta, source=checkpoint)
-                model = _fitted_model(build, tensor_shapes(state_dict), checkpoint, described)
-                model.load_state_dict(state_dict, strict=True)
-                return _loaded(model, meta)
-    if model_name is None:
+    file = _open(checkpoint)
+    meta = file.metadata
+    if meta is None and model_name is None:
         raise ValueError(
             f"{checkpoint} is not a cait checkpoint (it carries no model config): pass "
             "`model_name`, the variant its weights are for"
         )
-    variant = get_variant(model_name)
-    state_dict = weights()
-    head = state_dict.get("head.weight")
-    num_classes = (
-        head.shape[0] if head is not None and head.ndim == 2 else variant.config.num_classes
-    )
-    build = partial(create_model, model_name, num_classes=num_classes)
-    model = _fitted_model(build, tensor_shapes(state_dict), checkpoint, "the model")
-    model.load_state_dict(state_dict, strict=True)
-    folders, names = imagenet_class_names() if num_classes == 1000 else (None, None)
-    return LoadedModel(model.eval(), variant.input_spec, names, folders)
+    if meta is None:
+        variant = get_variant(model_name)  # an unknown name is refused before any download
+        head = file.shapes().get("head.weight")
+        default = variant.config.num_classes
+        num_classes = head[0] if head is not None and len(head) == 2 else default
+        build = partial(create_model, model_name, num_classes=num_classes)
+        what = "the model"
+    else:
+        build = partial(model_from_metadata, meta, source=checkpoint)
+        what = "the model its metadata describes"
+    _check_fit(build, file.shapes(), checkpoint, what)  # before allocating the model
+    model = build()
+    model.load_state_dict(file.weights(), strict=True)
+    return _loaded(model.eval(), meta, model_name)
 
 
-def _state_dict_in(obj: Any, checkpoint: str) -> dict[str, Any]:
-    try:
-        return unwrap_state_dict(obj)
-    except ValueError as err:
-        raise ValueError(f"{checkpoint}: {err}") from None
-
-
-def _loaded(model: nn.Module, meta: dict[str, Any]) -> LoadedModel:
-    settings = input_spec_of(meta)
+def _loaded(model: nn.Module, meta: ModelMetadata | None, model_name: str | None) -> LoadedModel:
+    """``model`` with what its metadata says it takes and answers; without metadata, the
+    variant's input spec and, for 1000 classes, ImageNet's class names."""
+    if meta is None:
+        names = folders = None
+        if model.num_classes == 1000:
+            folders, names = imagenet_class_names()
+        return LoadedModel(model, get_variant(model_name).input_spec, names, folders)
     if isinstance(model, CaiT):  # timm's data config then gives the checkpoint's inputs
-        model.pretrained_cfg = pretrained_cfg(model.config, settings, architecture=meta["model"])
-    names = folders = list(meta["class_names"])
-    return LoadedModel(model.eval(), settings, names, folders)
+        model.pretrained_cfg = pretrained_cfg(model.config, meta.inputs, architecture=meta.name)
+    names = folders = meta.class_names
+    return LoadedModel(model, meta.inputs, names, folders)
 
 
 def convert_checkpoint(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], model_name: str | None = None
-) -> dict[str, Any]:
-    """Convert an official (or any supported) checkpoint to a plain safetensors file.
+) -> dict[str, Tensor]:
+    """Convert a checkpoint (official, timm's, a plain state dict or one of ours) to a
+    safetensors file; returns its tensors.
 
-    With ``model_name`` the weights are first loaded strictly into that variant, so a file
-    that does not fit it is refused before anything is written.
+    One of ours keeps its metadata (the model, its input settings and class names), once its
+    tensors are checked against the model it describes; ``model_name``, if given, must be
+    that model. Any other file, with ``model_name``, is first loaded strictly into that
+    variant (whose name the header then records). A file that does not fit is refused
+    before anything is written.
     """
-    if model_name is None:
-        return convert_weights(src, dst)
-    return convert_weights(src, dst, create_model(model_name), {"model": model_name})
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"destination must end with .safetensors, got {dst.name}")
+    source = str(src)
+    file = _open(source)
+    state_dict = file.weights()
+    meta = file.metadata
+    if meta is not None:
+        if model_name not in (None, meta.name):
+            raise ValueError(f"{source} holds a checkpoint of {meta.name}, not of {model_name}")
+        build = partial(model_from_metadata, meta, source=source)
+        _check_fit(build, tensor_shapes(state_dict), source, "the model its metadata describes")
+    elif model_name is not None:
+        load_pretrained(create_model(model_name), state_dict)
+    entries = None if meta is None else meta.entries
+    variant = model_name if meta is None else None  # the metadata names the model
+    save_safetensors(state_dict, dst, entries, source=Path(source).name, variant=variant)
+    return state_dict

@@ -1,7 +1,7 @@
 """Checks for values read from files: closed ranges and choices, and the bounds on what a
 file may ask a model to be.
 
-A checkpoint's metadata (:mod:`cait.models.metadata`) and the timm constructor fields cait
+A checkpoint's metadata (:mod:`cait.models.weights_file`) and the timm constructor fields cait
 passes on (:mod:`cait.models.timm_interop`) are checked with these, so that nothing read from
 a file reaches a constructor or an allocation unchecked (STYLE principle 13). Each check
 raises a one-line ``ValueError`` naming where the value was read.

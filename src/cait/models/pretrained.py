@@ -1,4 +1,4 @@
-"""Reading, adapting and strictly loading checkpoints; converting official ones.
+"""Reading, adapting and strictly loading checkpoints.
 
 Sources: an ``http(s)://`` URL, a Hugging Face Hub repository written as timm writes it
 (``hf-hub:timm/cait_xxs24_224.fb_dist_in1k``), and anything else is a local file (the official
@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from cait.files import atomic_write, first_line, load_file_safely
+from cait.files import first_line, load_file_safely
 from cait.models.cait import CaiT
 from cait.models.hub import (
     HUB_PREFIX,
@@ -37,7 +36,6 @@ __all__ = [
     "adapt_state_dict",
     "check_tensors_fit",
     "checkpoint_not_found",
-    "convert_weights",
     "describe_state_dict",
     "is_remote",
     "load_pretrained",
@@ -338,27 +336,3 @@ def load_pretrained(
 def _first_keys(keys: list[str], shown: int = 20) -> str:
     more = f", ... ({len(keys)} in all)" if len(keys) > shown else ""
     return ", ".join(keys[:shown]) + more
-
-
-def convert_weights(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    model: CaiT | None = None,
-    metadata: dict[str, str] | None = None,
-) -> dict[str, Tensor]:
-    """Convert an official (or any supported) checkpoint to a plain safetensors file.
-
-    With ``model`` the weights are first loaded strictly into it, so a file that does not fit
-    is refused before anything is written. ``metadata`` joins the header's ``format`` and
-    ``source`` entries.
-    """
-    dst = Path(dst)
-    if dst.suffix != ".safetensors":
-        raise ValueError(f"destination must end with .safetensors, got {dst.name}")
-    state_dict = read_state_dict(src)
-    metadata = {"format": "pt", "source": Path(str(src)).name, **(metadata or {})}
-    if model is not None:
-        load_pretrained(model, state_dict)
-    tensors = {k: v.contiguous() for k, v in state_dict.items()}
-    atomic_write(dst, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return state_dict

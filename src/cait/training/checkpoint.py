@@ -1,28 +1,32 @@
-"""The run-checkpoint schema: what ``last.pt`` / ``best.pt`` hold, how they are written
-(atomically) and read (without unpickling arbitrary objects), how a resume is checked
-against them and takes its state back, and the weights file ``model.safetensors``.
+"""The run checkpoint: what ``last.pt`` / ``best.pt`` hold for training, how they are written
+(atomically) and read, how a resume is checked against them and takes its state back, and
+where a run's weights files go.
 
-A run checkpoint holds the plain (unwrapped) state dicts of the model, the optimiser, the
-fp16 scaler and the EMA; the schedule's clock; every rank's RNG streams; the epoch, step,
-metrics history and best top-1; the run's config as a dict; and the model's metadata
-(:func:`cait.models.build.checkpoint_metadata`, except its name, which the config holds:
-``model`` is the weights).
+The file itself (the weights, the model's metadata, the encoding of ``.pt`` and
+``.safetensors``, the layout of older files) is :mod:`cait.models.weights_file`'s. This
+module owns the run's state, which the file keeps under an entry of its own: the plain
+(unwrapped) state dicts of the optimiser, the fp16 scaler and the EMA; the schedule's clock;
+every rank's RNG streams; the epoch (and the position within it), step, metrics history and
+best top-1; and the run's config as a dict (:data:`RUN_FIELDS`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from cait import runtime
-from cait.files import atomic_write, load_file_safely
+from cait.models.weights_file import (
+    describe_spec,
+    read_weights_file,
+    save_pt,
+    save_safetensors,
+    spec_of,
+)
 from cait.training.config import TrainConfig
 from cait.training.engine import EpochPosition
 from cait.training.optim import ModelEma, Optimisation
@@ -33,7 +37,9 @@ __all__ = [
     "EMA_WEIGHTS",
     "LAST",
     "RESUME_FREE",
+    "RUN_FIELDS",
     "WEIGHTS",
+    "RunCheckpoint",
     "RunProgress",
     "check_resume",
     "load_checkpoint",
@@ -43,7 +49,6 @@ __all__ = [
     "save_checkpoint",
     "save_run_checkpoint",
     "save_run_weights",
-    "save_safetensors",
     "warn_on_changed_settings",
 ]
 
@@ -55,6 +60,22 @@ LAST = "last.pt"
 BEST = "best.pt"
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "model_ema.safetensors"
+
+# The run's state in a run checkpoint, in the order it is written.
+RUN_FIELDS = (
+    "optimizer",
+    "schedule",
+    "scaler",
+    "ema",
+    "rng",
+    "rng_ranks",  # every rank's RNG streams (rank 0's is "rng")
+    "epoch",
+    "epoch_position",  # where each rank stands, in a checkpoint written within an epoch
+    "step",
+    "history",
+    "best_top1",
+    "config",
+)
 
 # Settings that may change on resume without changing what is computed.
 RESUME_FREE = frozenset(
@@ -92,6 +113,17 @@ class RunProgress:
     position: EpochPosition | None = None
 
 
+@dataclass
+class RunCheckpoint:
+    """A run checkpoint: the model's weights and metadata
+    (:func:`cait.models.weights_file.checkpoint_metadata`), and the run's state
+    (:data:`RUN_FIELDS`)."""
+
+    weights: dict[str, Tensor]
+    metadata: dict[str, Any]
+    run: dict[str, Any]
+
+
 def run_state(
     model: nn.Module,
     opt: Optimisation,
@@ -100,12 +132,12 @@ def run_state(
     config: TrainConfig,
     metadata: dict[str, Any],
     position: EpochPosition | None = None,
-) -> dict[str, Any]:
+) -> RunCheckpoint:
     """The run checkpoint after ``epoch`` (0-based), ``progress`` already counting it; with
     ``position``, within the epoch after it (``epoch_position`` holds every rank's).
 
-    ``metadata`` is :func:`cait.models.build.checkpoint_metadata` of the model. Under
-    ``torchrun`` this is a collective (gathering the sharded state and the ranks' RNG
+    ``metadata`` describes the model (:func:`cait.models.weights_file.checkpoint_metadata`).
+    Under ``torchrun`` this is a collective (gathering the sharded state and the ranks' RNG
     states): every rank calls it; under FSDP only rank 0's holds the weights.
     """
     model_state = model_state_dict(model)
@@ -115,8 +147,7 @@ def run_state(
     positions = None
     if position is not None:
         positions = runtime.all_gather_objects(position.to_dict())
-    return {
-        "model": model_state,
+    run = {
         "optimizer": optim_state,
         "schedule": {
             "step": progress.step,
@@ -127,8 +158,7 @@ def run_state(
         "scaler": opt.scaler.state_dict() if opt.scaler is not None else None,
         "ema": opt.ema.state_dict() if opt.ema is not None else None,
         "rng": rng_ranks[0],
-        # every rank's RNG streams (rank 0's is "rng"), so a resumed run draws the same
-        # augmentations on every rank
+        # so that a resumed run draws the same augmentations on every rank
         "rng_ranks": rng_ranks if world_size > 1 else None,
         "epoch": epoch,
         "epoch_position": positions,
@@ -136,18 +166,19 @@ def run_state(
         "history": progress.history,
         "best_top1": progress.best_top1,
         "config": config.to_dict(),
-        **{k: v for k, v in metadata.items() if k != "model"},
     }
+    return RunCheckpoint(model_state, metadata, run)
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` via a temporary file and an atomic rename, so that a
+def save_checkpoint(checkpoint: RunCheckpoint, path: str | Path) -> None:
+    """Write ``checkpoint`` to ``path`` via a temporary file and an atomic rename, so that a
     process killed mid-write leaves the previous file intact."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    save_pt(checkpoint.weights, path, checkpoint.metadata, checkpoint.run)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint as saved by :func:`save_checkpoint` (tensors and plain data)."""
+def load_checkpoint(path: str | Path) -> RunCheckpoint:
+    """A run checkpoint as saved by :func:`save_checkpoint`, or as older versions wrote it
+    (tensors and plain data only; the metadata checked)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -155,35 +186,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path} holds weights only; resuming needs a training checkpoint (last.pt)"
         )
-    state = load_file_safely(path)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+    file = read_weights_file(path)
+    if file.metadata is None or not isinstance(file.run, dict) or "config" not in file.run:
         raise ValueError(f"{path} is not a cait training checkpoint (no 'model'/'config' entries)")
-    return state
+    return RunCheckpoint(file.weights(), file.metadata.entries, file.run)
 
 
-def save_safetensors(
-    state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, Any]
-) -> None:
-    """Weights only, as safetensors, with JSON-encoded ``metadata``
-    (:func:`cait.models.build.checkpoint_metadata`)."""
-    meta = {k: json.dumps(v) for k, v in metadata.items()}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), meta))
-
-
-def save_run_checkpoint(state: dict[str, Any], out: Path, is_best: bool) -> None:
+def save_run_checkpoint(checkpoint: RunCheckpoint, out: Path, is_best: bool) -> None:
     """``last.pt``, and ``best.pt`` too when the epoch is the best so far."""
-    save_checkpoint(state, out / LAST)
+    save_checkpoint(checkpoint, out / LAST)
     if is_best:
-        save_checkpoint(state, out / BEST)
+        save_checkpoint(checkpoint, out / BEST)
 
 
 def save_run_weights(
     model: nn.Module, ema: ModelEma | None, out: Path, metadata: dict[str, Any], write: bool
 ) -> None:
     """``model.safetensors`` (and ``model_ema.safetensors`` with an EMA), with ``metadata``
-    (:func:`cait.models.build.checkpoint_metadata`). Under FSDP gathering the weights is a
-    collective: every rank calls this, and only the one with ``write`` set writes."""
+    (:func:`cait.models.weights_file.checkpoint_metadata`). Under FSDP gathering the weights
+    is a collective: every rank calls this, and only the one with ``write`` set writes."""
     weights = model_state_dict(model)
     if write:
         save_safetensors(weights, out / WEIGHTS, metadata)
@@ -191,20 +212,19 @@ def save_run_weights(
             save_safetensors(ema.state_dict(), out / EMA_WEIGHTS, metadata)
 
 
-def check_resume(state: dict[str, Any], spec: dict[str, Any], path: str | Path) -> None:
-    """Refuse a checkpoint of another model than ``spec`` (:func:`model_spec`) describes."""
-    saved = state["config"]
-    if saved.get("model") != spec["model"] or state.get("model_config") != spec["model_config"]:
-        theirs = f"{saved.get('model')} {state.get('model_config')}"
-        ours = f"{spec['model']} {spec['model_config']}"
+def check_resume(checkpoint: RunCheckpoint, spec: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint of another model than ``spec``
+    (:func:`cait.models.weights_file.model_spec`) describes."""
+    theirs = spec_of(checkpoint.metadata)
+    if theirs != spec_of(spec):
         raise ValueError(
             f"resume={path} holds a checkpoint of another model:\n"
-            f"  checkpoint: {theirs}\n  this run:   {ours}"
+            f"  checkpoint: {describe_spec(theirs)}\n  this run:   {describe_spec(spec)}"
         )
 
 
 def resume_run(
-    state: dict[str, Any],
+    checkpoint: RunCheckpoint,
     model: nn.Module,
     opt: Optimisation,
     config: TrainConfig,
@@ -214,7 +234,8 @@ def resume_run(
     rank's RNG streams, and where the run stands (the model's weights are loaded before it
     is wrapped). Settings that make the run differ from an uninterrupted one are warned of.
     """
-    warn_on_changed_settings(state, config, opt.schedule.steps_per_epoch, info.world_size)
+    state = checkpoint.run
+    warn_on_changed_settings(checkpoint, config, opt.schedule.steps_per_epoch, info.world_size)
     load_optimizer_state(model, opt.optimizer, state["optimizer"])
     if opt.scaler is not None and state.get("scaler"):
         opt.scaler.load_state_dict(state["scaler"])
@@ -227,7 +248,7 @@ def resume_run(
         best_top1=state["best_top1"],
         position=_epoch_position(state, info),
     )
-    restore_rng(state, info)
+    restore_rng(checkpoint, info)
     return progress
 
 
@@ -270,9 +291,10 @@ def _plain(value: Any) -> Any:
 
 
 def warn_on_changed_settings(
-    state: dict[str, Any], config: TrainConfig, steps_per_epoch: int, world_size: int
+    checkpoint: RunCheckpoint, config: TrainConfig, steps_per_epoch: int, world_size: int
 ) -> None:
     """Resume continues exactly only with the same settings; say which ones changed."""
+    state = checkpoint.run
     saved = _flatten(state["config"])
     now = _flatten(config.to_dict())
     changed = sorted(
@@ -302,9 +324,10 @@ def warn_on_changed_settings(
         )
 
 
-def restore_rng(state: dict[str, Any], info: runtime.DistInfo) -> None:
+def restore_rng(checkpoint: RunCheckpoint, info: runtime.DistInfo) -> None:
     """Each rank takes back its own RNG streams; from a checkpoint of another number of
     processes only rank 0 can (the others keep the streams seeded for them)."""
+    state = checkpoint.run
     ranks = state.get("rng_ranks")
     if ranks is not None and len(ranks) == info.world_size:
         runtime.set_rng_state(ranks[info.rank])

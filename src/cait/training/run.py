@@ -25,13 +25,15 @@ from cait.data import (
     eval_transform,
     train_transform,
 )
-from cait.models.build import build_model, checkpoint_metadata, input_spec, model_spec
+from cait.models.build import build_model, input_spec
 from cait.models.cait import CaiT
 from cait.models.pretrained import load_pretrained
 from cait.models.registry import InputSpec
+from cait.models.weights_file import checkpoint_metadata, model_spec
 from cait.training.checkpoint import (
     BEST,
     LAST,
+    RunCheckpoint,
     RunProgress,
     check_resume,
     load_checkpoint,
@@ -114,7 +116,7 @@ class _Model:
     plain: nn.Module
     ema: ModelEma | None
     spec: dict[str, Any]
-    resume_state: dict[str, Any] | None
+    resume_state: RunCheckpoint | None
 
 
 @dataclass
@@ -273,7 +275,7 @@ def _build_model(
     if config.resume:
         resume_state = load_checkpoint(config.resume)
         check_resume(resume_state, spec, config.resume)
-        model.load_state_dict(resume_state["model"])
+        model.load_state_dict(resume_state.weights)
     elif config.init_from:
         if not isinstance(model, CaiT):
             raise ValueError(
