@@ -10,40 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cait import runtime
-from cait.data import (
-    ShardSampler,
-    build_datasets,
-    build_mixup,
-    build_train_sampler,
-    collate_samples,
-    eval_transform,
-    train_transform,
-)
-from cait.models.build import build_model, input_spec
-from cait.models.cait import CaiT
-from cait.models.pretrained import load_pretrained
-from cait.models.registry import InputSpec
-from cait.models.weights_file import checkpoint_metadata, model_spec
+from cait.models.weights_file import checkpoint_metadata
 from cait.training.checkpoint import (
     BEST,
     LAST,
-    RunCheckpoint,
     RunProgress,
-    check_resume,
-    load_checkpoint,
     resume_run,
     run_state,
     save_checkpoint,
     save_run_checkpoint,
     save_run_weights,
 )
-from cait.training.config import LR_BASE_BATCH, TrainConfig, scaled_lr
+from cait.training.config import TrainConfig
 from cait.training.engine import (
     EpochPosition,
     EpochStats,
@@ -51,9 +33,7 @@ from cait.training.engine import (
     evaluate,
     train_one_epoch,
 )
-from cait.training.losses import DistillationLoss
-from cait.training.optim import LRSchedule, ModelEma, Optimisation, build_optimizer
-from cait.training.parallel import unwrap, wrap_model
+from cait.training.optim import Optimisation
 from cait.training.preemption import PreemptionWatch, TrainingInterrupted, TrainingPreempted
 from cait.training.records import (
     CURVES,
@@ -65,9 +45,19 @@ from cait.training.records import (
     plot_curves,
 )
 from cait.training.run_folder import FolderAtStart, RunFolder
-from cait.training.teacher import load_teacher
+from cait.training.setup import (
+    RunData,
+    RunLoaders,
+    RunModel,
+    build_loaders,
+    build_objective,
+    build_optimisation,
+    build_run_model,
+    load_data,
+    set_up,
+)
 
-__all__ = ["TrainResult", "resolve_data_settings", "train"]
+__all__ = ["TrainResult", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,48 +74,6 @@ class TrainResult:
     model: nn.Module | None = None
 
 
-def resolve_data_settings(config: TrainConfig) -> InputSpec:
-    """Input settings: the config's ``data`` fields, else the model's defaults."""
-    d = config.data
-    return input_spec(config.model, config.model_args).replace(
-        img_size=d.img_size,
-        crop_pct=d.crop_pct,
-        interpolation=d.interpolation,
-        mean=d.mean,
-        std=d.std,
-    )
-
-
-@dataclass
-class _Data:
-    """The datasets, their input settings and class names."""
-
-    settings: InputSpec
-    train: Dataset
-    val: Dataset
-    classes: list[str]
-
-
-@dataclass
-class _Model:
-    """The model as trained (wrapped for data parallelism) and ``plain``, the model itself
-    (for evaluation, the EMA and the optimiser); what describes it in a checkpoint; and the
-    run checkpoint it resumes from."""
-
-    trained: nn.Module
-    plain: nn.Module
-    ema: ModelEma | None
-    spec: dict[str, Any]
-    resume_state: RunCheckpoint | None
-
-
-@dataclass
-class _Loaders:
-    sampler: Sampler[int]
-    train: DataLoader
-    val: DataLoader
-
-
 @dataclass
 class _Run:
     """What the epochs of a run need, set up once."""
@@ -134,9 +82,9 @@ class _Run:
     info: runtime.DistInfo
     device: torch.device
     out: Path
-    data: _Data
-    model: _Model
-    loaders: _Loaders
+    data: RunData
+    model: RunModel
+    loaders: RunLoaders
     objective: Objective
     opt: Optimisation
     # rank 0's hold on the output folder (None on the other ranks)
@@ -169,13 +117,13 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train(config: TrainConfig, info: runtime.DistInfo, watch: PreemptionWatch) -> TrainResult:
     with _hold_output_folder(config, info) as (config, folder):
-        out, device = Path(config.output), _set_up(config, info)
+        out, device = Path(config.output), set_up(config, info)
         # data first: a bad path or an empty class folder fails before anything else is built
-        data = _load_data(config)
-        model = _build_model(config, data, info, device)
-        loaders = _build_loaders(config, data, info, device)
-        objective = _build_objective(config, data, device)
-        opt = _build_optimisation(config, model, loaders, info)
+        data = load_data(config)
+        model = build_run_model(config, data, info, device)
+        loaders = build_loaders(config, data, info, device)
+        objective = build_objective(config, data, device)
+        opt = build_optimisation(config, model, loaders, info)
         run = _Run(config, info, device, out, data, model, loaders, objective, opt, folder, watch)
         progress = _resume_or_start(run)
         recorder = Recorder(config, out, progress.history) if info.is_main else None
@@ -220,155 +168,6 @@ def _hold_output_folder(
     finally:
         if folder is not None:
             folder.release()
-
-
-def _set_up(config: TrainConfig, info: runtime.DistInfo) -> torch.device:
-    """The runtime (seeds, threads, device) and a summary of the run (the whole config goes
-    to ``config.yaml``)."""
-    device = runtime.setup(config.seed, config.device, config.amp, config.threads, info.local_rank)
-    logger.info(
-        "run: %s on %s, %d epochs, batch %d per process, %s; outputs and the full config "
-        "(config.yaml) in %s",
-        config.model,
-        config.data.path,
-        config.epochs,
-        config.data.batch_size,
-        f"resuming {config.resume}" if config.resume else "fresh start",
-        config.output,
-    )
-    return device
-
-
-def _load_data(config: TrainConfig) -> _Data:
-    settings = resolve_data_settings(config)
-    train_ds, val_ds, classes = build_datasets(
-        config.data.path, train_transform(settings, config.augment), eval_transform(settings)
-    )
-    logger.info(
-        "data: %s, %d train / %d val images, %d classes",
-        config.data.path,
-        len(train_ds),
-        len(val_ds),
-        len(classes),
-    )
-    return _Data(settings, train_ds, val_ds, list(classes))
-
-
-def _new_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    args = dict(config.model_args)
-    if args.get("num_classes", num_classes) != num_classes:
-        raise ValueError(
-            f"model_args.num_classes={args['num_classes']} but the data has {num_classes} classes"
-        )
-    args.pop("num_classes", None)
-    return build_model(config.model, args, num_classes)
-
-
-def _build_model(
-    config: TrainConfig, data: _Data, info: runtime.DistInfo, device: torch.device
-) -> _Model:
-    """Build the model, take its weights (resumed or ``init_from``), start the EMA from
-    them and wrap the model for data parallelism."""
-    model = _new_model(config, len(data.classes))
-    spec = model_spec(config.model, model, config.model_args)
-    resume_state = None
-    if config.resume:
-        resume_state = load_checkpoint(config.resume)
-        check_resume(resume_state, spec, config.resume)
-        model.load_state_dict(resume_state.weights)
-    elif config.init_from:
-        if not isinstance(model, CaiT):
-            raise ValueError(
-                "init_from loads CaiT/DeiT weights; it is not available for timm models"
-            )
-        report = load_pretrained(model, config.init_from)
-        logger.info("initialised from %s (%s)", config.init_from, report)
-    model.to(device)
-    if isinstance(model, CaiT) and model.config.distilled:
-        # both heads' logits in training, for the distillation loss (DeiT); their mean in eval
-        model.set_distilled_training(True)
-    if config.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    logger.info(
-        "model %s: %.2fM parameters", config.model, sum(p.numel() for p in model.parameters()) / 1e6
-    )
-    # the EMA starts from the weights training starts from (initialised, loaded or resumed)
-    ema = ModelEma(model, config.ema_decay) if config.ema else None
-    if info.world_size > 1 and not info.is_main:
-        # Every rank built the same weights from the same seed (FSDP needs that; DDP
-        # broadcasts rank 0's anyway); from here on each rank draws its own augmentations.
-        # Rank 0 keeps the single-process stream.
-        runtime.seed_everything(config.seed + info.rank)
-    trained = wrap_model(model, config.parallel, info, device)
-    return _Model(trained, unwrap(trained), ema, spec, resume_state)
-
-
-def _build_loaders(
-    config: TrainConfig, data: _Data, info: runtime.DistInfo, device: torch.device
-) -> _Loaders:
-    """This rank's shards: shuffled (or repeated-augmentation) training batches, each
-    image of the validation split once."""
-    sampler = build_train_sampler(
-        data.train, config.augment.repeated_aug, config.seed, info.world_size, info.rank
-    )
-    loader_args = dict(
-        batch_size=config.data.batch_size,
-        num_workers=config.data.workers,
-        collate_fn=collate_samples,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=_seed_worker,
-    )
-    train_loader = DataLoader(data.train, sampler=sampler, drop_last=True, **loader_args)
-    val_loader = DataLoader(
-        data.val, sampler=ShardSampler(len(data.val), info.world_size, info.rank), **loader_args
-    )
-    if len(train_loader) < config.optim.accum_steps:
-        raise ValueError(
-            f"{len(data.train)} training images give {len(train_loader)} batches of "
-            f"{config.data.batch_size}: fewer than optim.accum_steps={config.optim.accum_steps}"
-        )
-    return _Loaders(sampler, train_loader, val_loader)
-
-
-def _build_objective(config: TrainConfig, data: _Data, device: torch.device) -> Objective:
-    """Mixup/CutMix, the loss and (for distillation) the frozen teacher."""
-    mixup = build_mixup(config.augment, len(data.classes))
-    # label smoothing is folded into mixup's soft targets when mixup is on
-    smoothing = 0.0 if mixup is not None else config.augment.label_smoothing
-    d = config.distill
-    criterion = DistillationLoss(d.kind, d.alpha, d.tau, smoothing, d.normalisation)
-    teacher = None
-    if d.kind != "none":
-        teacher = load_teacher(
-            d.teacher, len(data.classes), data.settings, d.teacher_weights, device
-        )
-    return Objective(criterion, mixup, teacher)
-
-
-def _build_optimisation(
-    config: TrainConfig, model: _Model, loaders: _Loaders, info: runtime.DistInfo
-) -> Optimisation:
-    """The learning-rate schedule, the optimiser, the fp16 scaler and the EMA."""
-    steps_per_epoch = len(loaders.train) // config.optim.accum_steps
-    peak_lr = scaled_lr(config, info.world_size)
-    schedule = LRSchedule(peak_lr, config.optim, steps_per_epoch, config.epochs)
-    optimizer = build_optimizer(model.plain, config.optim, schedule(0))
-    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
-    global_batch = config.data.batch_size * config.optim.accum_steps * info.world_size
-    how = (
-        f"{config.optim.lr:.3g} x global batch {global_batch} / {LR_BASE_BATCH}"
-        if config.optim.scale_lr
-        else "optim.lr as given, not scaled"
-    )
-    logger.info("optimisation: peak lr %.3g (%s), %d steps/epoch", peak_lr, how, steps_per_epoch)
-    return Optimisation(
-        optimizer,
-        schedule,
-        scaler,
-        model.ema,
-        accum_steps=config.optim.accum_steps,
-        clip_grad=config.optim.clip_grad,
-    )
 
 
 def _resume_or_start(run: _Run) -> RunProgress:
@@ -574,9 +373,3 @@ def _finish(run: _Run, progress: RunProgress, completed: bool) -> None:
         progress.best_top1,
         run.out,
     )
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds python's and its own RNG in each worker; numpy (used by some
-    # augmentations) is seeded here from the same per-worker seed.
-    np.random.seed(torch.initial_seed() % 2**32)
