@@ -1,9 +1,11 @@
-"""Reading and writing files safely: the one atomic writer, loading without unpickling, and
-one writer per folder.
+"""Reading and writing files safely: the atomic writers of a file and of a folder, loading
+without unpickling, and one writer per folder.
 
-Every file cait writes (run checkpoints, weights, converted checkpoints) goes through
-:func:`atomic_write`, and every torch file it reads goes through :func:`load_file_safely`.
-A folder that one process fills over time (a run) is held with :class:`FolderLock`.
+Every file cait writes (run checkpoints, weights, converted checkpoints, exports) goes
+through :func:`atomic_write`, every folder written whole (a timm export) through
+:func:`write_folder_atomically`, and every torch file it reads goes through
+:func:`load_file_safely`. A folder that one process fills over time (a run) is held with
+:class:`FolderLock`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "remove_stale_temporaries",
     "signals_deferred",
     "temporary_path",
+    "write_folder_atomically",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,6 +139,40 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     return path
 
 
+def write_folder_atomically(output: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Fill a temporary folder beside ``output`` through ``write(folder)``, then swap it in
+    for ``output`` (what was there is moved aside, and removed once the new folder is in
+    place): a failure leaves ``output`` as it was and no temporary folder behind. Whether
+    ``output`` may be replaced is the caller's to decide. A folder of a process killed
+    mid-way is removed by the next writer of ``output``. Parent folders are created."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output.parent, output.name)  # of a writer killed mid-way
+    tmp = temporary_path(output)  # per process: two writers never share one
+    old = temporary_path(output.with_name(f"{output.name}.old"))
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if os.path.lexists(output):
+            output.rename(old)
+        tmp.rename(output)
+    except BaseException:
+        _remove(tmp)
+        if old.exists() and not output.exists():
+            old.rename(output)
+        raise
+    _remove(old)
+    return output
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder with what it holds, or a file or link; nothing when there is none."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -189,10 +226,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], name: str | None = 
             continue  # another machine's (it cannot be checked from here), or alive
         if name is not None and match["name"] not in (name, f"{name}.old"):
             continue
-        if entry.is_dir() and not entry.is_symlink():  # a folder being filled (an export)
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        _remove(entry)  # a file, or a folder being filled (an export)
         removed.append(entry)
     return removed
 
