@@ -61,7 +61,8 @@ class File:
 
 @dataclass(frozen=True)
 class Folder:
-    """A format that writes a folder holding ``files``."""
+    """A format that writes a folder holding ``files``: an existing folder is an earlier
+    export, which ``overwrite`` replaces, only when it holds nothing else."""
 
     files: frozenset[str]
 
@@ -208,16 +209,26 @@ def check_request(
 
 
 def check_output(entry: ExportFormat, path: Path, overwrite: bool) -> None:
-    """Refuse an output the format cannot write, or may not replace without
-    ``overwrite``."""
+    """Refuse an output the format cannot write, or may not replace: an existing one
+    without ``overwrite``, and a folder that is not an earlier export even with it."""
     writes = entry.writes
     if isinstance(writes, File) and path.is_dir():
         raise ValueError(f"{path} is a folder; format {entry.name!r} writes one file")
+    if isinstance(writes, Folder) and os.path.lexists(path) and not path.is_dir():
+        raise ValueError(f"{path} is not a folder; format {entry.name!r} writes a folder")
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{path} exists: refusing to replace it without `overwrite`")
     if isinstance(writes, File) and writes.suffix and path.suffix != writes.suffix:
         why = f" ({writes.why})" if writes.why else ""
         raise ValueError(f"a {entry.name} file must end with {writes.suffix}{why}, got {path}")
+    if isinstance(writes, Folder) and path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in writes.files or p.is_dir())
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise ValueError(
+                f"{path} holds what a {entry.name} export does not write ({shown}): "
+                f"refusing to replace it, even with `overwrite`; choose another output"
+            )
 
 
 def _check_repo_id(repo_id: str) -> None:
