@@ -1,9 +1,14 @@
-"""`cait export` loses nothing (issue 28): ``--force`` replaces only an earlier export, and
-a user's mistake ends in one line."""
+"""`cait export` loses nothing (issue 28): ``--force`` replaces only an earlier export, one
+process at a time writes an output, and a user's mistake ends in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,8 @@ from conftest import randomize_
 
 from cait.cli import main
 from cait.export import export_model
+from cait.export import formats as export_formats
+from cait.files import OutputLock
 from cait.models.build import checkpoint_metadata, model_spec
 from cait.models.registry import create_model, get_variant
 from cait.training.checkpoint import save_safetensors
@@ -44,6 +51,20 @@ def _one_line_error(capsys) -> str:
     assert err.startswith("cait export: error: "), err
     assert "\n" not in err and "Traceback" not in err, err
     return err
+
+
+def _with_row(monkeypatch, name: str, **changes) -> export_formats.ExportFormat:
+    """Change format ``name``'s row of the table for this test; returns the row as it was."""
+    row = export_formats.get_format(name)
+    monkeypatch.setattr(export_formats, "_FORMATS", dict(export_formats._FORMATS))
+    export_formats._FORMATS[name] = dataclasses.replace(row, **changes)
+    return row
+
+
+def _dead_pid() -> int:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -89,3 +110,44 @@ def test_a_timm_export_never_replaces_a_file(model, tmp_path):
     with pytest.raises(ValueError, match="weights.bin is not a folder; format 'timm' writes a"):
         export_model(model, "timm", out, get_variant(NAME).input_spec, overwrite=True)
     assert out.read_text() == "not an export"
+
+
+# ----------------------------------------------------------------- one writer per output
+
+
+def test_a_second_export_to_the_same_output_is_refused(model, tmp_path, monkeypatch):
+    out = tmp_path / "model.pt2"
+    spec = get_variant(NAME).input_spec
+    refusals: list[str] = []
+
+    def write_while_another_starts(job, path):
+        if not refusals:  # the first export, mid-write: a second one to the same output
+            try:
+                export_model(model, "pt2", out, spec, overwrite=True)
+                refusals.append("none: both wrote")
+            except ValueError as err:
+                refusals.append(str(err))
+        return pt2.write(job, path)
+
+    pt2 = _with_row(monkeypatch, "pt2", write=write_while_another_starts)
+    export_model(model, "pt2", out, spec)
+    assert refusals == [refusals[0]], refusals
+    assert f"{out} is in use by cait export (pid {os.getpid()} on" in refusals[0]
+    assert refusals[0].endswith("one writer per output")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]  # the lock is gone too
+
+
+def test_an_output_in_use_is_one_line(checkpoint, tmp_path, capsys):
+    out = tmp_path / "hub"
+    with OutputLock(out, what="cait export"):
+        assert _export(checkpoint, "timm", out) == 2
+    assert "is in use by cait export" in _one_line_error(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_lock_of_a_killed_export_is_taken_over(model, tmp_path, caplog):
+    lock = tmp_path / ".model.pt2.lock"
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    export_model(model, "pt2", tmp_path / "model.pt2", get_variant(NAME).input_spec)
+    assert "removing a stale lock" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]

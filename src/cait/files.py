@@ -1,11 +1,11 @@
 """Reading and writing files safely: the atomic writers of a file and of a folder, loading
-without unpickling, and one writer per folder.
+without unpickling, and one writer per folder or output.
 
 Every file cait writes (run checkpoints, weights, converted checkpoints, exports) goes
 through :func:`atomic_write`, every folder written whole (a timm export) through
 :func:`write_folder_atomically`, and every torch file it reads goes through
 :func:`load_file_safely`. A folder that one process fills over time (a run) is held with
-:class:`FolderLock`.
+:class:`FolderLock`; an output written whole (an export) with :class:`OutputLock`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 __all__ = [
     "FolderLock",
     "FolderLockedError",
+    "OutputLock",
     "atomic_write",
     "error_line",
     "first_line",
@@ -232,7 +233,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], name: str | None = 
 
 
 class FolderLockedError(ValueError):
-    """Another process holds the folder's lock."""
+    """Another process holds the lock of a folder (or of an output: :class:`OutputLock`)."""
 
 
 class FolderLock:
@@ -246,10 +247,12 @@ class FolderLock:
     """
 
     NAME = ".lock"
+    # what the refusal says there is one writer per
+    KIND = "folder"
 
     def __init__(self, folder: str | os.PathLike[str], what: str = "cait") -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / self.NAME
+        self.target = Path(folder)  # what the lock guards: the folder (or the output)
+        self.path = self.target / self.NAME
         self.what = what
         self._held = False
 
@@ -262,7 +265,7 @@ class FolderLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`FolderLockedError` naming its holder."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         owner = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -285,13 +288,13 @@ class FolderLock:
             except FileExistsError:
                 holder = self._holder()
                 if holder is None or self._is_stale(holder):
-                    logger.warning("%s: removing a stale lock (%s)", self.folder, _describe(holder))
+                    logger.warning("%s: removing a stale lock (%s)", self.target, _describe(holder))
                     self.path.unlink(missing_ok=True)
                     continue
                 raise FolderLockedError(self._refusal(holder)) from None
             self._held = True
             return
-        raise FolderLockedError(f"{self.folder}: could not take the lock {self.path}")
+        raise FolderLockedError(f"{self.target}: could not take the lock {self.path}")
 
     def release(self) -> None:
         """Remove the lock if it is still this process's."""
@@ -320,10 +323,22 @@ class FolderLock:
     def _refusal(self, holder: dict[str, Any]) -> str:
         if holder.get("host") != socket.gethostname():
             return (
-                f"{self.folder} is in use by {_describe(holder)}; if that process has ended, "
+                f"{self.target} is in use by {_describe(holder)}; if that process has ended, "
                 f"remove {self.path}"
             )
-        return f"{self.folder} is in use by {_describe(holder)}: one writer per folder"
+        return f"{self.target} is in use by {_describe(holder)}: one writer per {self.KIND}"
+
+
+class OutputLock(FolderLock):
+    """One writer per output written whole (a file or a folder, an export): as
+    :class:`FolderLock`, with the lock file beside the output, named ``.NAME.lock``, so
+    that it is never part of what is written."""
+
+    KIND = "output"
+
+    def __init__(self, output: str | os.PathLike[str], what: str = "cait") -> None:
+        super().__init__(output, what)
+        self.path = self.target.with_name(f".{self.target.name}.lock")
 
 
 def _describe(holder: dict[str, Any] | None) -> str:

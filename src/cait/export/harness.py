@@ -14,10 +14,10 @@ from typing import Any
 from safetensors import SafetensorError
 from torch import nn
 
-from cait.export.formats import ExportFormat, Folder, check_request
+from cait.export.formats import ExportFormat, Folder, check_output, check_request
 from cait.export.job import DEFAULT_EXAMPLE_BATCH, ExportError, ExportJob
 from cait.export.parity import ParityCheck, check_sizes, parity
-from cait.files import atomic_write, write_folder_atomically
+from cait.files import OutputLock, atomic_write, write_folder_atomically
 from cait.models.build import load_for_inference
 from cait.models.hub import HubUploadError, push_folder_to_hub
 from cait.models.registry import InputSpec
@@ -106,7 +106,8 @@ def export_model(
     where they do not. ``opset`` is ONNX's; ``push_to_hub`` uploads a timm folder to that
     Hub repo. ``class_names`` and ``folder_names`` (the labels of the model's indices)
     become the timm folder's label names and descriptions. ``overwrite`` replaces an
-    existing output.
+    earlier export (never a folder holding anything else); one process at a time writes
+    an output, others are refused.
     """
     entry = check_request(
         fmt,
@@ -122,13 +123,15 @@ def export_model(
     job = ExportJob(
         model, input_spec, batch, opset, dynamic_size, folder_names or class_names, class_names
     )
-    result = _write_and_check(entry, job, output)
-    if push_to_hub is not None:
-        try:
-            url = push_folder_to_hub(output, push_to_hub)
-        except HubUploadError as err:
-            raise ExportError(str(err)) from err
-        result = dataclasses.replace(result, pushed_to=url)
+    with OutputLock(output, what="cait export"):
+        check_output(entry, output, overwrite)  # again: it may have changed meanwhile
+        result = _write_and_check(entry, job, output)
+        if push_to_hub is not None:
+            try:
+                url = push_folder_to_hub(output, push_to_hub)
+            except HubUploadError as err:
+                raise ExportError(str(err)) from err
+            result = dataclasses.replace(result, pushed_to=url)
     return result
 
 
