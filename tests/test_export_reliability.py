@@ -1,5 +1,6 @@
 """`cait export` loses nothing (issue 28): ``--force`` replaces only an earlier export, one
-process at a time writes an output, and a user's mistake ends in one line."""
+process at a time writes an output, the temporaries of a killed export are removed by the
+next, and a user's mistake ends in one line."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from conftest import randomize_
 from cait.cli import main
 from cait.export import export_model
 from cait.export import formats as export_formats
-from cait.files import OutputLock
+from cait.files import OutputLock, temporary_path
 from cait.models.build import checkpoint_metadata, model_spec
 from cait.models.registry import create_model, get_variant
 from cait.training.checkpoint import save_safetensors
@@ -151,3 +152,24 @@ def test_the_lock_of_a_killed_export_is_taken_over(model, tmp_path, caplog):
     export_model(model, "pt2", tmp_path / "model.pt2", get_variant(NAME).input_spec)
     assert "removing a stale lock" in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
+
+
+# ------------------------------------------------------------- temporaries of a killed export
+
+
+@pytest.mark.parametrize(
+    "fmt,name", [("onnx", "model.onnx"), ("pt2", "model.pt2"), ("timm", "hub")]
+)
+def test_the_next_export_removes_what_a_killed_one_left(model, tmp_path, fmt, name):
+    out = tmp_path / name
+    mine = temporary_path(out).name
+    stale = tmp_path / mine.replace(f"-{os.getpid()}.tmp", f"-{_dead_pid()}.tmp")
+    if fmt == "timm":  # a folder being filled
+        stale.mkdir()
+        (stale / "model.safetensors").write_bytes(b"half an export")
+    else:
+        stale.write_bytes(b"half an export")
+    alive = tmp_path / mine.replace(f"-{os.getpid()}.tmp", f"-{os.getppid()}.tmp")
+    alive.write_bytes(b"another export, still running")
+    export_model(model, fmt, out, get_variant(NAME).input_spec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, alive.name])

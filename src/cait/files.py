@@ -145,10 +145,9 @@ def write_folder_atomically(output: str | os.PathLike[str], write: Callable[[Pat
     for ``output`` (what was there is moved aside, and removed once the new folder is in
     place): a failure leaves ``output`` as it was and no temporary folder behind. Whether
     ``output`` may be replaced is the caller's to decide. A folder of a process killed
-    mid-way is removed by the next writer of ``output``. Parent folders are created."""
+    mid-way is removed by :func:`remove_stale_temporaries`. Parent folders are created."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(output.parent, output.name)  # of a writer killed mid-way
     tmp = temporary_path(output)  # per process: two writers never share one
     old = temporary_path(output.with_name(f"{output.name}.old"))
     try:

@@ -17,7 +17,12 @@ from torch import nn
 from cait.export.formats import ExportFormat, Folder, check_output, check_request
 from cait.export.job import DEFAULT_EXAMPLE_BATCH, ExportError, ExportJob
 from cait.export.parity import ParityCheck, check_sizes, parity
-from cait.files import OutputLock, atomic_write, write_folder_atomically
+from cait.files import (
+    OutputLock,
+    atomic_write,
+    remove_stale_temporaries,
+    write_folder_atomically,
+)
 from cait.models.build import load_for_inference
 from cait.models.hub import HubUploadError, push_folder_to_hub
 from cait.models.registry import InputSpec
@@ -125,6 +130,7 @@ def export_model(
     )
     with OutputLock(output, what="cait export"):
         check_output(entry, output, overwrite)  # again: it may have changed meanwhile
+        remove_stale_temporaries(output.parent, output.name)  # of an export killed mid-way
         result = _write_and_check(entry, job, output)
         if push_to_hub is not None:
             try:
