@@ -1,12 +1,13 @@
 """`cait export` loses nothing (issue 28): ``--force`` replaces only an earlier export, one
 process at a time writes an output, the temporaries of a killed export are removed by the
-next, and a user's mistake ends in one line."""
+next, Ctrl-C leaves nothing behind, and a user's mistake ends in one line."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from conftest import randomize_
 from cait.cli import main
 from cait.export import export_model
 from cait.export import formats as export_formats
-from cait.files import OutputLock, temporary_path
+from cait.files import OutputLock, atomic_write, temporary_path
 from cait.models.build import checkpoint_metadata, model_spec
 from cait.models.registry import create_model, get_variant
 from cait.training.checkpoint import save_safetensors
@@ -173,3 +174,57 @@ def test_the_next_export_removes_what_a_killed_one_left(model, tmp_path, fmt, na
     alive.write_bytes(b"another export, still running")
     export_model(model, fmt, out, get_variant(NAME).input_spec)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, alive.name])
+
+
+# ------------------------------------------------------------------------------------ Ctrl-C
+
+
+def _ctrl_c_after(write):
+    """``write``, then Ctrl-C: the export is written and not yet checked or in place."""
+
+    def write_then_interrupt(job, path):
+        details = write(job, path)
+        signal.raise_signal(signal.SIGINT)
+        return details
+
+    return write_then_interrupt
+
+
+@pytest.mark.parametrize("fmt,name", [("pt2", "model.pt2"), ("timm", "hub")])
+def test_ctrl_c_during_an_export_leaves_the_earlier_output_and_nothing_else(
+    model, tmp_path, monkeypatch, fmt, name
+):
+    out = tmp_path / name
+    earlier = out / "config.json" if fmt == "timm" else out
+    earlier.parent.mkdir(exist_ok=True)
+    earlier.write_text("an earlier export")
+    row = export_formats.get_format(fmt)
+    _with_row(monkeypatch, fmt, write=_ctrl_c_after(row.write))
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, fmt, out, get_variant(NAME).input_spec, overwrite=True)
+    assert earlier.read_text() == "an earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary, no lock
+
+
+def test_ctrl_c_in_cait_export_is_interrupted_with_nothing_written(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    _with_row(monkeypatch, "pt2", write=_ctrl_c_after(export_formats.get_format("pt2").write))
+    assert _export(checkpoint, "pt2", tmp_path / "model.pt2") == 130
+    assert capsys.readouterr().err.strip() == "cait export: interrupted"
+    assert not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_during_the_rename_is_too_late_and_says_so(tmp_path, monkeypatch, caplog):
+    """The write is complete: it is kept, and the interrupted call returns as finished."""
+    rename = os.replace
+
+    def interrupted_rename(src, dst):
+        signal.raise_signal(signal.SIGINT)  # held until the rename is done
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted_rename)
+    out = tmp_path / "model.onnx"
+    atomic_write(out, lambda tmp: tmp.write_text("complete"), interruptible=True)
+    assert out.read_text() == "complete"
+    assert f"Ctrl-C came as {out} was put in place: it is complete" in caplog.text

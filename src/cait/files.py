@@ -86,10 +86,18 @@ def signals_deferred() -> Iterator[None]:
     block it (torch's worker threads). Only the main thread may set handlers, so
     elsewhere this does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
+    with _deferred_signals():
         yield
-        return
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[list[int]]:
+    """:func:`signals_deferred`, yielding the signals noted so far: one the caller removes
+    from the list is not raised again."""
     received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
 
     def note(signum: int, frame: object) -> None:
         if signum not in received:
@@ -101,7 +109,7 @@ def signals_deferred() -> Iterator[None]:
         if handler is not None:  # None: set outside Python, which cannot be restored
             previous[sig] = signal.signal(sig, note)
     try:
-        yield
+        yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -109,7 +117,31 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+@contextlib.contextmanager
+def _rename_window(path: Path) -> Iterator[None]:
+    """Around the rename that ends an interruptible write: SIGINT and SIGTERM wait for it.
+    A Ctrl-C that came meanwhile is too late to stop the write, now complete: it is
+    dropped, saying so (a SIGTERM still ends the process, after the rename)."""
+    with _deferred_signals() as received:
+        yield
+        if signal.SIGINT in received:
+            received.remove(signal.SIGINT)
+            logger.warning("Ctrl-C came as %s was put in place: it is complete", path)
+
+
+def _signal_windows(
+    interruptible: bool, path: Path
+) -> tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]:
+    """What holds SIGINT and SIGTERM around a write and around its rename: the whole write
+    waits for them, or (``interruptible``) only the rename does."""
+    if interruptible:
+        return contextlib.nullcontext(), _rename_window(path)
+    return signals_deferred(), contextlib.nullcontext()
+
+
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[Path], None], *, interruptible: bool = False
+) -> Path:
     """Write a file through ``write(temporary_path)``, then rename it over ``path``.
 
     The temporary file (:func:`temporary_path`) sits beside ``path`` (same file system, so
@@ -118,18 +150,23 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     failed write removes its temporary file (a full disk, an error, Ctrl-C: SIGINT and
     SIGTERM wait for the write to end); a process killed with SIGKILL cannot, and
     :func:`remove_stale_temporaries` removes what it left. Parent folders are created.
+
+    With ``interruptible`` (a long write that is worth nothing half done, an export),
+    Ctrl-C stops the write itself, which then leaves nothing; only the rename waits.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
-    with signals_deferred():
+    around_write, around_rename = _signal_windows(interruptible, path)
+    with around_write:
         try:
             write(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, FILE_MODE)
-            os.replace(tmp, path)
-            _fsync_folder(path.parent)  # the rename itself survives a power cut
+            with around_rename:
+                os.replace(tmp, path)
+                _fsync_folder(path.parent)  # the rename itself survives a power cut
         except BaseException as err:
             # torch.save reports a full disk as a RuntimeError from its C++ writer; say it
             full = isinstance(err, RuntimeError) and _disk_full(tmp.parent)
@@ -140,28 +177,34 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     return path
 
 
-def write_folder_atomically(output: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+def write_folder_atomically(
+    output: str | os.PathLike[str], write: Callable[[Path], None], *, interruptible: bool = False
+) -> Path:
     """Fill a temporary folder beside ``output`` through ``write(folder)``, then swap it in
     for ``output`` (what was there is moved aside, and removed once the new folder is in
     place): a failure leaves ``output`` as it was and no temporary folder behind. Whether
-    ``output`` may be replaced is the caller's to decide. A folder of a process killed
-    mid-way is removed by :func:`remove_stale_temporaries`. Parent folders are created."""
+    ``output`` may be replaced is the caller's to decide. Signals wait as for
+    :func:`atomic_write`, the swap always. A folder of a process killed mid-way is removed
+    by :func:`remove_stale_temporaries`. Parent folders are created."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(output)  # per process: two writers never share one
     old = temporary_path(output.with_name(f"{output.name}.old"))
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if os.path.lexists(output):
-            output.rename(old)
-        tmp.rename(output)
-    except BaseException:
-        _remove(tmp)
-        if old.exists() and not output.exists():
-            old.rename(output)
-        raise
-    _remove(old)
+    around_write, around_rename = _signal_windows(interruptible, output)
+    with around_write:
+        try:
+            tmp.mkdir()
+            write(tmp)
+            with around_rename:
+                if os.path.lexists(output):
+                    output.rename(old)
+                tmp.rename(output)
+                _remove(old)
+        except BaseException:
+            _remove(tmp)
+            if old.exists() and not output.exists():
+                old.rename(output)
+            raise
     return output
 
 

@@ -11,9 +11,9 @@ Three formats, each checked against the eager model before it is kept:
   ``timm.create_model("local-dir:FOLDER", pretrained=True)``. It can be pushed to the Hub.
 
 Every output is written beside its destination under a temporary name, checked, then renamed
-into place: a failed export or check leaves nothing behind; an existing output is only
-replaced when asked, and only when it is an earlier export; one process at a time writes an
-output.
+into place: a failed export or check, or Ctrl-C, leaves nothing behind; an existing output is
+only replaced when asked, and only when it is an earlier export; one process at a time
+writes an output.
 
 The package: :mod:`~cait.export.formats` is the table of formats (adding one is an entry
 there and its writer, a module of its own: :mod:`~cait.export.onnx`,

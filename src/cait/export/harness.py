@@ -102,7 +102,7 @@ def export_model(
     push_to_hub: str | None = None,
 ) -> ExportResult:
     """Export ``model`` (put in eval mode) as ``fmt`` to ``output`` and check the export
-    against it (see :mod:`cait.export`); a failed check writes nothing.
+    against it (see :mod:`cait.export`); a failed check or Ctrl-C writes nothing.
 
     ``input_spec`` gives the image size of the example input and of the checks (and the
     preprocessing written into a timm folder); ``batch`` is the example's batch size, the
@@ -143,7 +143,8 @@ def export_model(
 
 def _write_and_check(entry: ExportFormat, job: ExportJob, output: Path) -> ExportResult:
     """Write the export beside ``output`` with the format's writer, run the parity checks
-    on what the format's loader makes of it, and only then put it in place."""
+    on what the format's loader makes of it, and only then put it in place. Ctrl-C stops
+    the write or the checks, and nothing is left."""
     details: dict[str, Any] = {}
     checks: list[ParityCheck] = []
 
@@ -154,9 +155,9 @@ def _write_and_check(entry: ExportFormat, job: ExportJob, output: Path) -> Expor
         checks.extend(parity(job.model, run, entry.reference, sizes, job.in_chans, entry.tolerance))
 
     if isinstance(entry.writes, Folder):
-        write_folder_atomically(output, write)
+        write_folder_atomically(output, write, interruptible=True)
     else:
-        atomic_write(output, write)
+        atomic_write(output, write, interruptible=True)
     return ExportResult(
         entry.name,
         output,
