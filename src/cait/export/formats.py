@@ -211,6 +211,11 @@ def check_request(
 def check_output(entry: ExportFormat, path: Path, overwrite: bool) -> None:
     """Refuse an output the format cannot write, or may not replace: an existing one
     without ``overwrite``, and a folder that is not an earlier export even with it."""
+    if path.name in ("", ".", ".."):
+        raise ValueError(
+            f"the output {str(path)!r} names a folder to write in, not what to write: give "
+            f"the {entry.name} export a name, e.g. {path / _example_name(entry)}"
+        )
     writes = entry.writes
     if isinstance(writes, File) and path.is_dir():
         raise ValueError(f"{path} is a folder; format {entry.name!r} writes one file")
@@ -229,6 +234,12 @@ def check_output(entry: ExportFormat, path: Path, overwrite: bool) -> None:
                 f"{path} holds what a {entry.name} export does not write ({shown}): "
                 f"refusing to replace it, even with `overwrite`; choose another output"
             )
+
+
+def _example_name(entry: ExportFormat) -> str:
+    if isinstance(entry.writes, Folder):
+        return f"{entry.name}_model"
+    return f"model{entry.writes.suffix or '.' + entry.name}"
 
 
 def _check_repo_id(repo_id: str) -> None:

@@ -26,20 +26,33 @@ MIN_ONNX_OPSET = 17
 # separate data file, which the atomic rename of one file cannot carry.
 _ONNX_SINGLE_FILE_BYTES = 2**31
 # Loggers of the ONNX exporter, raised to these levels while it runs: its optimisation
-# passes narrate each rewrite at INFO.
+# passes narrate each rewrite at INFO, and its version converter logs a traceback at
+# WARNING when it cannot reach the opset asked for, which our own error then says in a line.
 _ONNX_CHATTY_LOGGERS: Mapping[str, int] = {
     "onnxscript": logging.WARNING,
     "onnx_ir": logging.WARNING,
+    "onnxscript.version_converter": logging.ERROR,
 }
 _INPUT, _OUTPUT = "images", "logits"
 
 
 def check_opset(opset: int) -> None:
-    """Refuse an opset the model cannot be written in."""
+    """Refuse an opset the model cannot be written in, or that onnx does not know (when
+    onnx is installed; the export says so when it is not)."""
     if opset < MIN_ONNX_OPSET:
         raise ValueError(
             f"ONNX opset {opset} has no LayerNormalization, which every block uses: "
             f"the opset must be at least {MIN_ONNX_OPSET}"
+        )
+    try:
+        import onnx
+    except ImportError:
+        return
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ValueError(
+            f"ONNX opset {opset} does not exist yet: onnx {onnx.__version__} knows opsets up "
+            f"to {newest}"
         )
 
 
