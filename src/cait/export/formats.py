@@ -28,6 +28,7 @@ __all__ = [
     "ExportFormat",
     "File",
     "Folder",
+    "check_output",
     "check_request",
     "get_format",
     "register_format",
