@@ -9,6 +9,9 @@ every block count (``randomize_``).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,8 @@ from safetensors.torch import load_file
 
 from cait import export as export_module
 from cait.cli import main
-from cait.export import ExportError, export_model
+from cait.export import PARITY_BATCHES, ExportError, export_model
+from cait.export import formats as export_formats
 from cait.models.build import checkpoint_metadata, load_for_inference, model_spec
 from cait.models.registry import create_model, get_variant
 from cait.models.timm_interop import timm_architecture
@@ -396,3 +400,68 @@ def test_an_existing_output_is_replaced_only_with_force(checkpoint, tmp_path, ca
     assert main([*argv, "--force"]) == 0
     assert json.loads((out / "config.json").read_text())["architecture"] == "cait_xxs24_224"
     assert [p.name for p in tmp_path.iterdir()] == ["hub"]  # no temporary or old folder left
+
+
+# ------------------------------------------------------------------------------- the table
+
+
+def _write_state_dict(job, path: Path) -> dict:
+    torch.save(job.model.state_dict(), path)
+    return {}
+
+
+def _load_state_dict(path: Path) -> torch.nn.Module:
+    model = create_model(NAME, **ARGS).eval()
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model
+
+
+def test_a_format_is_one_entry_in_the_table_and_one_function(tmp_path, monkeypatch):
+    """A format registered in the table, with nothing else naming it, is exported, checked
+    and refused like the built-in ones."""
+    monkeypatch.setattr(export_formats, "_FORMATS", dict(export_formats._FORMATS))  # restored
+    export_formats.register_format(
+        export_formats.ExportFormat(
+            "state_dict",
+            export_formats.File(".sd"),
+            tolerance=0.0,
+            options=frozenset(),
+            write=_write_state_dict,
+            load=_load_state_dict,
+            reference="torch.load",
+        )
+    )
+    model = randomize_(create_model(NAME, **ARGS)).eval()
+    spec = get_variant(NAME).input_spec
+    out = tmp_path / "model.sd"
+    result = export_model(model, "state_dict", out, spec)
+    assert (result.format, result.output, result.reference) == ("state_dict", out, "torch.load")
+    assert [c.batch for c in result.checks] == list(PARITY_BATCHES) and result.max_abs_diff == 0
+    written = torch.load(out, weights_only=True)
+    assert written.keys() == model.state_dict().keys()
+    assert all(torch.equal(written[k], v) for k, v in model.state_dict().items())
+    assert [p.name for p in tmp_path.iterdir()] == ["model.sd"]  # no temporary file left
+    # the table's rules reach it: its suffix, the options it does not take, its tolerance
+    with pytest.raises(ValueError, match="a state_dict file must end with .sd, got"):
+        export_model(model, "state_dict", tmp_path / "model.pt", spec)
+    with pytest.raises(ValueError, match="dynamic height and width mean nothing for it"):
+        export_model(model, "state_dict", tmp_path / "other.sd", spec, dynamic_size=True)
+    export_module.TOLERANCES["state_dict"] = -1.0  # in the table's copy, as the row's own
+    with pytest.raises(ExportError, match="torch.load differs from the model by 0.00e"):
+        export_model(model, "state_dict", out, spec, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.sd"]
+
+
+def test_a_format_name_is_registered_once():
+    with pytest.raises(ValueError, match="an export format named 'onnx' is already registered"):
+        export_formats.register_format(export_formats.get_format("onnx"))
+
+
+def test_importing_export_imports_no_exporter_or_timm():
+    """The CLI's help imports FORMATS and DEFAULT_EXAMPLE_BATCH from cait.export."""
+    heavy = ["onnx", "onnxscript", "onnxruntime", "timm", "torchvision", "matplotlib"]
+    code = f"import sys, cait.export; print([m for m in {heavy} if m in sys.modules])"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    argv = [sys.executable, "-c", code]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,9 +1,11 @@
-"""Reading and writing files safely: the one atomic writer, loading without unpickling, and
-one writer per folder.
+"""Reading and writing files safely: the atomic writers of a file and of a folder, loading
+without unpickling, and one writer per folder or output.
 
-Every file cait writes (run checkpoints, weights, converted checkpoints) goes through
-:func:`atomic_write`, and every torch file it reads goes through :func:`load_file_safely`.
-A folder that one process fills over time (a run) is held with :class:`FolderLock`.
+Every file cait writes (run checkpoints, weights, converted checkpoints, exports) goes
+through :func:`atomic_write`, every folder written whole (a timm export) through
+:func:`write_folder_atomically`, and every torch file it reads goes through
+:func:`load_file_safely`. A folder that one process fills over time (a run) is held with
+:class:`FolderLock`; an output written whole (an export) with :class:`OutputLock`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from safetensors.torch import load_file
 __all__ = [
     "FolderLock",
     "FolderLockedError",
+    "OutputLock",
     "atomic_write",
     "error_line",
     "first_line",
@@ -37,6 +40,7 @@ __all__ = [
     "remove_stale_temporaries",
     "signals_deferred",
     "temporary_path",
+    "write_folder_atomically",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,10 +86,18 @@ def signals_deferred() -> Iterator[None]:
     block it (torch's worker threads). Only the main thread may set handlers, so
     elsewhere this does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
+    with _deferred_signals():
         yield
-        return
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[list[int]]:
+    """:func:`signals_deferred`, yielding the signals noted so far: one the caller removes
+    from the list is not raised again."""
     received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
 
     def note(signum: int, frame: object) -> None:
         if signum not in received:
@@ -97,7 +109,7 @@ def signals_deferred() -> Iterator[None]:
         if handler is not None:  # None: set outside Python, which cannot be restored
             previous[sig] = signal.signal(sig, note)
     try:
-        yield
+        yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -105,7 +117,31 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+@contextlib.contextmanager
+def _rename_window(path: Path) -> Iterator[None]:
+    """Around the rename that ends an interruptible write: SIGINT and SIGTERM wait for it.
+    A Ctrl-C that came meanwhile is too late to stop the write, now complete: it is
+    dropped, saying so (a SIGTERM still ends the process, after the rename)."""
+    with _deferred_signals() as received:
+        yield
+        if signal.SIGINT in received:
+            received.remove(signal.SIGINT)
+            logger.warning("Ctrl-C came as %s was put in place: it is complete", path)
+
+
+def _signal_windows(
+    interruptible: bool, path: Path
+) -> tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]:
+    """What holds SIGINT and SIGTERM around a write and around its rename: the whole write
+    waits for them, or (``interruptible``) only the rename does."""
+    if interruptible:
+        return contextlib.nullcontext(), _rename_window(path)
+    return signals_deferred(), contextlib.nullcontext()
+
+
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[Path], None], *, interruptible: bool = False
+) -> Path:
     """Write a file through ``write(temporary_path)``, then rename it over ``path``.
 
     The temporary file (:func:`temporary_path`) sits beside ``path`` (same file system, so
@@ -114,18 +150,23 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     failed write removes its temporary file (a full disk, an error, Ctrl-C: SIGINT and
     SIGTERM wait for the write to end); a process killed with SIGKILL cannot, and
     :func:`remove_stale_temporaries` removes what it left. Parent folders are created.
+
+    With ``interruptible`` (a long write that is worth nothing half done, an export),
+    Ctrl-C stops the write itself, which then leaves nothing; only the rename waits.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
-    with signals_deferred():
+    around_write, around_rename = _signal_windows(interruptible, path)
+    with around_write:
         try:
             write(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, FILE_MODE)
-            os.replace(tmp, path)
-            _fsync_folder(path.parent)  # the rename itself survives a power cut
+            with around_rename:
+                os.replace(tmp, path)
+                _fsync_folder(path.parent)  # the rename itself survives a power cut
         except BaseException as err:
             # torch.save reports a full disk as a RuntimeError from its C++ writer; say it
             full = isinstance(err, RuntimeError) and _disk_full(tmp.parent)
@@ -134,6 +175,45 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
                 raise OSError(errno.ENOSPC, f"No space left on device writing {path}") from err
             raise
     return path
+
+
+def write_folder_atomically(
+    output: str | os.PathLike[str], write: Callable[[Path], None], *, interruptible: bool = False
+) -> Path:
+    """Fill a temporary folder beside ``output`` through ``write(folder)``, then swap it in
+    for ``output`` (what was there is moved aside, and removed once the new folder is in
+    place): a failure leaves ``output`` as it was and no temporary folder behind. Whether
+    ``output`` may be replaced is the caller's to decide. Signals wait as for
+    :func:`atomic_write`, the swap always. A folder of a process killed mid-way is removed
+    by :func:`remove_stale_temporaries`. Parent folders are created."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(output)  # per process: two writers never share one
+    old = temporary_path(output.with_name(f"{output.name}.old"))
+    around_write, around_rename = _signal_windows(interruptible, output)
+    with around_write:
+        try:
+            tmp.mkdir()
+            write(tmp)
+            with around_rename:
+                if os.path.lexists(output):
+                    output.rename(old)
+                tmp.rename(output)
+                _remove(old)
+        except BaseException:
+            _remove(tmp)
+            if old.exists() and not output.exists():
+                old.rename(output)
+            raise
+    return output
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder with what it holds, or a file or link; nothing when there is none."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -189,16 +269,13 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], name: str | None = 
             continue  # another machine's (it cannot be checked from here), or alive
         if name is not None and match["name"] not in (name, f"{name}.old"):
             continue
-        if entry.is_dir() and not entry.is_symlink():  # a folder being filled (an export)
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        _remove(entry)  # a file, or a folder being filled (an export)
         removed.append(entry)
     return removed
 
 
 class FolderLockedError(ValueError):
-    """Another process holds the folder's lock."""
+    """Another process holds the lock of a folder (or of an output: :class:`OutputLock`)."""
 
 
 class FolderLock:
@@ -212,10 +289,12 @@ class FolderLock:
     """
 
     NAME = ".lock"
+    # what the refusal says there is one writer per
+    KIND = "folder"
 
     def __init__(self, folder: str | os.PathLike[str], what: str = "cait") -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / self.NAME
+        self.target = Path(folder)  # what the lock guards: the folder (or the output)
+        self.path = self.target / self.NAME
         self.what = what
         self._held = False
 
@@ -228,7 +307,7 @@ class FolderLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`FolderLockedError` naming its holder."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         owner = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -251,13 +330,13 @@ class FolderLock:
             except FileExistsError:
                 holder = self._holder()
                 if holder is None or self._is_stale(holder):
-                    logger.warning("%s: removing a stale lock (%s)", self.folder, _describe(holder))
+                    logger.warning("%s: removing a stale lock (%s)", self.target, _describe(holder))
                     self.path.unlink(missing_ok=True)
                     continue
                 raise FolderLockedError(self._refusal(holder)) from None
             self._held = True
             return
-        raise FolderLockedError(f"{self.folder}: could not take the lock {self.path}")
+        raise FolderLockedError(f"{self.target}: could not take the lock {self.path}")
 
     def release(self) -> None:
         """Remove the lock if it is still this process's."""
@@ -286,10 +365,22 @@ class FolderLock:
     def _refusal(self, holder: dict[str, Any]) -> str:
         if holder.get("host") != socket.gethostname():
             return (
-                f"{self.folder} is in use by {_describe(holder)}; if that process has ended, "
+                f"{self.target} is in use by {_describe(holder)}; if that process has ended, "
                 f"remove {self.path}"
             )
-        return f"{self.folder} is in use by {_describe(holder)}: one writer per folder"
+        return f"{self.target} is in use by {_describe(holder)}: one writer per {self.KIND}"
+
+
+class OutputLock(FolderLock):
+    """One writer per output written whole (a file or a folder, an export): as
+    :class:`FolderLock`, with the lock file beside the output, named ``.NAME.lock``, so
+    that it is never part of what is written."""
+
+    KIND = "output"
+
+    def __init__(self, output: str | os.PathLike[str], what: str = "cait") -> None:
+        super().__init__(output, what)
+        self.path = self.target.with_name(f".{self.target.name}.lock")
 
 
 def _describe(holder: dict[str, Any] | None) -> str:
