@@ -365,3 +365,53 @@ def test_the_metadata_key_rule_catches_a_module_that_names_a_key(tmp_path):
         "cait.inference:3 names the metadata key 'class_names'",
         "cait.training.checkpoint:2 names the metadata key 'model_config'",
     ]
+
+
+# ---------------------------------------------------------------- sizes: a screen, a concept
+
+MAX_FUNCTION_LINES = 80  # about a screen; argparse builders (add_parser) list flags, not logic
+ARGPARSE_BUILDERS = {"add_parser", "build_parser"}
+MAX_FILE_LINES = 500
+# Files allowed past MAX_FILE_LINES because they hold one concept; a new one needs a reason.
+ONE_CONCEPT_FILES = {
+    "cait.models.layers": "the paper's layers, in its order (LAYOUT: one file)",
+    "cait.kernels.talking_heads": "the talking-heads autograd function and its Python path",
+}
+
+
+def too_long(root: Path) -> list[str]:
+    """Functions over a screen (argparse builders aside) and files over MAX_FILE_LINES that
+    are not in ONE_CONCEPT_FILES, one line each."""
+    problems = []
+    for path in sorted((root / "cait").rglob("*.py")):
+        text = path.read_text()
+        module = module_name(path, root)
+        lines = len(text.splitlines())
+        if lines > MAX_FILE_LINES and module not in ONE_CONCEPT_FILES:
+            problems.append(f"{module}: {lines} lines (> {MAX_FILE_LINES}): split it by concept")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES and node.name not in ARGPARSE_BUILDERS:
+                    problems.append(
+                        f"{module}.{node.name}: {length} lines (> {MAX_FUNCTION_LINES})"
+                    )
+    return problems
+
+
+def test_functions_fit_a_screen_and_big_files_hold_one_concept():
+    assert not too_long(SRC), "\n".join(too_long(SRC))
+
+
+def test_the_size_check_finds_a_long_function_and_a_big_file(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    files = {
+        "__init__.py": "",
+        "models/a.py": f"def long():\n{body}",
+        "models/add.py": f"def add_parser(sub):\n{body}",
+        "data/big.py": "x = 1\n" * (MAX_FILE_LINES + 1),
+    }
+    problems = too_long(_fake_package(tmp_path, files))
+    assert any(p.startswith("cait.models.a.long: 81 lines") for p in problems), problems
+    assert any(p.startswith("cait.data.big: 501 lines") for p in problems), problems
+    assert not any("add_parser" in p for p in problems), problems
