@@ -44,10 +44,9 @@ from cait.app import (
     residual_plot,
     serve,
 )
-from cait.models.build import checkpoint_metadata, model_spec
 from cait.models.registry import create_model, get_variant
+from cait.models.weights_file import checkpoint_metadata, model_spec, save_safetensors
 from cait.threads import use_threads
-from cait.training.checkpoint import save_safetensors
 
 DEMO = Path("runs/demo/model.safetensors")
 

@@ -24,10 +24,10 @@ from cait import export as export_module
 from cait.cli import main
 from cait.export import PARITY_BATCHES, ExportError, export_model
 from cait.export import formats as export_formats
-from cait.models.build import checkpoint_metadata, load_for_inference, model_spec
+from cait.models.build import load_for_inference
 from cait.models.registry import create_model, get_variant
 from cait.models.timm_interop import timm_architecture
-from cait.training.checkpoint import save_safetensors
+from cait.models.weights_file import checkpoint_metadata, model_spec, save_safetensors
 
 NAME = "cait_digits_16"  # 16x16 images, patch 4: a 4x4 grid
 ARGS = {"depth": 2}  # the default talking-heads path (attn_impl="fast")

@@ -21,9 +21,8 @@ from cait.export import export_model
 from cait.export import formats as export_formats
 from cait.export import harness as export_harness
 from cait.files import OutputLock, atomic_write, temporary_path
-from cait.models.build import checkpoint_metadata, model_spec
 from cait.models.registry import create_model, get_variant
-from cait.training.checkpoint import save_safetensors
+from cait.models.weights_file import checkpoint_metadata, model_spec, save_safetensors
 
 NAME = "cait_digits_16"  # 16x16 images, patch 4
 ARGS = {"depth": 1}

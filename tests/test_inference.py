@@ -26,9 +26,9 @@ from cait.inference import (
     read_checked_image,
     top_classes,
 )
-from cait.models.build import checkpoint_metadata, load_for_inference, model_spec
+from cait.models.build import load_for_inference
 from cait.models.registry import create_model, get_variant
-from cait.training.checkpoint import save_safetensors
+from cait.models.weights_file import checkpoint_metadata, model_spec, save_safetensors
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 

@@ -38,26 +38,18 @@ from cait.models.timm_interop import (
 from cait.models.weights_file import (
     ModelMetadata,
     WeightsFile,
-    checkpoint_metadata,
-    model_spec,
-    read_checkpoint_metadata,
     read_weights_file,
     save_safetensors,
 )
 
-# checkpoint_metadata, model_spec and read_checkpoint_metadata are weights_file's; they are
-# importable from here too, where their callers found them before it existed.
 __all__ = [
     "TORCHVISION_PREFIX",
     "LoadedModel",
     "build_model",
-    "checkpoint_metadata",
     "convert_checkpoint",
     "input_spec",
     "load_for_inference",
     "model_from_metadata",
-    "model_spec",
-    "read_checkpoint_metadata",
     "torchvision_model",
 ]
 
