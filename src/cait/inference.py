@@ -20,16 +20,18 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from cait import runtime
 from cait.data import (
+    DIGITS,
     UNREADABLE_IMAGE_ERRORS,
     build_val_dataset,
     collate_samples,
     eval_transform,
     read_image,
 )
+from cait.data.classes import check_class_names
 from cait.data.datasets import UnreadableImage, check_image_file
 from cait.files import first_line
 from cait.models.build import LoadedModel, load_for_inference
@@ -64,12 +66,16 @@ def evaluate_checkpoint(
     device: str = "auto",
     amp: str = "none",
     crop_pct: float | None = None,
+    classes_by_position: bool = False,
 ) -> dict:
-    """Top-1, top-5, loss and image count on the validation split (fp32 by default)."""
+    """Top-1, top-5, loss and image count on the validation split (fp32 by default).
+
+    The data's classes must be the checkpoint's (:func:`_val_dataset`);
+    ``classes_by_position`` maps them by index instead, with a warning."""
     dev = runtime.inference_device(device, amp)
     loaded = load_for_inference(checkpoint, model_name)
     settings = loaded.settings.replace(crop_pct=crop_pct)
-    dataset = build_val_dataset(data, eval_transform(settings), loaded.folder_names)
+    dataset = _val_dataset(data, eval_transform(settings), loaded, checkpoint, classes_by_position)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -85,6 +91,27 @@ def evaluate_checkpoint(
             "\n  ".join(result["skipped"]),
         )
     return result
+
+
+def _val_dataset(
+    data: str, transform: Any, loaded: LoadedModel, checkpoint: str, by_position: bool
+) -> Dataset:
+    """The validation split, labelled with the indices of ``loaded``'s classes.
+
+    Class folders go by name (``folder_names``: a checkpoint's class names, ImageNet's
+    synsets for official 1000-class weights), so a subset of the classes is fine and a
+    folder the checkpoint does not know is refused. The digits (``0``-``9``), and folders
+    with ``by_position``, go by index: their names must then be the checkpoint's, or
+    ``by_position`` maps them anyway (:func:`cait.data.classes.check_class_names`). A
+    checkpoint that names no classes is mapped by index, as it always was.
+    """
+    names = loaded.folder_names
+    by_name = names is not None and data != DIGITS and not by_position
+    dataset = build_val_dataset(data, transform, names if by_name else None)
+    if names is not None and not by_name:
+        labels = ("the checkpoint", "the data")
+        check_class_names(names, dataset.classes, labels, f"{checkpoint} on {data}", by_position)
+    return dataset
 
 
 def patch_size(model: nn.Module) -> int:

@@ -30,6 +30,12 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--crop-pct", type=float, help="the centre crop's ratio (default: the checkpoint's)"
     )
+    p.add_argument(
+        "--classes-by-position",
+        action="store_true",
+        help="map the data's classes to the checkpoint's by index even where their names "
+        "differ (a warning, not a refusal)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     threads_flag(p)
 
@@ -48,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         crop_pct=args.crop_pct,
+        classes_by_position=args.classes_by_position,
     )
     summary = {k: r[k] for k in ("top1", "top5", "loss", "images")}
     if args.json:
