@@ -45,7 +45,13 @@ _TRAIN_FLAGS = {
     "distill_tau": "distill.tau",
     "threads": "threads",
     "overwrite": "overwrite",
+    "classes_by_position": "data.classes_by_position",
 }
+
+_BY_POSITION_HELP = (
+    "a resumed checkpoint, a teacher or --init-from weights of ours whose class names differ "
+    "from the data's: map the classes by index, with a warning (default: refused)"
+)
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -97,6 +103,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="fine-tune from weights: a file, an http(s) URL or hf-hub:OWNER/NAME (the head "
         "is replaced when the class count differs)",
     )
+    p.add_argument("--classes-by-position", action="store_true", help=_BY_POSITION_HELP)
     p.add_argument("--seed", type=int, help=f"random seed {default('seed')}")
     p.add_argument("--device", choices=get_args(Device), help=f"where to run {default('device')}")
     p.add_argument("--amp", choices=get_args(Amp), help=f"mixed precision {default('amp')}")

@@ -69,6 +69,7 @@ __all__ = [
     "WeightsFile",
     "check_metadata",
     "checkpoint_metadata",
+    "class_names_of",
     "decode_header",
     "decode_pt",
     "describe_spec",
@@ -126,6 +127,12 @@ def checkpoint_metadata(
 def spec_of(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``metadata`` that :func:`model_spec` gives: the name and the config."""
     return {k: metadata.get(k) for k in _SPEC_KEYS}
+
+
+def class_names_of(metadata: Mapping[str, Any]) -> list[str]:
+    """The class names of ``metadata`` (checked entries, as :func:`checkpoint_metadata`
+    composes them): index ``i`` of the model's output is the ``i``-th."""
+    return list(metadata["class_names"])
 
 
 def describe_spec(spec: Mapping[str, Any]) -> str:

@@ -13,6 +13,7 @@ best top-1; and the run's config as a dict (:data:`RUN_FIELDS`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from cait import runtime
+from cait.data.classes import check_class_names
 from cait.models.weights_file import (
+    class_names_of,
     describe_spec,
     read_weights_file,
     save_pt,
@@ -96,6 +99,7 @@ RESUME_FREE = frozenset(
         "data.workers",
         "dist_timeout",
         "parallel",  # DDP and FSDP compute the same steps (up to float rounding)
+        "data.classes_by_position",  # what check_resume accepts, not what is computed
     }
 )
 
@@ -212,15 +216,27 @@ def save_run_weights(
             save_safetensors(ema.state_dict(), out / EMA_WEIGHTS, metadata)
 
 
-def check_resume(checkpoint: RunCheckpoint, spec: dict[str, Any], path: str | Path) -> None:
+def check_resume(
+    checkpoint: RunCheckpoint,
+    spec: dict[str, Any],
+    path: str | Path,
+    classes: Sequence[str] | None = None,
+    by_position: bool = False,
+) -> None:
     """Refuse a checkpoint of another model than ``spec``
-    (:func:`cait.models.weights_file.model_spec`) describes."""
+    (:func:`cait.models.weights_file.model_spec`) describes, and one whose class names
+    differ from the data's ``classes`` (a renamed class folder would shift every label);
+    ``by_position`` takes the latter with a warning (:mod:`cait.data.classes`)."""
     theirs = spec_of(checkpoint.metadata)
     if theirs != spec_of(spec):
         raise ValueError(
             f"resume={path} holds a checkpoint of another model:\n"
             f"  checkpoint: {describe_spec(theirs)}\n  this run:   {describe_spec(spec)}"
         )
+    if classes is not None:
+        names = class_names_of(checkpoint.metadata)
+        labels = ("the checkpoint", "the data")
+        check_class_names(names, classes, labels, f"resume={path}", by_position)
 
 
 def resume_run(

@@ -63,6 +63,9 @@ class DataConfig:
     ``path`` is ``digits`` (scikit-learn's bundled handwritten digits) or an ImageFolder root
     with ``train/<class>/*`` and ``val/<class>/*``. ``img_size``, ``crop_pct``,
     ``interpolation``, ``mean`` and ``std`` default to the model variant's.
+    ``classes_by_position`` lets a resume, a teacher or ``init_from`` whose class names
+    differ from the data's map the classes by index, with a warning, where it would be
+    refused (:mod:`cait.data.classes`).
     """
 
     path: str = "digits"
@@ -73,6 +76,7 @@ class DataConfig:
     interpolation: str | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    classes_by_position: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "data")

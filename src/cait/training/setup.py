@@ -25,11 +25,12 @@ from cait.data import (
     eval_transform,
     train_transform,
 )
+from cait.data.classes import check_class_names
 from cait.models.build import build_model, input_spec
 from cait.models.cait import CaiT
 from cait.models.pretrained import load_pretrained
 from cait.models.registry import InputSpec
-from cait.models.weights_file import model_spec
+from cait.models.weights_file import class_names_of, model_spec, read_checkpoint_metadata
 from cait.training.checkpoint import (
     RunCheckpoint,
     check_resume,
@@ -144,6 +145,20 @@ def _new_model(config: TrainConfig, num_classes: int) -> nn.Module:
     return build_model(config.model, args, num_classes)
 
 
+def _check_init_classes(init_from: str, classes: list[str], by_position: bool) -> None:
+    """``init_from`` weights of ours with as many classes as the data keep their head, so
+    their class names must be the data's (or ``by_position`` be set); with another count
+    the head starts afresh and names do not matter. Official, timm and downloaded weights
+    name no classes."""
+    metadata = read_checkpoint_metadata(init_from)
+    if metadata is None or len(class_names_of(metadata)) != len(classes):
+        return
+    labels = ("the checkpoint", "the data")
+    check_class_names(
+        class_names_of(metadata), classes, labels, f"init_from={init_from}", by_position
+    )
+
+
 def build_run_model(
     config: TrainConfig, data: RunData, info: runtime.DistInfo, device: torch.device
 ) -> RunModel:
@@ -154,13 +169,15 @@ def build_run_model(
     resume_state = None
     if config.resume:
         resume_state = load_checkpoint(config.resume)
-        check_resume(resume_state, spec, config.resume)
+        by_position = config.data.classes_by_position
+        check_resume(resume_state, spec, config.resume, data.classes, by_position)
         model.load_state_dict(resume_state.weights)
     elif config.init_from:
         if not isinstance(model, CaiT):
             raise ValueError(
                 "init_from loads CaiT/DeiT weights; it is not available for timm models"
             )
+        _check_init_classes(config.init_from, data.classes, config.data.classes_by_position)
         report = load_pretrained(model, config.init_from)
         logger.info("initialised from %s (%s)", config.init_from, report)
     model.to(device)
@@ -220,7 +237,13 @@ def build_objective(config: TrainConfig, data: RunData, device: torch.device) ->
     teacher = None
     if d.kind != "none":
         teacher = load_teacher(
-            d.teacher, len(data.classes), data.settings, d.teacher_weights, device
+            d.teacher,
+            len(data.classes),
+            data.settings,
+            d.teacher_weights,
+            device,
+            class_names=data.classes,
+            by_position=config.data.classes_by_position,
         )
     return Objective(criterion, mixup, teacher)
 

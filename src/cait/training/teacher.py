@@ -7,12 +7,14 @@ with its own mean/std (and resized when its input size differs).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cait.data.classes import check_class_names
 from cait.models.build import TORCHVISION_PREFIX, load_for_inference, torchvision_model
 from cait.models.pretrained import read_state_dict
 from cait.models.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec
@@ -86,8 +88,14 @@ def load_teacher(
     student: InputSpec,
     weights: str | None = None,
     device: torch.device | str = "cpu",
+    class_names: Sequence[str] | None = None,
+    by_position: bool = False,
 ) -> Teacher:
-    """Build a frozen teacher and check that it predicts ``num_classes`` classes."""
+    """Build a frozen teacher and check that it predicts ``num_classes`` classes; a teacher
+    of ours must also name them as the data does (``class_names``), else its classes would
+    be permuted against the student's (``by_position`` takes that with a warning). timm and
+    torchvision teachers name no classes."""
+    teacher_names = None
     if is_timm(source):
         model = timm_model(source, num_classes=num_classes)
         _load_weights(model, weights, source)
@@ -101,7 +109,7 @@ def load_teacher(
         if not Path(source).is_file():
             raise FileNotFoundError(f"teacher checkpoint not found: {source}")
         loaded = load_for_inference(source)
-        model = loaded.model
+        model, teacher_names = loaded.model, loaded.folder_names
         s = loaded.settings
         mean, std, size = s.mean, s.std, s.img_size
     teacher = Teacher(model, mean, std, student.mean, student.std, img_size=size).to(device)
@@ -112,6 +120,9 @@ def load_teacher(
         raise ValueError(
             f"the teacher {source} predicts {out_classes} classes, the data has {num_classes}"
         )
+    if teacher_names is not None and class_names is not None:
+        labels = ("the teacher", "the data")
+        check_class_names(teacher_names, class_names, labels, f"teacher {source}", by_position)
     logger.info(
         "teacher %s: %.2fM parameters, frozen",
         source,
