@@ -10,9 +10,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import re
 import shutil
+import signal
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +239,40 @@ def test_a_bad_checkpoint_fails_in_one_line_before_any_server(
     assert err.startswith("cait app: error: ") and message in err, err
     assert "\n" not in err and "Traceback" not in err
     assert not launched
+
+
+def test_ctrl_c_stops_cait_app_with_130_and_one_line(checkpoints, capsys, caplog):
+    """Gradio's block_thread swallowed Ctrl-C, so `cait app` exited 0 (issue 28)."""
+    serving = threading.Event()
+
+    class Started(logging.Handler):
+        def emit(self, record):
+            if record.getMessage() == "Ctrl+C stops it":
+                serving.set()
+
+    def press_ctrl_c():  # once the server waits for it, as a user at the terminal
+        if serving.wait(timeout=120):
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    caplog.set_level(logging.INFO, logger="cait.app")
+    started = Started()
+    logging.getLogger("cait.app").addHandler(started)
+    port = free_port()
+    thread = threading.Thread(target=press_ctrl_c, daemon=True)
+    thread.start()
+    try:
+        status = main(["app", "--checkpoint", str(checkpoints[0]), "--port", str(port)])
+    finally:
+        logging.getLogger("cait.app").removeHandler(started)
+        serving.set()
+        thread.join()
+    out, err = capsys.readouterr()
+    assert status == 130
+    assert err.strip().splitlines()[-1] == "cait app: interrupted"
+    assert "Keyboard interruption" not in out and "Closing server" not in out
+    with socket.socket() as s:  # the server is gone: its port is free again
+        s.bind(("127.0.0.1", port))
 
 
 # ---------------------------------------------------------------- the server and its API

@@ -14,6 +14,7 @@ each grid's legend says so, below its colour scale.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from cait.analysis.output_folder import check_output_folder, write_output_folder
 from cait.data import eval_transform, read_image
 from cait.models.build import LoadedModel, load_for_inference
 from cait.models.cait import CaiT, ModelTrace
@@ -62,6 +64,10 @@ COLOUR_MAP = "inferno"
 # the paper's figures, which hides the grid).
 MapStyle = Literal["blocks", "smooth"]
 _RESAMPLING = {"blocks": "nearest", "smooth": "bilinear"}
+# The files save_attention_maps writes per image: STEM_class_attention.png/.npy and
+# STEM_sa{k}.png/.npy; an output folder of only these holds earlier maps.
+_MAP_FILE = re.compile(r".+_(class_attention|sa[0-9]+)\.(png|npy)")
+_TOOL = "attention"
 NUMBERING = "blocks are numbered from 1, as in the paper's figures; heads from 0"
 
 
@@ -327,6 +333,8 @@ def save_attention_maps(
     img_size: int | None = None,
     device: str = "cpu",
     style: MapStyle = "blocks",
+    *,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Draw and save the attention maps of each image; returns what was written per image.
 
@@ -340,58 +348,86 @@ def save_attention_maps(
     at another resolution than the model's own (a multiple of the patch size; the position
     embedding is resized on the fly). ``style`` draws each map as one square per token
     (``"blocks"``) or smoothed (``"smooth"``).
+
+    The folder is written whole (:mod:`cait.analysis.output_folder`): one holding earlier
+    maps is replaced only with ``overwrite``, one holding other files never.
     """
     if style not in _RESAMPLING:
         raise ValueError(f"style must be one of {list(_RESAMPLING)}, got {style!r}")
+    check_output_folder(output, _TOOL, _is_map_file, overwrite)  # before any loading
     loaded = model if isinstance(model, LoadedModel) else load_for_inference(model, model_name)
     if not isinstance(loaded.model, CaiT):
         raise ValueError("attention maps need a cait model, not a timm: model")
     settings = loaded.settings.replace(img_size=img_size)
     transform = eval_transform(settings)
     net = loaded.model.to(device)
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # read every image first, so that a bad file fails before anything is written
     pictures = [read_image(p) for p in images]
-    results = []
-    for path, stem, picture in zip(images, _unique_stems(images), pictures, strict=True):
-        x = transform(picture)
-        maps = attention_maps(net, x.to(device), sa_block)
-        shown = display_image(x, settings.mean, settings.std)
-        name = loaded.class_names[maps.prediction] if loaded.class_names else str(maps.prediction)
-        record: dict = {"image": str(path), "prediction": maps.prediction, "name": name}
-        if maps.class_attention.size:
-            L, H = maps.class_attention.shape[:2]
-            patch = maps.patch_maps()  # (L, H, gh, gw)
-            grid = np.concatenate([patch, patch.mean(axis=1, keepdims=True)], axis=1)
-            picture_out = render_attention_grid(
-                shown,
-                grid,
-                [f"CA block {i + 1}, predicted {name}" for i in range(L)],
-                [f"head {h}" for h in range(H)] + ["mean of heads"],
-                style=style,
-                legend="the class token's attention to each patch",
-            )
-            png = out_dir / f"{stem}_class_attention.png"
-            picture_out.save(png)
-            np.save(out_dir / f"{stem}_class_attention.npy", maps.class_attention)
-            record["class_attention_png"] = str(png)
-        if sa_block is not None:
-            sa = maps.self_attention_maps()  # (H, gh, gw)
-            grid = np.concatenate([sa, sa.mean(axis=0, keepdims=True)])[None]
-            number = sa_block + 1
-            picture_out = render_attention_grid(
-                shown,
-                grid,
-                [f"SA block {number}: attention received"],
-                [f"head {h}" for h in range(sa.shape[0])] + ["mean of heads"],
-                style=style,
-                legend="the mean attention each patch receives from all patches",
-            )
-            png = out_dir / f"{stem}_sa{number}.png"
-            picture_out.save(png)
-            np.save(out_dir / f"{stem}_sa{number}.npy", maps.self_attention)
-            record["self_attention_png"] = str(png)
-        results.append(record)
-        logger.info("%s: predicted %s; maps in %s", path, name, out_dir)
-    return results
+    out_dir = Path(output)
+
+    def draw_all(folder: Path) -> list[dict]:
+        results = []
+        for path, stem, picture in zip(images, _unique_stems(images), pictures, strict=True):
+            x = transform(picture)
+            maps = attention_maps(net, x.to(device), sa_block)
+            shown = display_image(x, settings.mean, settings.std)
+            names = loaded.class_names
+            name = names[maps.prediction] if names else str(maps.prediction)
+            record: dict = {"image": str(path), "prediction": maps.prediction, "name": name}
+            for key, file in _draw_maps(maps, shown, name, stem, sa_block, style, folder):
+                record[key] = str(out_dir / file)
+            results.append(record)
+            logger.info("%s: predicted %s; maps in %s", path, name, out_dir)
+        return results
+
+    return write_output_folder(output, _TOOL, _is_map_file, overwrite, draw_all)
+
+
+def _draw_maps(
+    maps: AttentionMaps,
+    shown: np.ndarray,
+    name: str,
+    stem: str,
+    sa_block: int | None,
+    style: MapStyle,
+    folder: Path,
+) -> list[tuple[str, str]]:
+    """Write one image's class-attention grid (and its ``sa_block`` grid) with their raw
+    maps in ``folder``; returns the pictures as (record key, file name)."""
+    written = []
+    if maps.class_attention.size:
+        L, H = maps.class_attention.shape[:2]
+        patch = maps.patch_maps()  # (L, H, gh, gw)
+        grid = np.concatenate([patch, patch.mean(axis=1, keepdims=True)], axis=1)
+        picture_out = render_attention_grid(
+            shown,
+            grid,
+            [f"CA block {i + 1}, predicted {name}" for i in range(L)],
+            [f"head {h}" for h in range(H)] + ["mean of heads"],
+            style=style,
+            legend="the class token's attention to each patch",
+        )
+        picture_out.save(folder / f"{stem}_class_attention.png")
+        np.save(folder / f"{stem}_class_attention.npy", maps.class_attention)
+        written.append(("class_attention_png", f"{stem}_class_attention.png"))
+    if sa_block is not None:
+        sa = maps.self_attention_maps()  # (H, gh, gw)
+        grid = np.concatenate([sa, sa.mean(axis=0, keepdims=True)])[None]
+        number = sa_block + 1
+        picture_out = render_attention_grid(
+            shown,
+            grid,
+            [f"SA block {number}: attention received"],
+            [f"head {h}" for h in range(sa.shape[0])] + ["mean of heads"],
+            style=style,
+            legend="the mean attention each patch receives from all patches",
+        )
+        picture_out.save(folder / f"{stem}_sa{number}.png")
+        np.save(folder / f"{stem}_sa{number}.npy", maps.self_attention)
+        written.append(("self_attention_png", f"{stem}_sa{number}.png"))
+    return written
+
+
+def _is_map_file(name: str) -> bool:
+    """Whether ``name`` is one of the files :func:`save_attention_maps` writes."""
+    return _MAP_FILE.fullmatch(name) is not None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from cait.analysis.output_folder import check_output_folder, write_output_folder
 from cait.data import build_val_dataset, collate_samples, eval_transform
 from cait.models.build import LoadedModel, load_for_inference
 from cait.models.cait import CaiT, ModelTrace
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the
     from matplotlib.figure import Figure
 
 __all__ = [
+    "REPORT_FILES",
     "ResidualRatios",
     "branch_ratios",
     "residual_figure",
@@ -42,6 +45,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CSV_FIELDS = ("label", "stage", "block", "layer", "attn_ratio", "mlp_ratio")
+# What save_residual_report writes: its output folder holds these and nothing else.
+_CSV, _PNG = "residuals.csv", "residuals.png"
+REPORT_FILES = (_CSV, _PNG)
+_TOOL = "residuals"
 
 
 @dataclass
@@ -196,9 +203,14 @@ def save_residual_report(
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = True,
+    *,
+    overwrite: bool = False,
 ) -> list[ResidualRatios]:
     """Measure every checkpoint on the first ``num_images`` validation images of ``data``
     (``digits`` or an ImageFolder root) and write ``residuals.csv`` and ``residuals.png``.
+
+    The folder is written whole (:mod:`cait.analysis.output_folder`): one holding an
+    earlier report is replaced only with ``overwrite``, one holding other files never.
     """
     if not checkpoints:
         raise ValueError("give at least one checkpoint")
@@ -206,6 +218,7 @@ def save_residual_report(
         raise ValueError(f"got {len(labels)} labels for {len(checkpoints)} checkpoints")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    check_output_folder(output, _TOOL, REPORT_FILES.__contains__, overwrite)  # before loading
     # load every model first, so that a bad checkpoint fails before any measuring
     loaded = [
         c if isinstance(c, LoadedModel) else load_for_inference(c, model_name) for c in checkpoints
@@ -219,13 +232,17 @@ def save_residual_report(
         subset = Subset(dataset, range(min(num_images, len(dataset))))
         loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_samples)
         results.append(residual_ratios(model.model, loader, label, device, progress))
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "residuals.csv", "w", newline="") as f:
+    write_output_folder(
+        output, _TOOL, REPORT_FILES.__contains__, overwrite, partial(_write_report, results)
+    )
+    logger.info("wrote %s and %s", *(Path(output) / name for name in REPORT_FILES))
+    return results
+
+
+def _write_report(results: list[ResidualRatios], folder: Path) -> None:
+    with open(folder / _CSV, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for r in results:
             writer.writerows(r.rows())
-    plot_residual_ratios(results, out / "residuals.png")
-    logger.info("wrote %s and %s", out / "residuals.csv", out / "residuals.png")
-    return results
+    plot_residual_ratios(results, folder / _PNG)

@@ -36,6 +36,7 @@ import dataclasses
 import logging
 import math
 import reprlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -441,8 +442,27 @@ def serve(
     logger.info("serving on %s%s", address, f" and {app.share_url}" if app.share_url else "")
     if block:
         logger.info("Ctrl+C stops it")
-        app.block_thread()
+        _serve_until_interrupted(app)
     return address
+
+
+# How often the blocking wait looks whether the server still runs (gradio's own interval).
+_POLL_S = 0.1
+
+
+def _serve_until_interrupted(app: gr.Blocks) -> None:
+    """Wait while ``app`` serves; on Ctrl-C close it and let KeyboardInterrupt go on to the
+    caller (the command line's exit 130). Gradio's ``block_thread`` swallows it, prints a
+    line of its own and returns, so ``cait app`` ended as if it had succeeded."""
+    from gradio.tunneling import CURRENT_TUNNELS  # a --share link's tunnel processes
+
+    try:
+        while app.is_running:
+            time.sleep(_POLL_S)
+    finally:
+        app.close(verbose=False)
+        for tunnel in CURRENT_TUNNELS:
+            tunnel.kill()
 
 
 def launch_app(

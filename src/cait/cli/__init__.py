@@ -21,9 +21,8 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-import yaml
-from safetensors import SafetensorError
-
+# Only the commands' light modules at module level: a console script imports this module
+# outside any handler, so a Ctrl-C during its imports could only end in a traceback.
 from cait.cli import (
     ablate,
     app,
@@ -45,7 +44,14 @@ from cait.cli._common import (
     Stopped,
 )
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_PREEMPTED", "EXIT_USER_ERROR", "build_parser", "main"]
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_PREEMPTED",
+    "EXIT_USER_ERROR",
+    "INTERRUPTED",
+    "build_parser",
+    "main",
+]
 
 # The commands in the order `cait --help` lists them; each is named as its module.
 COMMANDS: tuple[ModuleType, ...] = (
@@ -62,11 +68,20 @@ COMMANDS: tuple[ModuleType, ...] = (
     app,
 )
 
-# What a user's input can raise: a bad value or file (ValueError and the errors of YAML and
-# safetensors), a path that is missing, unreadable or not writable, a full disk, an
-# unreachable URL (OSError); a diverged run arrives as a ValueError (training_stops).
-# Anything else is a bug: a traceback.
-_USER_ERRORS = (ValueError, OSError, yaml.YAMLError, SafetensorError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input can raise: a bad value or file (ValueError and the errors of
+    YAML and safetensors), a path that is missing, unreadable or not writable, a full
+    disk, an unreachable URL (OSError); a diverged run arrives as a ValueError
+    (training_stops). Anything else is a bug: a traceback."""
+    import yaml
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, yaml.YAMLError, SafetensorError)
+
+
+# What Ctrl-C before a command runs prints (one line; status EXIT_INTERRUPTED).
+INTERRUPTED = "cait: interrupted"
 
 # Library messages name a function's parameter; on the command line it is this flag.
 _PARAMETER_FLAGS = {"`model_name`": "--model NAME", "`overwrite`": "--force"}
@@ -133,7 +148,18 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; a user's error ends in one line on stderr (its traceback with
-    ``-v``) and exit status 2, a preempted run in 75, Ctrl-C in 130."""
+    ``-v``) and exit status 2, a preempted run in 75, Ctrl-C in 130 (also while the
+    command's flags and library are being imported, before it runs)."""
+    try:
+        return _run_command(argv)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
+    """:func:`main` once the command is known: its errors and Ctrl-C name the command."""
+    user_errors = _user_errors()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(lazy=True).parse_args(argv)
     args.argv = argv
@@ -155,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = f"; {stop}" if str(stop) else ""
         print(f"{prefix}: interrupted{detail}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except _USER_ERRORS as err:
+    except user_errors as err:
         if args.verbose:
             traceback.print_exc()
         print(f"{prefix}: error: {_in_flags(_one_line(err))}", file=sys.stderr)
@@ -165,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _one_line(err: BaseException) -> str:
     """An error as one line: an OSError names its file and reason in words, a multi-line
     message is joined with '; '."""
+    import yaml
+
     if isinstance(err, OSError) and err.strerror and err.filename is not None:
         text = f"{err.filename}: {err.strerror}"  # not "[Errno 13] Permission denied: '...'"
     elif isinstance(err, OSError) and err.strerror:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from collections.abc import Iterator
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "MODEL_HELP",
     "HelpFormatter",
     "Stopped",
+    "crop_ratio",
     "positive_int",
     "threads_flag",
     "training_stops",
@@ -62,6 +64,27 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def crop_ratio(text: str) -> float:
+    """An argparse type for ``--crop-pct``: a finite number in (0, 1], no smaller than the
+    floor that keeps the eval resize (``img_size / crop_pct``) bounded."""
+    from cait.data.transforms import CROP_PCT_WHY
+    from cait.models.checks import CROP_PCT_RANGE
+
+    low = CROP_PCT_RANGE[0]
+    expected = f"expected a ratio in [{low}, 1]"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{expected}, got {text[:40]!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{expected}, got {text[:40]}: not a finite number")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{expected}, got {text[:40]}: {CROP_PCT_WHY}")
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{expected}, got {text[:40]}")
     return value
 
 

@@ -42,6 +42,11 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     # no "auto": a picture is computed where asked
     p.add_argument("--device", choices=get_args(DeviceType), default="cpu", help="where to run")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the earlier outputs in --output (never a folder holding other files)",
+    )
     threads_flag(p)
 
 
@@ -60,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             img_size=args.img_size,
             device=args.device,
             style=args.style,
+            overwrite=args.force,
         )
     except SABlockOutOfRange as err:  # the library counts blocks from 0, the flag from 1
         raise ValueError(

@@ -14,11 +14,16 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="official .pth, plain state dict, http(s) URL or hf-hub:OWNER/NAME")
     p.add_argument("dst", help="the .safetensors file to write")
     p.add_argument("--model", help="a variant to check the weights against (strict load)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing DST .safetensors file (never a folder or another kind of file)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from cait.models.build import convert_checkpoint
 
-    state_dict = convert_checkpoint(args.src, args.dst, model_name=args.model)
+    state_dict = convert_checkpoint(args.src, args.dst, model_name=args.model, overwrite=args.force)
     print(f"wrote {len(state_dict)} tensors to {args.dst}")
     return 0

@@ -6,7 +6,13 @@ import argparse
 import json
 from typing import get_args
 
-from cait.cli._common import CHECKPOINT_HELP, MODEL_HELP, positive_int, threads_flag
+from cait.cli._common import (
+    CHECKPOINT_HELP,
+    MODEL_HELP,
+    crop_ratio,
+    positive_int,
+    threads_flag,
+)
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
@@ -28,7 +34,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=get_args(Device), default="auto", help="where to run")
     p.add_argument("--amp", choices=get_args(Amp), default="none", help="mixed precision")
     p.add_argument(
-        "--crop-pct", type=float, help="the centre crop's ratio (default: the checkpoint's)"
+        "--crop-pct",
+        type=crop_ratio,
+        help="the centre crop's ratio, in [0.25, 1]: the image is resized to img_size / "
+        "crop_pct, then centre-cropped (default: the checkpoint's)",
     )
     p.add_argument(
         "--classes-by-position",

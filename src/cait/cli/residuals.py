@@ -32,6 +32,11 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
     p.add_argument("--device", choices=get_args(DeviceType), default="cpu", help="where to run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the earlier outputs in --output (never a folder holding other files)",
+    )
     threads_flag(p)
 
 
@@ -50,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         progress=not args.no_progress,
+        overwrite=args.force,
     )
     for r in results:
         print(

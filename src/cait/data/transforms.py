@@ -13,9 +13,19 @@ from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 
 from cait.data.config import AugmentConfig
+from cait.models.checks import CROP_PCT_RANGE, number
 from cait.models.registry import InputSpec
 
-__all__ = ["build_mixup", "eval_transform", "train_transform"]
+__all__ = ["CROP_PCT_WHY", "build_mixup", "check_crop_pct", "eval_transform", "train_transform"]
+
+# Why the eval crop ratio has a floor: the image is resized to img_size / crop_pct before
+# the centre crop, so a tiny ratio makes a huge resize (0.001 turns a 16-pixel input into
+# 16000 x 16000 pixels, minutes and gigabytes per image; 1e-9 overflows).
+CROP_PCT_WHY = (
+    f"the image is resized to img_size / crop_pct before the centre crop, and below "
+    f"{CROP_PCT_RANGE[0]} that resize would be over {1 / CROP_PCT_RANGE[0]:g} times the "
+    "input's side"
+)
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
@@ -57,15 +67,26 @@ def train_transform(settings: InputSpec, augment: AugmentConfig) -> Callable:
     return transform
 
 
+def check_crop_pct(crop_pct: float, where: str = "crop_pct") -> float:
+    """``crop_pct`` if it is a finite number in ``CROP_PCT_RANGE``, else a one-line
+    ``ValueError`` that says why the range has a floor."""
+    try:
+        return number(*CROP_PCT_RANGE)(crop_pct, where)
+    except ValueError as err:
+        raise ValueError(f"{err}: {CROP_PCT_WHY}") from None
+
+
 def eval_transform(settings: InputSpec) -> Callable:
-    """Resize to ``img_size / crop_pct`` and center-crop (crop 1.0 for CaiT, 0.875 DeiT)."""
+    """Resize to ``img_size / crop_pct`` and center-crop (crop 1.0 for CaiT, 0.875 DeiT);
+    a crop ratio outside ``CROP_PCT_RANGE`` (or not finite) is refused."""
     return create_transform(
         settings.img_size,
         is_training=False,
         interpolation=settings.interpolation,
         mean=settings.mean,
         std=settings.std,
-        crop_pct=settings.crop_pct,
+        # checked: timm reads crop_pct=0 as "not given" (its default, 0.875)
+        crop_pct=check_crop_pct(settings.crop_pct),
     )
 
 

@@ -5,17 +5,21 @@ which needs a C++ compiler and ``ninja``, a dependency of :mod:`cait`; one sourc
 the build is short) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), once per machine and source version, and registered as
 ``torch.ops.cait.*``. The build is announced only when one is due (no library in the cache
-newer than the source); a cached kernel loads without a message. When the build fails (no
-compiler, say) :mod:`cait` warns once and runs the same computation in Python.
+newer than the source); a cached kernel loads without a message. Without a C++ compiler,
+or when the build fails, :mod:`cait` warns once, in one line of its own (torch's builder's
+warnings are not shown), and runs the same computation in Python.
 ``CAIT_NATIVE=0`` in the environment skips the build and always uses Python.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import threading
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["available"]
@@ -50,34 +54,18 @@ def _load() -> bool:
     if os.environ.get("CAIT_NATIVE", "1") == "0":
         logger.info("CAIT_NATIVE=0: the C++ CPU kernels are not used")
         return False
-    try:
-        # importing the builder logs "No CUDA runtime is found" under CUDA builds of torch on
-        # machines without a GPU, which says nothing about this CPU-only build
-        builder_log = logging.getLogger("torch.utils.cpp_extension")
-        level = builder_log.level
-        builder_log.setLevel(logging.ERROR)
-        try:
-            from torch.utils.cpp_extension import load
-        finally:
-            builder_log.setLevel(level)
-        if shutil.which("ninja") is None:  # the `ninja` package's binary, off PATH in a venv
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        if _needs_build(_build_directory()):
-            logger.info(
-                "compiling cait's C++ CPU kernels (once per machine and source version, about %s)",
-                BUILD_TIME,
-            )
-        else:
-            logger.debug("loading cait's C++ CPU kernels from torch's extension cache")
-        load(
-            name=NAME,
-            sources=[str(path) for path in SOURCES],
-            extra_cflags=["-O2", "-fopenmp"],
-            is_python_module=False,
+    compiler = _compiler()
+    if shutil.which(compiler) is None:  # say it in our words, not torch's
+        logger.warning(
+            "no C++ compiler found (%s): the Python path runs instead of cait's C++ CPU "
+            "kernels (install one, or set CAIT_NATIVE=0 to skip the build)",
+            compiler,
         )
-    except Exception as err:  # no compiler, no ninja, a failed build: Python instead
+        return False
+    try:
+        with _builder_quiet():
+            _build_and_load()
+    except Exception as err:  # no ninja, a failed build: Python instead
         logger.warning(
             "cait's C++ CPU kernels could not be built, so the slower Python path runs "
             "instead (set CAIT_NATIVE=0 to skip the build): %s",
@@ -85,6 +73,52 @@ def _load() -> bool:
         )
         return False
     return True
+
+
+def _compiler() -> str:
+    """The C++ compiler torch's builder runs: ``$CXX`` (its first word), else ``c++``."""
+    words = os.environ.get("CXX", "").split()
+    return words[0] if words else "c++"
+
+
+@contextlib.contextmanager
+def _builder_quiet() -> Iterator[None]:
+    """Torch's builder speaks only of errors: what it logs and warns otherwise is not
+    for a user of cait to act on ("No CUDA runtime is found" under CUDA builds of torch on
+    machines without a GPU, which says nothing about this CPU-only build; a compiler it
+    calls "not compatible"; version bounds it has none for). A failed build still says
+    why, in our one line."""
+    builder_log = logging.getLogger("torch.utils.cpp_extension")
+    level = builder_log.level
+    builder_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        builder_log.setLevel(level)
+
+
+def _build_and_load() -> None:
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("ninja") is None:  # the `ninja` package's binary, off PATH in a venv
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    if _needs_build(_build_directory()):
+        logger.info(
+            "compiling cait's C++ CPU kernels (once per machine and source version, about %s)",
+            BUILD_TIME,
+        )
+    else:
+        logger.debug("loading cait's C++ CPU kernels from torch's extension cache")
+    load(
+        name=NAME,
+        sources=[str(path) for path in SOURCES],
+        extra_cflags=["-O2", "-fopenmp"],
+        is_python_module=False,
+    )
 
 
 def _build_directory() -> Path | None:

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from cait.files import OutputLock, first_line, remove_stale_temporaries
 from cait.models.cait import CaiT
 from cait.models.config import CaiTConfig, pretrained_cfg
 from cait.models.pretrained import (
@@ -189,7 +191,11 @@ def _loaded(model: nn.Module, meta: ModelMetadata | None, model_name: str | None
 
 
 def convert_checkpoint(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], model_name: str | None = None
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    model_name: str | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Tensor]:
     """Convert a checkpoint (official, timm's, a plain state dict or one of ours) to a
     safetensors file; returns its tensors.
@@ -198,11 +204,12 @@ def convert_checkpoint(
     tensors are checked against the model it describes; ``model_name``, if given, must be
     that model. Any other file, with ``model_name``, is first loaded strictly into that
     variant (whose name the header then records). A file that does not fit is refused
-    before anything is written.
+    before anything is written. An existing ``dst`` is replaced only with ``overwrite``,
+    and only if it is a safetensors file (never a folder or another kind of file); one
+    process at a time writes ``dst``, others are refused.
     """
     dst = Path(dst)
-    if dst.suffix != ".safetensors":
-        raise ValueError(f"destination must end with .safetensors, got {dst.name}")
+    _check_destination(dst, overwrite)  # before reading: a refusal costs nothing
     source = str(src)
     file = _open(source)
     state_dict = file.weights()
@@ -216,5 +223,32 @@ def convert_checkpoint(
         load_pretrained(create_model(model_name), state_dict)
     entries = None if meta is None else meta.entries
     variant = model_name if meta is None else None  # the metadata names the model
-    save_safetensors(state_dict, dst, entries, source=Path(source).name, variant=variant)
+    with OutputLock(dst, what="cait convert"):
+        _check_destination(dst, overwrite)  # again: it may have appeared meanwhile
+        remove_stale_temporaries(dst.parent, dst.name)  # of a convert killed mid-write
+        save_safetensors(state_dict, dst, entries, source=Path(source).name, variant=variant)
     return state_dict
+
+
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    """Refuse a ``dst`` that convert cannot write or may not replace: a name without
+    ``.safetensors``, an existing one without ``overwrite``, and, even with it, anything
+    convert does not write (a folder, a file that is not safetensors)."""
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"destination must end with .safetensors, got {dst.name}")
+    if not os.path.lexists(dst):
+        return
+    if dst.is_dir():
+        raise ValueError(f"{dst} is a folder; convert writes one .safetensors file")
+    if not overwrite:
+        raise ValueError(f"{dst} exists: refusing to replace it without `overwrite`")
+    if not dst.is_file():  # a dangling link, a pipe or a device: opening it could block
+        raise ValueError(f"{dst} is not a regular file: refusing to replace it")
+    try:
+        with safe_open(str(dst), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{dst} is not a safetensors file ({first_line(err)}): refusing to replace it, "
+            "even with `overwrite`; choose another destination"
+        ) from None
