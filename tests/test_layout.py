@@ -415,3 +415,12 @@ def test_the_size_check_finds_a_long_function_and_a_big_file(tmp_path):
     assert any(p.startswith("cait.models.a.long: 81 lines") for p in problems), problems
     assert any(p.startswith("cait.data.big: 501 lines") for p in problems), problems
     assert not any("add_parser" in p for p in problems), problems
+
+
+def test_import_cait_loads_no_torch_until_a_public_name_is_used():
+    code = (
+        "import sys, cait; light = 'torch' not in sys.modules; model = cait.CaiT; "
+        "print(light, 'torch' in sys.modules, sorted(set(cait.__all__) - set(dir(cait))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split("\n")[0] == "True True []", done.stderr
