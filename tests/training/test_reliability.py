@@ -522,6 +522,35 @@ def test_bad_training_inputs_are_one_line(tmp_path, capsys, extra, message):
     assert message in err
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+        ("optim.clip_grad=.nan", "optim.clip_grad must be a finite number, got nan"),
+        ("dist_timeout=.inf", "dist_timeout must be a finite number, got inf"),
+        (
+            "model_args.depths={a: &a [1,1,1,1,1,1,1,1,1], "
+            + ", ".join(
+                f"{c}: &{c} [{', '.join(['*' + p] * 9)}]"
+                for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+            )
+            + "}",
+            "override model_args.depths holds more than 100,000 values after expanding YAML",
+        ),
+    ],
+)
+def test_a_setting_refused_leaves_no_folder(tmp_path, capsys, setting, message):
+    """A number that is not finite, or an alias bomb, is one line before the output folder
+    is made (each ends within seconds)."""
+    run = tmp_path / "run"
+    start = time.monotonic()
+    code = cli_main(["train", "--data", "digits", "--output", str(run), "--set", setting])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("cait train: error: ")
+    assert not run.exists() and time.monotonic() - start < 10
+
+
 def test_verbose_shows_the_traceback(tmp_path, capsys):
     code = cli_main(["-v", "train", "--data", "digits", "--set", "optim.lr=[1"])
     err = capsys.readouterr().err
