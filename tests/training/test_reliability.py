@@ -299,6 +299,22 @@ def test_resume_auto_refuses_a_run_without_last_pt(tmp_path):
         train(digits_config(tmp_path, "resume=auto"))
 
 
+def test_resume_auto_follows_a_linked_last_pt_and_replaces_the_link(finished_run, tmp_path):
+    """A last.pt that links to another run's checkpoint is the run to continue (as
+    resume=auto promises); the continued run's last.pt replaces the link, and the linked
+    file stays as it was."""
+    (tmp_path / "elsewhere").mkdir()
+    elsewhere = _copy_run(finished_run, tmp_path / "elsewhere")
+    before = _tree(elsewhere)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").symlink_to(elsewhere / "last.pt")
+    result = train(digits_config(tmp_path, "epochs=2", "resume=auto"))
+    assert [m["epoch"] for m in result.history] == [1, 2] and result.completed
+    assert not (run / "last.pt").is_symlink() and load_checkpoint(run / "last.pt").run["epoch"] == 1
+    assert _tree(elsewhere) == before
+
+
 def test_one_writer_per_folder(tmp_path):
     run = tmp_path / "run"
     with FolderLock(run, what="cait train"):
