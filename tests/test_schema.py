@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -11,7 +13,13 @@ import yaml
 
 from cait.models.config import ATTN_IMPLS, BRANCH_SCALES, AttnImpl, BranchScale, CaiTConfig
 from cait.schema import check_fields, convert, convert_fields, from_dict
-from cait.training.config import DistillConfig, TrainConfig, config_from_dict
+from cait.training.config import (
+    DistillConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    load_recipe,
+)
 
 Colour = Literal["red", "green"]
 
@@ -174,3 +182,91 @@ def test_a_value_checks_message_is_bounded_too():
     assert len(str(err.value)) < 500 and "model_config.depths" in str(err.value)
     with pytest.raises(ValueError, match=r"got 'x{20}\.\.\.x{20}'|got 'x+\.\.\.x+'"):
         integer(0, 9)("x" * 10**6, "depth")
+
+
+# --- numbers that are not finite -------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "inf", "-nan"])
+def test_a_number_read_from_data_must_be_finite(value):
+    with pytest.raises(ValueError, match="inner.scale must be a finite number, got"):
+        from_dict(Outer, {"inner": {"scale": value}})
+    with pytest.raises(ValueError, match=r"pair\[1\] must be a finite number"):
+        from_dict(Outer, {"pair": [0.0, value]})
+
+
+def test_an_integer_beyond_any_float_is_not_a_number():
+    with pytest.raises(ValueError, match="inner.scale must be a number"):
+        from_dict(Outer, {"inner": {"scale": 10**400}})
+
+
+def _holds(kind: Any, what: Any) -> bool:
+    """Whether the annotation ``kind`` is ``what`` or holds it (in a union, a tuple...)."""
+    inner = [a for a in typing.get_args(kind) if a is not Ellipsis]
+    return kind is what or typing.get_origin(kind) is what or any(_holds(a, what) for a in inner)
+
+
+def _float_fields(cls: type, where: str = "") -> dict[str, bool]:
+    """The dotted name of every field under ``cls`` that holds a float, and whether it is a
+    tuple of them."""
+    names = {}
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        name = f"{where}{f.name}"
+        if dataclasses.is_dataclass(kind):
+            names.update(_float_fields(kind, f"{name}."))
+        elif _holds(kind, float):
+            names[name] = _holds(kind, tuple)
+    return names
+
+
+TRAIN_FLOATS = {**_float_fields(TrainConfig), **_float_fields(CaiTConfig, "model_args.")}
+
+
+def test_the_float_fields_are_found():
+    expected = {"optim.lr", "optim.betas", "data.mean", "dist_timeout", "model_args.init_scale"}
+    assert expected <= set(TRAIN_FLOATS)
+
+
+@pytest.mark.parametrize("name", TRAIN_FLOATS)
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_no_config_field_takes_inf_or_nan(name, value):
+    """No float of the training or model config has a meaning for inf or nan (a timeout,
+    a clip norm, a drop rate: each wants a finite number), so each refuses them by name."""
+    value = f"[{value}, {value}]" if TRAIN_FLOATS[name] else value
+    data = apply_overrides({"model": "cait_digits_16"}, [f"{name}={value}"])
+    with pytest.raises(ValueError, match=rf"^{name}(\[\d\])? must be a finite number, got"):
+        config_from_dict(data)
+
+
+# --- YAML aliases ----------------------------------------------------------------------
+
+_LAUGHS = "\n".join(
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+)
+
+
+def test_a_recipe_that_expands_to_a_billion_values_is_refused_fast(tmp_path):
+    recipe = tmp_path / "laughs.yaml"
+    recipe.write_text(_LAUGHS + "\n")
+    start = time.monotonic()
+    with pytest.raises(ValueError) as err:
+        load_recipe(recipe)
+    assert time.monotonic() - start < 3
+    assert str(err.value) == (
+        f"recipe {recipe} holds more than 100,000 values after expanding YAML aliases"
+    )
+
+
+def test_an_override_that_expands_to_a_billion_values_is_refused_fast():
+    flow = "{" + ", ".join(_LAUGHS.splitlines()) + "}"  # the same document on one line
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="^override model_args.depths holds more than 100,000"):
+        apply_overrides({}, [f"model_args.depths={flow}"])
+    assert time.monotonic() - start < 3
+
+
+def test_aliases_within_the_limit_are_expanded():
+    data = apply_overrides({}, ["augment.scale=[&low 0.5, *low]"])
+    assert data["augment"]["scale"] == [0.5, 0.5]

@@ -8,7 +8,10 @@ The annotation is the one definition of a field: a closed set of choices is a ``
 - :func:`from_dict` builds a config from plain data (YAML, checkpoint metadata, overrides):
   unknown keys are rejected, values are converted the way YAML needs (lists to tuples,
   integers and number strings such as ``"5e-4"`` to floats, mappings to nested configs),
-  then the class is constructed, so its ``__post_init__`` validates the rest.
+  then the class is constructed, so its ``__post_init__`` validates the rest. A ``float``
+  read from data must be finite: no field takes ``inf`` or ``nan`` (YAML's ``.inf``,
+  ``.nan``, the strings ``"inf"``, ``"nan"``); a constructed config is not held to that (a
+  running sum that became ``nan`` is still written down, and refused when read back).
 
 Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``Any``, ``tuple[X, ...]`` and
 ``tuple[X, Y]``, ``dict[...]``, unions with ``None``, ``Literal[...]`` and nested dataclasses.
@@ -18,6 +21,7 @@ Messages name the field by its dotted path in the config tree (``optim.lr``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import reprlib
 import types
 import typing
@@ -83,12 +87,24 @@ def convert_fields(cls: type, data: dict[str, Any], where: str = "") -> dict[str
 
 
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
-    """A validated ``cls`` from plain data (a ``cls`` instance is returned as it is)."""
+    """A validated ``cls`` from plain data (a ``cls`` instance is returned as it is); a
+    field without a default that ``data`` lacks is named too."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
         raise ValueError(f"{where or cls.__name__} must be a mapping, got {shown(data)}")
-    return cls(**convert_fields(cls, data, where))
+    fields = convert_fields(cls, data, where)
+    missing = [
+        _join(where, f.name)
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in fields
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"{where or cls.__name__} lacks {missing}")
+    return cls(**fields)
 
 
 def convert(value: Any, annotation: Any, where: str, *, strict: bool = False) -> Any:
@@ -158,12 +174,17 @@ def _convert_scalar(value: Any, annotation: type, where: str, strict: bool) -> A
     if annotation is float:
         if isinstance(value, str) and not strict:
             try:  # YAML 1.1 reads "5e-4" (no dot) as a string
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if ok and not strict:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond any float
+                ok = False
+            if ok and not math.isfinite(value):
+                raise ValueError(f"{where} must be a finite number, got {shown(value)}")
     else:
         ok = isinstance(value, annotation) and (annotation is bool or not isinstance(value, bool))
     if not ok:

@@ -4,6 +4,7 @@ errors of ``cait train`` (docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import inspect
@@ -32,9 +33,15 @@ from cait.files import (
     temporary_path,
 )
 from cait.models.registry import create_model, get_variant
-from cait.models.weights_file import checkpoint_metadata, model_spec
-from cait.training.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
+from cait.models.weights_file import (
+    WeightsFile,
+    checkpoint_metadata,
+    model_spec,
+    read_weights_file,
+)
+from cait.training.checkpoint import RUN_FIELDS, RunCheckpoint, load_checkpoint, save_checkpoint
 from cait.training.run import train
+from cait.training.run_state import RunState
 
 SRC = str(ROOT / "src")
 
@@ -45,6 +52,12 @@ def run_checkpoint(w: torch.Tensor, config: dict) -> RunCheckpoint:
     spec = model_spec("cait_digits_16", create_model("cait_digits_16"), {})
     meta = checkpoint_metadata(spec, get_variant("cait_digits_16").input_spec, list("0123456789"))
     return RunCheckpoint({"w": w}, meta, {"config": config})
+
+
+def _read(path: Path) -> WeightsFile:
+    """A checkpoint these tests wrote, read whole (the weights, the metadata checked) but its
+    run state as it is: theirs holds a config alone, which resuming would refuse."""
+    return read_weights_file(path)
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -140,8 +153,8 @@ def test_sigkill_mid_write_keeps_the_previous_checkpoint_and_the_next_writer_cle
     proc = _start_slow_save(path, pause=60)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    state = load_checkpoint(path)
-    assert state.run["config"] == {"v": 1} and torch.equal(state.weights["w"], torch.zeros(4))
+    state = _read(path)
+    assert state.run["config"] == {"v": 1} and torch.equal(state.weights()["w"], torch.zeros(4))
     # a process killed with SIGKILL cannot remove its temporary file, named after it...
     assert _temporaries(tmp_path) == [_temporary("last.pt", proc.pid)]
     # ...so the next writer of the folder removes it (a live writer's is kept)
@@ -158,8 +171,8 @@ def test_ctrl_c_mid_write_finishes_the_write_then_stops(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert "SAVED" not in out  # it stopped right after the write...
-    state = load_checkpoint(path)  # ...which completed: the new checkpoint, whole
-    assert state.run["config"] == {"v": 2} and torch.equal(state.weights["w"], torch.ones(1000))
+    state = _read(path)  # ...which completed: the new checkpoint, whole
+    assert state.run["config"] == {"v": 2} and torch.equal(state.weights()["w"], torch.ones(1000))
     assert _temporaries(tmp_path) == []
 
 
@@ -183,7 +196,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary(small_disk):
     with pytest.raises(OSError) as failure:
         save_checkpoint(run_checkpoint(torch.ones(200_000), {"v": 2}), path)
     assert failure.value.errno == errno.ENOSPC and "No space left" in str(failure.value)
-    assert load_checkpoint(path).run["config"] == {"v": 1}
+    assert _read(path).run["config"] == {"v": 1}
     assert _temporaries(small_disk) == []
 
 
@@ -297,6 +310,22 @@ def test_resume_auto_refuses_a_run_without_last_pt(tmp_path):
         train(digits_config(tmp_path, "resume=auto"))
 
 
+def test_resume_auto_follows_a_linked_last_pt_and_replaces_the_link(finished_run, tmp_path):
+    """A last.pt that links to another run's checkpoint is the run to continue (as
+    resume=auto promises); the continued run's last.pt replaces the link, and the linked
+    file stays as it was."""
+    (tmp_path / "elsewhere").mkdir()
+    elsewhere = _copy_run(finished_run, tmp_path / "elsewhere")
+    before = _tree(elsewhere)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").symlink_to(elsewhere / "last.pt")
+    result = train(digits_config(tmp_path, "epochs=2", "resume=auto"))
+    assert [m["epoch"] for m in result.history] == [1, 2] and result.completed
+    assert not (run / "last.pt").is_symlink() and load_checkpoint(run / "last.pt").run["epoch"] == 1
+    assert _tree(elsewhere) == before
+
+
 def test_one_writer_per_folder(tmp_path):
     run = tmp_path / "run"
     with FolderLock(run, what="cait train"):
@@ -342,6 +371,112 @@ def test_a_read_only_output_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("cait train: error: ") and "Read-only file system" in err
+
+
+# --- a run checkpoint from elsewhere (or edited by hand) -------------------------------
+
+_GONE = object()  # a run field taken out of the checkpoint
+
+
+def _ema_with(**extra) -> object:
+    return lambda ema: {**ema, **extra}
+
+
+def _without(name: str) -> object:
+    return lambda ema: {k: v for k, v in ema.items() if k != name}
+
+
+# (the run fields changed, what the one line names); a callable gets the field's value
+_RUN_STATE_CASES = [
+    ({"config": _GONE}, "no 'model'/'config' entries"),
+    ({"config": 5}, "config must be a mapping"),
+    ({"config": lambda c: {**c, "bogus": 1}}, "unknown config keys ['bogus']"),
+    ({"config": lambda c: {**c, "epochs": "two"}}, "config: epochs must be an integer"),
+    ({"epoch": _GONE}, "lacks ['epoch']"),
+    ({"epoch": -5}, "epoch must be from -1 to 0, got -5"),
+    ({"epoch": 10**12}, "epoch must be from -1 to 0, got 1000000000000"),
+    ({"epoch": "1"}, "epoch must be an integer"),
+    ({"step": -1000}, "step must be from 0 to"),
+    ({"step": -1000, "schedule": lambda s: {**s, "step": -1000}}, "schedule.step must be from 0"),
+    ({"step": 5}, "schedule.step 22 is not step 5"),
+    ({"history": _GONE}, "lacks ['history']"),
+    ({"history": "rows"}, "history must be a list"),
+    ({"history": [1]}, "history[0] must be a mapping"),
+    ({"history": [{"epoch": [1]}]}, "history[0] must map names to numbers"),
+    ({"history": lambda h: h * 2}, "history has 2 rows for 1 epoch(s) done"),
+    ({"best_top1": _GONE}, "lacks ['best_top1']"),
+    ({"best_top1": "high"}, "best_top1 must be a number"),
+    ({"best_top1": 1e9}, "best_top1 must be from -1.0 to 100.0"),
+    ({"best_top1": float("nan")}, "best_top1 must be a finite number"),
+    ({"schedule": _GONE}, "lacks ['schedule']"),
+    ({"schedule": "x"}, "schedule must be a mapping"),
+    ({"schedule": {"step": 11}}, "schedule lacks ['schedule.peak_lr'"),
+    ({"schedule": lambda s: {**s, "steps_per_epoch": 0}}, "schedule.steps_per_epoch must be"),
+    ({"rng": _GONE}, "lacks ['rng']"),
+    ({"rng": lambda r: {**r, "numpy": {}}}, "rng is not an RNG state"),
+    ({"rng": lambda r: {**r, "torch": torch.zeros(3)}}, "rng is not an RNG state"),
+    ({"rng_ranks": [{"python": 1}]}, "rng_ranks[0] lacks ['numpy', 'torch']"),
+    ({"optimizer": _GONE}, "lacks ['optimizer']"),
+    ({"optimizer": {"state": {}}}, "optimizer must hold 'state' and 'param_groups'"),
+    ({"ema": 5}, "ema must be a mapping"),
+    ({"ema": _ema_with(extra=torch.zeros(1))}, "unexpected ['extra']"),
+    ({"ema": _without("cls_token")}, "missing ['cls_token']"),
+    ({"ema": _ema_with(cls_token=torch.zeros(2))}, "ema.cls_token has shape (2,)"),
+    ({"ema": _ema_with(cls_token="weights")}, "ema must map names to tensors"),
+    ({"bogus": 1}, "unknown run fields ['bogus']"),
+]
+
+
+def _crafted(finished_run: Path, tmp_path: Path, change: dict) -> Path:
+    """The finished run's last.pt with ``change`` made to its run fields."""
+    state = load_checkpoint(finished_run / "last.pt")
+    run = dict(state.run)
+    for name, value in change.items():
+        if value is _GONE:
+            del run[name]
+        else:
+            run[name] = value(run[name]) if callable(value) else value
+    crafted = tmp_path / "crafted.pt"
+    save_checkpoint(dataclasses.replace(state, run=run), crafted)
+    return crafted
+
+
+@pytest.mark.parametrize(("change", "message"), _RUN_STATE_CASES)
+def test_a_malformed_run_state_is_refused_in_one_line(finished_run, tmp_path, change, message):
+    """Each field of a last.pt from elsewhere is checked (type, range, the EMA against the
+    model) before anything trains: one ValueError naming the file and the field."""
+    crafted = _crafted(finished_run, tmp_path, change)
+    with pytest.raises(ValueError) as refused:
+        train(digits_config(tmp_path, "epochs=2", f"resume={crafted}"))
+    text = str(refused.value)
+    assert len(text.splitlines()) == 1 and str(crafted) in text and message in text, text
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"step": -1000}, "step must be from 0 to"),
+        ({"epoch": 10**12}, "epoch must be from -1 to 0"),
+        ({"history": _GONE}, "lacks ['history']"),
+        ({"ema": _ema_with(extra=torch.zeros(1))}, "unexpected ['extra']"),
+    ],
+)
+def test_a_malformed_run_state_is_one_line_in_cait_train(
+    finished_run, tmp_path, capsys, change, message
+):
+    crafted = _crafted(finished_run, tmp_path, change)
+    command = ["train", "--recipe", str(ROOT / "recipes" / "digits.yaml"), "--data", "digits"]
+    command += ["--output", str(tmp_path / "run"), "--epochs", "2", "--resume", str(crafted)]
+    command += ["--set", "model_args.depth=2", "--set", "tensorboard=false", "--no-progress"]
+    code = cli_main(command)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("cait train: error: ") and message in err and str(crafted) in err
+
+
+def test_the_run_state_schema_covers_every_run_field():
+    assert {f.name for f in dataclasses.fields(RunState)} == set(RUN_FIELDS)
 
 
 # --- Ctrl-C ---------------------------------------------------------------------------
@@ -412,6 +547,35 @@ def test_bad_training_inputs_are_one_line(tmp_path, capsys, extra, message):
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("cait train: error: "), err
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+        ("optim.clip_grad=.nan", "optim.clip_grad must be a finite number, got nan"),
+        ("dist_timeout=.inf", "dist_timeout must be a finite number, got inf"),
+        (
+            "model_args.depths={a: &a [1,1,1,1,1,1,1,1,1], "
+            + ", ".join(
+                f"{c}: &{c} [{', '.join(['*' + p] * 9)}]"
+                for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+            )
+            + "}",
+            "override model_args.depths holds more than 100,000 values after expanding YAML",
+        ),
+    ],
+)
+def test_a_setting_refused_leaves_no_folder(tmp_path, capsys, setting, message):
+    """A number that is not finite, or an alias bomb, is one line before the output folder
+    is made (each ends within seconds)."""
+    run = tmp_path / "run"
+    start = time.monotonic()
+    code = cli_main(["train", "--data", "digits", "--output", str(run), "--set", setting])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("cait train: error: ")
+    assert not run.exists() and time.monotonic() - start < 10
 
 
 def test_verbose_shows_the_traceback(tmp_path, capsys):

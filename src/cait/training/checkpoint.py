@@ -30,10 +30,12 @@ from cait.models.weights_file import (
     save_safetensors,
     spec_of,
 )
+from cait.schema import shown
 from cait.training.config import TrainConfig
 from cait.training.engine import EpochPosition
 from cait.training.optim import ModelEma, Optimisation
 from cait.training.parallel import load_optimizer_state, model_state_dict, optimizer_state_dict
+from cait.training.run_state import check_run_state
 
 __all__ = [
     "BEST",
@@ -182,7 +184,8 @@ def save_checkpoint(checkpoint: RunCheckpoint, path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> RunCheckpoint:
     """A run checkpoint as saved by :func:`save_checkpoint`, or as older versions wrote it
-    (tensors and plain data only; the metadata checked)."""
+    (tensors and plain data only; the metadata and the run state checked:
+    :func:`cait.training.run_state.check_run_state`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -193,6 +196,7 @@ def load_checkpoint(path: str | Path) -> RunCheckpoint:
     file = read_weights_file(path)
     if file.metadata is None or not isinstance(file.run, dict) or "config" not in file.run:
         raise ValueError(f"{path} is not a cait training checkpoint (no 'model'/'config' entries)")
+    check_run_state(file.run, path)
     return RunCheckpoint(file.weights(), file.metadata.entries, file.run)
 
 
@@ -256,6 +260,7 @@ def resume_run(
     if opt.scaler is not None and state.get("scaler"):
         opt.scaler.load_state_dict(state["scaler"])
     if opt.ema is not None and state.get("ema") is not None:
+        _check_ema(state["ema"], opt.ema.state_dict(), config.resume)
         opt.ema.load_state_dict(state["ema"])
     progress = RunProgress(
         start_epoch=state["epoch"] + 1,
@@ -266,6 +271,23 @@ def resume_run(
     )
     restore_rng(checkpoint, info)
     return progress
+
+
+def _check_ema(saved: dict[str, Tensor], ours: dict[str, Tensor], path: str | None) -> None:
+    """The checkpoint's EMA weights must be this model's: the same names and shapes."""
+    missing = sorted(set(ours) - set(saved))
+    unexpected = sorted(set(saved) - set(ours))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: the checkpoint's ema is not this model's (missing {shown(missing)}, "
+            f"unexpected {shown(unexpected)})"
+        )
+    for name, value in ours.items():
+        if saved[name].shape != value.shape:
+            raise ValueError(
+                f"{path}: the checkpoint's ema.{name} has shape {tuple(saved[name].shape)}, "
+                f"this model's {tuple(value.shape)}"
+            )
 
 
 def _epoch_position(state: dict[str, Any], info: runtime.DistInfo) -> EpochPosition | None:

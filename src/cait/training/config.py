@@ -43,6 +43,11 @@ __all__ = [
 # default is 10 min for NCCL and 30 min for gloo; 10 min covers a slow checkpoint write).
 DIST_TIMEOUT_S = 600.0
 
+# The most values a recipe or an override may hold once YAML's aliases are expanded: the
+# largest recipe holds about a hundred; an alias bomb ("billion laughs") holds billions, as
+# shared references that anything walking the value (a check, a message, a copy) expands.
+YAML_MAX_VALUES = 100_000
+
 # Learning rates in the recipes are given for a global batch of 512 and scaled linearly
 # (DeiT main.py: ``lr * batch_size * world_size / 512``).
 LR_BASE_BATCH = 512
@@ -284,7 +289,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _load_yaml(path.read_text(), f"recipe {path}") or {}
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must be a mapping of config keys, got {type(data)}")
     return data
@@ -297,7 +302,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"an override expects key=value, got {item!r}")
-        value = yaml.safe_load(raw) if raw else None
+        value = _load_yaml(raw, f"override {key}") if raw else None
         parts = key.strip().split(".")
         node = out
         for part in parts[:-1]:
@@ -310,3 +315,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = value
     return out
+
+
+def _load_yaml(text: str, what: str) -> Any:
+    """``text`` parsed as YAML (safe types only), refused when expanding its aliases gives
+    more than :data:`YAML_MAX_VALUES` values."""
+    data = yaml.safe_load(text)
+    # each container counted every time it is reached: an alias is walked as often as it
+    # is used, which is what expanding it costs
+    stack, count = [data], 0
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > YAML_MAX_VALUES:
+            raise ValueError(
+                f"{what} holds more than {YAML_MAX_VALUES:,} values after expanding YAML aliases"
+            )
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple | set):
+            stack.extend(value)
+    return data

@@ -5,7 +5,9 @@ The rules (docs/RELIABILITY.md):
 
 - A folder that holds a run (a checkpoint, weights or epoch metrics) is written only by
   continuing that run (``resume`` pointing into it, or ``resume: auto``) or with
-  ``overwrite``; otherwise training is refused before anything is built.
+  ``overwrite``; otherwise training is refused before anything is built. A ``last.pt``
+  that is a link continues from the file it names; checkpoints replace links (an atomic
+  rename), never write through them.
 - Nothing of an existing run changes before the new run may replace it: ``config.yaml`` is
   written once a resume's checks passed (or at the start of a fresh run in an empty folder),
   and with ``overwrite`` the old run's files stay as they were until the new run's first
@@ -159,8 +161,14 @@ class RunFolder:
 
 
 def _continues(resume: str | None, output: Path) -> bool:
-    """Whether ``resume`` is a checkpoint of the run in ``output``."""
-    return resume is not None and Path(resume).resolve().parent == output.resolve()
+    """Whether ``resume`` is a checkpoint of the run in ``output``: a file in ``output``
+    (``resume: auto``'s ``last.pt`` even when it is a link to a file elsewhere: the run
+    continues from what it names, and its next checkpoint replaces the link, leaving the
+    file it named as it was), or a path that leads to one."""
+    if resume is None:
+        return False
+    path, here = Path(resume), output.resolve()
+    return path.parent.resolve() == here or path.resolve().parent == here
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
