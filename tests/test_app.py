@@ -625,3 +625,67 @@ def test_the_examples_ship_with_the_package():
     for path in [*DIGIT_EXAMPLES, *PHOTO_EXAMPLES]:
         with Image.open(path) as img:
             assert min(img.size) >= 16
+
+
+FILE_DATA = {"_type": "gradio.FileData"}  # the tag Gradio checks a payload's path by
+
+
+def _queue_call(http, fn_index: int, data: list, session: str) -> str:
+    """One call of any event (by its index, as the browser makes it): its answer's stream."""
+    started = http.post(
+        "gradio_api/queue/join",
+        json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None},
+    )
+    if started.status_code != 200:
+        return started.text
+    answer = ""
+    with http.stream("GET", f"gradio_api/queue/data?session_hash={session}") as stream:
+        for line in stream.iter_lines():
+            answer += line + "\n"
+            if "process_completed" in line or "close_stream" in line:
+                break
+    return answer
+
+
+def test_a_scan_of_every_event_reads_no_file_outside_the_uploads(server, tmp_path, monkeypatch):
+    """Every event of the page, called as a hostile client would (by index, private ones
+    too), with each input in turn naming a path outside the upload folder (bare or as
+    FileData), the others at their defaults: no file outside the uploads is opened."""
+    import builtins
+
+    import httpx
+    import PIL.Image
+
+    opened: list[str] = []
+    real_open, real_image_open = builtins.open, PIL.Image.open
+
+    def record_open(file, *args, **kwargs):
+        opened.append(os.fspath(file) if isinstance(file, str | os.PathLike) else repr(file))
+        return real_open(file, *args, **kwargs)
+
+    def record_image_open(fp, *args, **kwargs):
+        opened.append(os.fspath(fp) if isinstance(fp, str | os.PathLike) else repr(fp))
+        return real_image_open(fp, *args, **kwargs)
+
+    with httpx.Client(base_url=server, timeout=60) as http:
+        config = http.get("config").json()
+        with open(DIGIT_EXAMPLES[0], "rb") as f:
+            (uploaded,) = http.post("gradio_api/upload", files={"files": f}).json()
+        cases = _outside_cases(tmp_path, Path(uploaded).parent)
+        del cases["a named pipe in the upload folder"]  # opening one would block: its own test
+        defaults = {c["id"]: c.get("props", {}).get("value") for c in config["components"]}
+        monkeypatch.setattr(builtins, "open", record_open)
+        monkeypatch.setattr(PIL.Image, "open", record_image_open)
+        calls = 0
+        for dep in config["dependencies"]:
+            for slot in range(len(dep["inputs"])):
+                for path in cases.values():
+                    for payload in ({"path": str(path)}, {"path": str(path), "meta": FILE_DATA}):
+                        data = [defaults.get(i) for i in dep["inputs"]]
+                        data[slot] = payload
+                        _queue_call(http, dep["id"], data, f"scan{calls}")
+                        calls += 1
+    outside = {str(p) for p in cases.values()} | {os.path.realpath(p) for p in cases.values()}
+    assert calls > 50 and not [p for p in opened if p in outside], [
+        p for p in opened if p in outside
+    ]
