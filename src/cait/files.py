@@ -374,13 +374,19 @@ class FolderLock:
 class OutputLock(FolderLock):
     """One writer per output written whole (a file or a folder, an export): as
     :class:`FolderLock`, with the lock file beside the output, named ``.NAME.lock``, so
-    that it is never part of what is written."""
+    that it is never part of what is written. Once taken, the output's temporaries left by
+    a writer killed mid-way are removed (the holder is the output's only writer)."""
 
     KIND = "output"
 
     def __init__(self, output: str | os.PathLike[str], what: str = "cait") -> None:
         super().__init__(output, what)
         self.path = self.target.with_name(f".{self.target.name}.lock")
+
+    def acquire(self) -> None:
+        super().acquire()
+        for path in remove_stale_temporaries(self.target.parent, self.target.name):
+            logger.info("removed %s, left by a process killed while writing it", path)
 
 
 def _describe(holder: dict[str, Any] | None) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from cait.files import OutputLock, remove_stale_temporaries, write_folder_atomically
+from cait.files import OutputLock, write_folder_atomically
 
 __all__ = ["check_output_folder", "write_output_folder"]
 
@@ -73,8 +73,6 @@ def write_output_folder(
     check_output_folder(output, tool, owns, overwrite)
     with OutputLock(output, what=f"cait {tool}"):
         check_output_folder(output, tool, owns, overwrite)  # again: it may have changed
-        for path in remove_stale_temporaries(output.parent, output.name):
-            logger.info("removed %s, left by a process killed while writing it", path)
         written: list[T] = []
         write_folder_atomically(
             output, lambda folder: written.append(write(folder)), interruptible=True

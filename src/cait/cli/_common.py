@@ -20,6 +20,7 @@ __all__ = [
     "HelpFormatter",
     "Stopped",
     "crop_ratio",
+    "force_flag",
     "positive_int",
     "threads_flag",
     "training_stops",
@@ -86,6 +87,12 @@ def crop_ratio(text: str) -> float:
     if value > 1:
         raise argparse.ArgumentTypeError(f"{expected}, got {text[:40]}")
     return value
+
+
+def force_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """``--force``: replace ``what`` the command wrote earlier (the library's
+    ``overwrite``), never anything else."""
+    p.add_argument("--force", action="store_true", help=f"replace {what}")
 
 
 def threads_flag(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from cait.cli._common import CHECKPOINT_HELP, MODEL_HELP, positive_int, threads_flag
+from cait.cli._common import CHECKPOINT_HELP, MODEL_HELP, force_flag, positive_int, threads_flag
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
@@ -42,11 +42,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     # no "auto": a picture is computed where asked
     p.add_argument("--device", choices=get_args(DeviceType), default="cpu", help="where to run")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace the earlier outputs in --output (never a folder holding other files)",
-    )
+    force_flag(p, "the earlier outputs in --output (never a folder holding other files)")
     threads_flag(p)
 
 

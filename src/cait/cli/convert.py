@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cait.cli._common import force_flag
+
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
 PURPOSE = "convert an official checkpoint to safetensors"
@@ -14,11 +16,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="official .pth, plain state dict, http(s) URL or hf-hub:OWNER/NAME")
     p.add_argument("dst", help="the .safetensors file to write")
     p.add_argument("--model", help="a variant to check the weights against (strict load)")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing DST .safetensors file (never a folder or another kind of file)",
-    )
+    force_flag(p, "an existing DST .safetensors file (never a folder or another kind of file)")
 
 
 def run(args: argparse.Namespace) -> int:

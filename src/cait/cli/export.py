@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cait.cli._common import CHECKPOINT_HELP, MODEL_HELP, positive_int, threads_flag
+from cait.cli._common import CHECKPOINT_HELP, MODEL_HELP, force_flag, positive_int, threads_flag
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
@@ -32,7 +32,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
     p.add_argument("--dynamic-size", action="store_true", help="any height and width too")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the timm folder to this repo")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    force_flag(p, "an earlier export at --output (never a folder of other files)")
     threads_flag(p)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from cait.cli._common import MODEL_HELP, positive_int, threads_flag
+from cait.cli._common import MODEL_HELP, force_flag, positive_int, threads_flag
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
@@ -32,11 +32,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
     p.add_argument("--device", choices=get_args(DeviceType), default="cpu", help="where to run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace the earlier outputs in --output (never a folder holding other files)",
-    )
+    force_flag(p, "the earlier outputs in --output (never a folder holding other files)")
     threads_flag(p)
 
 

@@ -20,7 +20,6 @@ from cait.export.parity import ParityCheck, check_sizes, parity
 from cait.files import (
     OutputLock,
     atomic_write,
-    remove_stale_temporaries,
     write_folder_atomically,
 )
 from cait.models.build import load_for_inference
@@ -130,7 +129,6 @@ def export_model(
     )
     with OutputLock(output, what="cait export"):
         check_output(entry, output, overwrite)  # again: it may have changed meanwhile
-        remove_stale_temporaries(output.parent, output.name)  # of an export killed mid-way
         result = _write_and_check(entry, job, output)
         if push_to_hub is not None:
             try:

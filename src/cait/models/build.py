@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from cait.files import OutputLock, first_line, remove_stale_temporaries
+from cait.files import OutputLock, first_line
 from cait.models.cait import CaiT
 from cait.models.config import CaiTConfig, pretrained_cfg
 from cait.models.pretrained import (
@@ -225,7 +225,6 @@ def convert_checkpoint(
     variant = model_name if meta is None else None  # the metadata names the model
     with OutputLock(dst, what="cait convert"):
         _check_destination(dst, overwrite)  # again: it may have appeared meanwhile
-        remove_stale_temporaries(dst.parent, dst.name)  # of a convert killed mid-write
         save_safetensors(state_dict, dst, entries, source=Path(source).name, variant=variant)
     return state_dict
 
