@@ -30,7 +30,8 @@ from cait.models.registry import get_variant
 
 PHOTO = Path(__file__).parents[2] / "src" / "cait" / "app_examples" / "coffee.jpg"
 SPEC = get_variant("cait_xxs24_224").input_spec
-# No RandAugment, colour jitter or erasing: what is left is decode, crop, flip, tensor.
+# No RandAugment or erasing: decode, crop, flip and colour jitter (which the recipe leaves
+# out with RandAugment), the same RNG calls in both transforms.
 PLAIN = AugmentConfig(auto_augment=None, re_prob=0.0)
 
 
@@ -117,6 +118,41 @@ def test_fast_transform_returns_uint8_chw_that_collates(tmp_path):
     assert images.shape == (4, 3, 224, 224) and targets.tolist() == [0, 1, 2, 3]
     out = device_augment(SPEC, AugmentConfig())(images)
     assert out.dtype == torch.float32 and out.shape == (4, 3, 224, 224)
+
+
+def test_open_image_takes_bytes_and_refuses_empty_files(tmp_path):
+    path = photo_jpeg(tmp_path / "a.jpg", (500, 375))
+    transform = fast_train_transform(SPEC, PLAIN)
+    random.seed(0)
+    torch.manual_seed(0)
+    from_path = transform(open_image(path))
+    random.seed(0)
+    torch.manual_seed(0)
+    from_bytes = transform(open_image(path.read_bytes()))
+    assert torch.equal(from_path, from_bytes)
+    (tmp_path / "empty.jpg").touch()
+    for empty in (tmp_path / "empty.jpg", b""):
+        with pytest.raises(ValueError, match="empty file"):
+            open_image(empty)
+
+
+@pytest.mark.parametrize("engine", ["torch", "pil"])
+def test_crop_to_tensor_is_the_images_pixels(tmp_path, engine):
+    """The tensor the crop hands to a tensor flip is the image it would hand to PIL."""
+    path = photo_jpeg(tmp_path / "a.jpg", (500, 375))
+    random.seed(2)
+    image = ResizedCrop(224, engine=engine)(open_image(path))
+    random.seed(2)
+    tensor = ResizedCrop(224, engine=engine, to_tensor=True)(open_image(path))
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 224, 224)
+    assert torch.equal(tensor, tv.functional.pil_to_tensor(image))
+    crop_flip = fast_train_transform(SPEC, AugmentConfig(), randaugment=False)
+    assert [type(t).__name__ for t in crop_flip.transforms[1:]] == [
+        "RandomHorizontalFlip",
+        "MaybePILToTensor",
+    ]
+    assert crop_flip.transforms[0].to_tensor
+    assert not fast_train_transform(SPEC, PLAIN).transforms[0].to_tensor  # jitter: PIL
 
 
 def test_pil_engine_and_reducing_gap_keep_the_shape(tmp_path):

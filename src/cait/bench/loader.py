@@ -476,13 +476,13 @@ def format_stage_table(result: StageResult) -> str:
     lines = [
         f"CPU ms per image, {result.images} images x {result.rounds} rounds, one thread, load "
         f"average " + " -> ".join(f"{x:.2f}" for x in result.load_average),
-        f"{'step':<14}" + "".join(f"{n:>12}" for n in names),
+        f"{'step':<14}" + "".join(f"{n:>14}" for n in names),
     ]
     for step in [*steps, "total"]:
         lines.append(
-            f"{step:<14}" + "".join(f"{result.stages[n].get(step, 0.0):>12.2f}" for n in names)
+            f"{step:<14}" + "".join(f"{result.stages[n].get(step, 0.0):>14.2f}" for n in names)
         )
     lines.append(
-        f"{'img/s/core':<14}" + "".join(f"{1000 / result.stages[n]['total']:>12.1f}" for n in names)
+        f"{'img/s/core':<14}" + "".join(f"{1000 / result.stages[n]['total']:>14.1f}" for n in names)
     )
     return "\n".join(lines)

@@ -12,6 +12,7 @@ timm's ``RandomResizedCrop.get_params``, the same algorithm with the same calls 
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import warnings
@@ -72,13 +73,18 @@ def crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """``path`` opened but not decoded (PIL reads the header only), for
-    :class:`ResizedCrop` to decode at the scale it needs; an empty file raises
-    ``ValueError``, as :func:`cait.data.load_image` does."""
-    if Path(path).stat().st_size == 0:
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """A file (a path, or its bytes: a tar member, a parquet cell) opened but not decoded
+    (PIL reads the header only), for :class:`ResizedCrop` to decode at the scale it needs;
+    an empty file raises ``ValueError``, as :func:`cait.data.load_image` does. Decoding
+    errors (``UNREADABLE_IMAGE_ERRORS``) come later, from the transform."""
+    if isinstance(source, bytes):
+        if not source:
+            raise ValueError("empty file")
+        return Image.open(io.BytesIO(source))
+    if Path(source).stat().st_size == 0:
         raise ValueError("empty file")
-    return Image.open(path)
+    return Image.open(source)
 
 
 def finish_image(img: Image.Image) -> Image.Image:
@@ -109,17 +115,26 @@ TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "
 
 def _torch_resize(
     img: Image.Image, box: tuple[int, int, int, int], size: int, mode: str
-) -> Image.Image:
+) -> torch.Tensor:
     """The integer ``box`` of RGB ``img`` at ``size`` x ``size`` by torch's antialiased
-    uint8 resize (channels-last, as PIL stores pixels)."""
-    left, top, right, bottom = box
+    uint8 resize, as a ``(C, size, size)`` tensor (channels-last in memory, as PIL's)."""
+    crop = img.crop(box)  # a copy of the box alone: the resize reads it contiguously
     with warnings.catch_warnings():  # PIL's array is read-only; it is only read here
         warnings.simplefilter("ignore", UserWarning)
-        pixels = torch.from_numpy(np.asarray(img))[top:bottom, left:right]  # (H, W, C) view
-    out = torch.nn.functional.interpolate(
+        pixels = torch.from_numpy(np.asarray(crop))  # (H, W, C)
+    return torch.nn.functional.interpolate(
         pixels.permute(2, 0, 1).unsqueeze(0), size=(size, size), mode=mode, antialias=True
-    )  # (1, C, size, size), channels-last in memory
-    return Image.fromarray(out[0].permute(1, 2, 0).numpy())
+    )[0]
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image as a uint8 ``(C, H, W)`` tensor (a view of one copy of its pixels)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def _to_image(pixels: torch.Tensor) -> Image.Image:
+    """A uint8 ``(C, H, W)`` tensor as an RGB image."""
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
 class ResizedCrop:
@@ -127,6 +142,8 @@ class ResizedCrop:
     decoded at the smallest DCT scale that keeps the crop at least ``size`` pixels on each
     side (``draft``), and resized from its box in one step, by torch's uint8 resize
     (``engine="torch"``, bicubic and bilinear) or PIL's (``"pil"``, with ``reducing_gap``).
+    Returns a PIL image, or with ``to_tensor`` a uint8 ``(C, H, W)`` tensor (for steps that
+    take tensors: the flip), which saves a conversion each way.
 
     Takes an image from :func:`open_image` (not decoded: the fast path) or a decoded one."""
 
@@ -139,6 +156,7 @@ class ResizedCrop:
         draft: bool = True,
         engine: str = "torch",
         reducing_gap: float | None = None,
+        to_tensor: bool = False,
     ) -> None:
         if engine not in ("torch", "pil"):
             raise ValueError(f"engine must be torch or pil, got {engine!r}")
@@ -149,6 +167,7 @@ class ResizedCrop:
         self.draft = draft
         self.engine = engine if interpolation in TORCH_MODES else "pil"
         self.reducing_gap = reducing_gap
+        self.to_tensor = to_tensor
 
     def plan(self, img: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float]]:
         """Draw the crop on the full upright size, set the DCT scale on a JPEG not yet
@@ -168,24 +187,29 @@ class ResizedCrop:
             return img, (left, top, left + w, top + h)
         return img, (left / reduce, top / reduce, (left + w) / reduce, (top + h) / reduce)
 
-    def resize(self, img: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    def resize(
+        self, img: Image.Image, box: tuple[float, float, float, float]
+    ) -> Image.Image | torch.Tensor:
         """The crop ``box`` of ``img`` (decoded now if it is not yet) at ``size`` x ``size``;
         a fractional box (a drafted image) goes to PIL, which takes one."""
         img = finish_image(img)
         if self.engine == "torch" and all(isinstance(v, int) for v in box):
-            return _torch_resize(img, box, self.size, TORCH_MODES[self.interpolation])
-        return img.resize(
+            pixels = _torch_resize(img, box, self.size, TORCH_MODES[self.interpolation])
+            return pixels if self.to_tensor else _to_image(pixels)
+        out = img.resize(
             (self.size, self.size), self.interpolation, box=box, reducing_gap=self.reducing_gap
         )
+        return _to_tensor(out) if self.to_tensor else out
 
-    def __call__(self, img: Image.Image) -> Image.Image:
+    def __call__(self, img: Image.Image) -> Image.Image | torch.Tensor:
         return self.resize(*self.plan(img))
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio="
             f"{tuple(round(r, 4) for r in self.ratio)}, interpolation={self.interpolation.name}"
-            f", draft={self.draft}, engine={self.engine}, reducing_gap={self.reducing_gap})"
+            f", draft={self.draft}, engine={self.engine}, reducing_gap={self.reducing_gap}"
+            f", to_tensor={self.to_tensor})"
         )
 
 

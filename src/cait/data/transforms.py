@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 from timm.data import Mixup, create_dataset, create_loader, create_transform
-from timm.data.transforms import str_to_pil_interp
+from timm.data.transforms import MaybePILToTensor, str_to_pil_interp
+from torchvision.transforms import RandomHorizontalFlip
 
 from cait.data.config import AugmentConfig
 from cait.data.decode import DeviceAugment, ResizedCrop
@@ -111,6 +112,11 @@ def fast_train_transform(
         use_prefetcher=True,  # uint8 CHW out: no ToTensor, Normalize or RandomErasing
     )
     crop = transform.transforms[0]
+    # With nothing but the flip between the crop and the tensor, the crop's tensor goes
+    # on (torchvision's flip takes tensors, timm's MaybePILToTensor passes them through).
+    tensors_after = all(
+        isinstance(t, (RandomHorizontalFlip, MaybePILToTensor)) for t in transform.transforms[1:]
+    )
     transform.transforms[0] = ResizedCrop(
         settings.img_size,
         scale=crop.scale,
@@ -119,6 +125,7 @@ def fast_train_transform(
         draft=draft,
         engine=engine,
         reducing_gap=reducing_gap,
+        to_tensor=tensors_after,
     )
     _allow_zero_bit_posterize(transform)
     return transform
