@@ -378,6 +378,7 @@ def _stage_transforms(spec: InputSpec, augment: AugmentConfig) -> dict[str, tupl
         "pil+gap3": (fast(spec, augment, draft=False, engine="pil", reducing_gap=3.0), dev),
         "torch-resize": (fast(spec, augment, draft=False), dev),
         "torch+draft": (fast(spec, augment), dev),
+        "crop+flip": (fast(spec, augment, randaugment=False), DeviceAugment(spec.mean, spec.std)),
     }
 
 

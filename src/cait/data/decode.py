@@ -122,9 +122,12 @@ def _torch_resize(
     with warnings.catch_warnings():  # PIL's array is read-only; it is only read here
         warnings.simplefilter("ignore", UserWarning)
         pixels = torch.from_numpy(np.asarray(crop))  # (H, W, C)
-    return torch.nn.functional.interpolate(
-        pixels.permute(2, 0, 1).unsqueeze(0), size=(size, size), mode=mode, antialias=True
-    )[0]
+    h, w, c = pixels.shape
+    # (1, C, H, W) channels-last with the batch stride spelt out: torch then allocates the
+    # output channels-last too (pytorch#68430; torchvision's resize does the same), so that
+    # PIL gets its pixel order without a transposing copy
+    batch = pixels.permute(2, 0, 1).as_strided((1, c, h, w), (pixels.numel(), 1, w * c, c))
+    return torch.nn.functional.interpolate(batch, size=(size, size), mode=mode, antialias=True)[0]
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
