@@ -27,6 +27,8 @@ def folder(tmp_path_factory) -> Path:
                 box = (10 * i, 5 * i, 300 + 10 * i, 220 + 5 * i)
                 crop = photo.crop(box).resize((320, 240))
                 crop.save(root / split / label / f"{i}.jpg", quality=90)
+    rows = [f"{p.relative_to(root)},{p.parent.name},{p.parts[-3]}" for p in root.rglob("*.jpg")]
+    (root / "list.csv").write_text("path,label,split\n" + "\n".join(sorted(rows)) + "\n")
     return root
 
 
@@ -50,6 +52,22 @@ def test_bench_data_json(folder, capsys):
         assert t["images_per_s"] > 0 and t["per_worker"] > 0
         assert len(t["rounds"]) == 1
     assert set(r["ratios"]) == {"train", "eval"}
+
+
+def test_bench_data_reads_any_source(folder, capsys):
+    """A list file of the same images times as the folder does; timm reads folders only."""
+    argv = ["bench", "--data", f"list:{folder / 'list.csv'}", "--workers", "0"]
+    argv += ["--pipelines", "train,eval", "--batch-size", "2", "--batches", "1", "--rounds", "1"]
+    assert main(argv + ["--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {(t["pipeline"], t["impl"]) for t in r["timings"]} == {
+        ("train", "cait"),
+        ("eval", "cait"),
+    }
+    assert main(argv + ["--compare", "timm"]) == 2
+    assert "--compare timm reads a folder" in capsys.readouterr().err
+    assert main(argv + ["--stages", "2"]) == 2
+    assert "--stages reads the files of a folder" in capsys.readouterr().err
 
 
 def test_loader_benchmark_with_a_worker_counts_its_cpu(folder):

@@ -1,7 +1,7 @@
 """Loader throughput (``cait bench --data``): images/s, and images/s per worker process, of
 the training and evaluation transforms through a torch ``DataLoader``, beside timm's loader
 on the same files, and a synthetic source (no decode) as the ceiling; rounds alternate in
-one process. :func:`stage_breakdown` times each step of a transform on one thread.
+one process (:mod:`cait.bench.stages` times each step of a transform on one thread).
 
 This module loads timm (through :mod:`cait.data.transforms`): import it from here, not from
 :mod:`cait.bench`.
@@ -9,6 +9,7 @@ This module loads timm (through :mod:`cait.data.transforms`): import it from her
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import statistics
@@ -16,13 +17,22 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cait.data import AugmentConfig, build_datasets, collate_samples, load_image
-from cait.data.decode import DeviceAugment, ResizedCrop, finish_image, open_image
+from cait.data import (
+    AugmentConfig,
+    ImageFolderDataset,
+    build_datasets,
+    collate_samples,
+    make_loader,
+    open_source,
+)
+from cait.data.decode import DeviceAugment, open_image
+from cait.data.sources import is_streamed
+from cait.data.sources.folder import FolderSource
 from cait.data.transforms import (
     device_augment,
     eval_transform,
@@ -36,11 +46,8 @@ __all__ = [
     "PIPELINES",
     "LoaderResult",
     "LoaderTiming",
-    "StageResult",
     "format_loader_table",
-    "format_stage_table",
     "loader_benchmark",
-    "stage_breakdown",
 ]
 
 # What each row of the table times ("cait" rows are ours, "timm" rows timm's loader):
@@ -50,6 +57,7 @@ __all__ = [
 # - crop+flip: random-resized crop and flip alone;
 # - eval: resize and centre crop.
 PIPELINES = ("synthetic", "train", "train-today", "crop+flip", "eval")
+SYNTHETIC_SAMPLES = 4096  # the synthetic source's length (its images are all alike)
 
 
 class _Files(Dataset):
@@ -153,6 +161,35 @@ def _forever(loader: DataLoader) -> Iterator:
         yield from loader
 
 
+def _with_transform(split: Any, transform: Callable) -> Dataset:
+    """``split`` read through ``transform``: a folder's files opened lazily (the fast path
+    decodes in its crop step), any other source's split as it reads its images."""
+    if isinstance(split, ImageFolderDataset):
+        return _Files(split.samples, transform)
+    clone = copy.copy(split)
+    clone.transform = transform
+    return clone
+
+
+def _loader(dataset: Dataset, train: bool, workers: int, batch_size: int) -> DataLoader:
+    """A loader whose workers live from round to round (so their CPU time can be read):
+    shuffled batches for training, in order for evaluation; a streamed split's own plan."""
+    if is_streamed(dataset):
+        stream = make_loader(dataset, batch_size, train=train, workers=workers).loader.dataset
+        return DataLoader(
+            stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        num_workers=workers,
+        collate_fn=collate_samples,
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
+
+
 def _loaders(
     data: str,
     spec: InputSpec,
@@ -164,39 +201,30 @@ def _loaders(
 ) -> dict[tuple[str, str], tuple[DataLoader, Callable | None]]:
     """Each timed loader by (pipeline, impl), with the batch step the main process runs
     (normalise and erase for uint8 batches; timm's prefetcher does its own)."""
+    unknown = [p for p in pipelines if p not in PIPELINES]
+    if unknown:
+        raise ValueError(f"unknown pipeline {unknown[0]!r}: expected one of {', '.join(PIPELINES)}")
+    folder = isinstance(open_source(data), FolderSource)
+    if compare == "timm" and not folder:
+        raise ValueError(f"--compare timm reads a folder (timm's own reader), not {data}")
     train, val, _ = build_datasets(data, None, None)
-    samples = train.samples
-
-    def ours(dataset: Dataset, shuffle: bool = True) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            collate_fn=collate_samples,
-            persistent_workers=workers > 0,
-            drop_last=True,
-        )
-
-    fast = fast_train_transform(spec, augment)
-    crop_flip = fast_train_transform(spec, augment, randaugment=False)
     normalise = DeviceAugment(spec.mean, spec.std)
     made: dict[tuple[str, str], tuple[DataLoader, Callable | None]] = {}
     for name in pipelines:
         if name == "synthetic":
-            made[name, "synthetic"] = (ours(_Synthetic(spec.img_size, len(samples))), normalise)
+            dataset, step = _Synthetic(spec.img_size, SYNTHETIC_SAMPLES), normalise
         elif name == "train":
-            made[name, "cait"] = (ours(_Files(samples, fast)), device_augment(spec, augment))
+            dataset = _with_transform(train, fast_train_transform(spec, augment))
+            step = device_augment(spec, augment)
         elif name == "train-today":
-            train.transform = train_transform(spec, augment)
-            made[name, "cait"] = (ours(train), None)
+            dataset, step = _with_transform(train, train_transform(spec, augment)), None
         elif name == "crop+flip":
-            made[name, "cait"] = (ours(_Files(samples, crop_flip)), normalise)
-        elif name == "eval":
-            val.transform = eval_transform(spec)
-            made[name, "cait"] = (ours(val, shuffle=False), None)
-        else:
-            raise ValueError(f"unknown pipeline {name!r}: expected one of {', '.join(PIPELINES)}")
+            crop_flip = fast_train_transform(spec, augment, randaugment=False)
+            dataset, step = _with_transform(train, crop_flip), normalise
+        else:  # eval
+            dataset, step = _with_transform(val, eval_transform(spec)), None
+        impl = "synthetic" if name == "synthetic" else "cait"
+        made[name, impl] = (_loader(dataset, name != "eval", workers, batch_size), step)
         if compare == "timm" and name in ("train", "crop+flip", "eval"):
             root = Path(data).expanduser() / ("val" if name == "eval" else "train")
             loader = timm_loader(
@@ -293,7 +321,8 @@ def _alternate(
     seed: int,
 ) -> LoaderResult:
     """:func:`loader_benchmark`'s rounds."""
-    _seed_all(seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
     spec = get_variant(model).input_spec
     made = _loaders(data, spec, AugmentConfig(), pipelines, compare, workers, batch_size)
     result = LoaderResult(data, model, workers, batch_size, batch_size * batches, competitors)
@@ -340,150 +369,4 @@ def format_loader_table(result: LoaderResult) -> str:
     for pipeline, ratio in r.ratios().items():
         by_cpu = f", {cpu_ratios[pipeline]:.2f}x per CPU second" if pipeline in cpu_ratios else ""
         lines.append(f"{pipeline}: cait / timm {ratio:.2f}x images/s{by_cpu}")
-    return "\n".join(lines)
-
-
-@dataclass
-class StageResult:
-    """CPU milliseconds per image of each step, by transform, on one thread."""
-
-    images: int
-    rounds: int
-    load_average: list[float]
-    stages: dict[str, dict[str, float]]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-_STAGE_NAMES = {
-    "RandomResizedCropAndInterpolation": "crop+resize",
-    "RandomHorizontalFlip": "flip",
-    "RandAugment": "RandAugment",
-    "MaybeToTensor": "to-tensor",
-    "ToTensor": "to-tensor",
-    "MaybePILToTensor": "to-tensor",
-    "Normalize": "normalize",
-    "RandomErasing": "erasing",
-}
-
-
-def _stage_transforms(spec: InputSpec, augment: AugmentConfig) -> dict[str, tuple]:
-    """The transforms :func:`stage_breakdown` compares: (transform, batch step)."""
-    fast = fast_train_transform
-    dev = device_augment(spec, augment)
-    return {
-        "today": (train_transform(spec, augment), None),
-        "pil-1-resize": (fast(spec, augment, draft=False, engine="pil"), dev),
-        "pil+gap3": (fast(spec, augment, draft=False, engine="pil", reducing_gap=3.0), dev),
-        "torch-resize": (fast(spec, augment, draft=False), dev),
-        "torch+draft": (fast(spec, augment), dev),
-        "crop+flip": (fast(spec, augment, randaugment=False), DeviceAugment(spec.mean, spec.std)),
-    }
-
-
-# This thread's CPU time: the steps' own cost, which other processes on a shared machine
-# change far less than they change the wall clock.
-_cpu = time.thread_time
-
-
-def _run_stages(path: Path, transform: Callable, clock: dict[str, float]) -> torch.Tensor:
-    """One image through ``transform`` step by step, adding each step's seconds to ``clock``."""
-    steps = transform.transforms
-    start = _cpu()
-    if isinstance(steps[0], ResizedCrop):  # decoding happens in the crop step: split it
-        img, box = steps[0].plan(open_image(path))
-        img = finish_image(img)
-        clock["decode"] += _cpu() - start
-        start = _cpu()
-        img = steps[0].resize(img, box)
-        clock["crop+resize"] += _cpu() - start
-    else:
-        img = load_image(path)
-        clock["decode"] += _cpu() - start
-        start = _cpu()
-        img = steps[0](img)
-        clock["crop+resize"] += _cpu() - start
-    for step in steps[1:]:
-        start = _cpu()
-        img = step(img)
-        name = _STAGE_NAMES.get(type(step).__name__, type(step).__name__)
-        clock[name] = clock.get(name, 0.0) + _cpu() - start
-    return img
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _time_batch(
-    paths: Sequence[Path], transform: Callable, step: Callable | None, clock: dict[str, float]
-) -> None:
-    """One batch through ``transform``, collation and the batch ``step``, timed by step."""
-    out = [(_run_stages(p, transform, clock), 0, ()) for p in paths]
-    start = _cpu()
-    batch = collate_samples(out)[0]
-    clock["collate"] = clock.get("collate", 0.0) + _cpu() - start
-    if step is not None:
-        start = _cpu()
-        step(batch)
-        clock["device step"] = clock.get("device step", 0.0) + _cpu() - start
-
-
-def stage_breakdown(
-    data: str,
-    model: str = "cait_xxs24_224",
-    images: int = 256,
-    rounds: int = 3,
-    batch_size: int = 32,
-) -> StageResult:
-    """CPU milliseconds per image of each step (decode, crop+resize, flip, RandAugment,
-    to-tensor, normalize, erasing, collate, device step) of today's training transform and
-    of the fast path's variants, on ``images`` training files, in this thread (``torch``
-    on one thread), the transforms taking turns batch by batch."""
-    torch.set_num_threads(1)
-    spec = get_variant(model).input_spec
-    train, _, _ = build_datasets(data, None, None)
-    chosen = random.Random(0).sample(train.samples, min(images, len(train.samples)))
-    paths = [p for p, _ in chosen]
-    transforms = _stage_transforms(spec, AugmentConfig())
-    clocks = {name: {"decode": 0.0, "crop+resize": 0.0} for name in transforms}
-    load = [os.getloadavg()[0]]
-    names = list(transforms)
-    for r in range(rounds):
-        for i in range(0, len(paths), batch_size):
-            # the transforms take turns batch by batch, each drawing the same crops and ops
-            for name in names[i % len(names) :] + names[: i % len(names)]:
-                _seed_all(r * len(paths) + i)
-                _time_batch(paths[i : i + batch_size], *transforms[name], clocks[name])
-    load.append(os.getloadavg()[0])
-    per_image = 1000 / (len(paths) * rounds)
-    stages = {
-        name: {
-            **{k: v * per_image for k, v in clock.items()},
-            "total": sum(clock.values()) * per_image,
-        }
-        for name, clock in clocks.items()
-    }
-    return StageResult(len(paths), rounds, load, stages)
-
-
-def format_stage_table(result: StageResult) -> str:
-    """Milliseconds per image, one column per transform, and images/s on one core."""
-    names = list(result.stages)
-    steps = list(dict.fromkeys(k for s in result.stages.values() for k in s if k != "total"))
-    lines = [
-        f"CPU ms per image, {result.images} images x {result.rounds} rounds, one thread, load "
-        f"average " + " -> ".join(f"{x:.2f}" for x in result.load_average),
-        f"{'step':<14}" + "".join(f"{n:>14}" for n in names),
-    ]
-    for step in [*steps, "total"]:
-        lines.append(
-            f"{step:<14}" + "".join(f"{result.stages[n].get(step, 0.0):>14.2f}" for n in names)
-        )
-    lines.append(
-        f"{'img/s/core':<14}" + "".join(f"{1000 / result.stages[n]['total']:>14.1f}" for n in names)
-    )
     return "\n".join(lines)

@@ -113,11 +113,10 @@ def _run_data(args: argparse.Namespace) -> int:
 
     model = args.model or "cait_xxs24_224"
     if args.stages is not None:
-        stages = bench_loader.stage_breakdown(
-            args.data, model, args.stages, args.rounds, args.batch_size
-        )
-        out = stages.to_dict()
-        print(json.dumps(out, indent=2) if args.json else bench_loader.format_stage_table(stages))
+        from cait.bench.stages import format_stage_table, stage_breakdown
+
+        stages = stage_breakdown(args.data, model, args.stages, args.rounds, args.batch_size)
+        print(json.dumps(stages.to_dict(), indent=2) if args.json else format_stage_table(stages))
         return 0
     options = dict(
         model=model,
