@@ -37,7 +37,7 @@ def test_bench_data_prints_a_table_with_images_per_s_and_per_core(folder, capsys
     assert main(argv + ["--batch-size", "2", "--batches", "1", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "img/s" in out and "img/s/worker" in out and "img/CPU-s" in out
-    for row in ("synthetic", "train ", "crop+flip", "eval", "train: cait / timm"):
+    for row in ("synthetic", "train ", "crop+flip", "eval ", "eval-today", "train: cait / timm"):
         assert row in out, row
 
 

@@ -25,7 +25,13 @@ from cait.data.decode import (
     normalize_batch,
     open_image,
 )
-from cait.data.transforms import device_augment, fast_train_transform, train_transform
+from cait.data.transforms import (
+    device_augment,
+    eval_transform,
+    fast_eval_transform,
+    fast_train_transform,
+    train_transform,
+)
 from cait.models.registry import get_variant
 
 PHOTO = Path(__file__).parents[2] / "src" / "cait" / "app_examples" / "coffee.jpg"
@@ -199,3 +205,13 @@ def test_device_augment_normalises_then_erases():
     assert (erased != plain).any(dim=(1, 2, 3)).all()  # every image got a box
     with pytest.raises(ValueError, match="erasing mode"):
         erase_batch(plain, 0.5, "noise")
+
+
+def test_fast_eval_transform_is_the_eval_transform_in_uint8(tmp_path):
+    """The same resize and crop; normalised on the device it is today's eval input."""
+    images = [load_image(photo_jpeg(tmp_path / f"{i}.jpg", (500 - 90 * i, 375))) for i in range(3)]
+    fast = fast_eval_transform(SPEC)
+    batch = torch.stack([fast(img) for img in images])
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 224, 224)
+    want = torch.stack([eval_transform(SPEC)(img) for img in images])
+    torch.testing.assert_close(normalize_batch(batch, SPEC.mean, SPEC.std), want, atol=1e-5, rtol=0)

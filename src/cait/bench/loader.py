@@ -36,6 +36,7 @@ from cait.data.sources.folder import FolderSource
 from cait.data.transforms import (
     device_augment,
     eval_transform,
+    fast_eval_transform,
     fast_train_transform,
     timm_loader,
     train_transform,
@@ -55,8 +56,9 @@ __all__ = [
 # - train: the recipe's training transform (crop, flip, RandAugment, normalise, erasing);
 # - train-today: the same with today's transform (float tensors out of the workers);
 # - crop+flip: random-resized crop and flip alone;
-# - eval: resize and centre crop.
-PIPELINES = ("synthetic", "train", "train-today", "crop+flip", "eval")
+# - eval: resize and centre crop, uint8 out and normalised batched;
+# - eval-today: the same with today's transform (float tensors out of the workers).
+PIPELINES = ("synthetic", "train", "train-today", "crop+flip", "eval", "eval-today")
 SYNTHETIC_SAMPLES = 4096  # the synthetic source's length (its images are all alike)
 
 
@@ -161,10 +163,10 @@ def _forever(loader: DataLoader) -> Iterator:
         yield from loader
 
 
-def _with_transform(split: Any, transform: Callable) -> Dataset:
-    """``split`` read through ``transform``: a folder's files opened lazily (the fast path
-    decodes in its crop step), any other source's split as it reads its images."""
-    if isinstance(split, ImageFolderDataset):
+def _with_transform(split: Any, transform: Callable, lazy: bool = False) -> Dataset:
+    """``split`` read through ``transform``; ``lazy``: a folder's files opened, not decoded,
+    for a transform that decodes in its crop step (the fast training path)."""
+    if lazy and isinstance(split, ImageFolderDataset):
         return _Files(split.samples, transform)
     clone = copy.copy(split)
     clone.transform = transform
@@ -214,17 +216,20 @@ def _loaders(
         if name == "synthetic":
             dataset, step = _Synthetic(spec.img_size, SYNTHETIC_SAMPLES), normalise
         elif name == "train":
-            dataset = _with_transform(train, fast_train_transform(spec, augment))
+            dataset = _with_transform(train, fast_train_transform(spec, augment), lazy=True)
             step = device_augment(spec, augment)
         elif name == "train-today":
             dataset, step = _with_transform(train, train_transform(spec, augment)), None
         elif name == "crop+flip":
             crop_flip = fast_train_transform(spec, augment, randaugment=False)
-            dataset, step = _with_transform(train, crop_flip), normalise
-        else:  # eval
+            dataset, step = _with_transform(train, crop_flip, lazy=True), normalise
+        elif name == "eval":
+            dataset, step = _with_transform(val, fast_eval_transform(spec)), normalise
+        else:  # eval-today
             dataset, step = _with_transform(val, eval_transform(spec)), None
         impl = "synthetic" if name == "synthetic" else "cait"
-        made[name, impl] = (_loader(dataset, name != "eval", workers, batch_size), step)
+        training = not name.startswith("eval")
+        made[name, impl] = (_loader(dataset, training, workers, batch_size), step)
         if compare == "timm" and name in ("train", "crop+flip", "eval"):
             root = Path(data).expanduser() / ("val" if name == "eval" else "train")
             loader = timm_loader(

@@ -61,8 +61,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batches", type=positive_int, default=8, help="timed batches per round")
     g.add_argument(
         "--pipelines",
-        default="synthetic,train,train-today,crop+flip,eval",
-        help="comma-separated: synthetic, train, train-today, crop+flip, eval",
+        default="synthetic,train,train-today,crop+flip,eval,eval-today",
+        help="comma-separated: synthetic, train, train-today, crop+flip, eval, eval-today",
     )
     g.add_argument(
         "--stages",
@@ -128,14 +128,16 @@ def _run_data(args: argparse.Namespace) -> int:
         rounds=args.rounds,
     )
     results = [bench_loader.loader_benchmark(args.data, **options)]
+    if not args.json:  # the idle table now, not after the loaded rounds
+        print(bench_loader.format_loader_table(results[0]), flush=True)
     if args.load:
         with competitors(args.load):
             results.append(
                 bench_loader.loader_benchmark(args.data, competitors=args.load, **options)
             )
+        if not args.json:
+            print("\n" + bench_loader.format_loader_table(results[1]))
     if args.json:
         dicts = [r.to_dict() for r in results]
         print(json.dumps(dicts[0] if len(dicts) == 1 else {"idle": dicts[0], "loaded": dicts[1]}))
-    else:
-        print("\n\n".join(bench_loader.format_loader_table(r) for r in results))
     return 0

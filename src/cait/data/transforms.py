@@ -27,6 +27,7 @@ __all__ = [
     "check_crop_pct",
     "device_augment",
     "eval_transform",
+    "fast_eval_transform",
     "fast_train_transform",
     "timm_loader",
     "train_transform",
@@ -199,6 +200,21 @@ def eval_transform(settings: InputSpec) -> Callable:
         std=settings.std,
         # checked: timm reads crop_pct=0 as "not given" (its default, 0.875)
         crop_pct=check_crop_pct(settings.crop_pct),
+    )
+
+
+def fast_eval_transform(settings: InputSpec) -> Callable:
+    """:func:`eval_transform`'s resize and centre crop (the same PIL operations, so the same
+    pixels), returning a uint8 ``(C, H, W)`` tensor: normalising moves to the device,
+    batched (:class:`cait.data.decode.DeviceAugment` with the model's mean and std)."""
+    return create_transform(
+        settings.img_size,
+        is_training=False,
+        interpolation=settings.interpolation,
+        mean=settings.mean,
+        std=settings.std,
+        crop_pct=check_crop_pct(settings.crop_pct),
+        use_prefetcher=True,  # uint8 CHW out: no ToTensor or Normalize
     )
 
 
