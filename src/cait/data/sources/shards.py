@@ -323,6 +323,7 @@ class _Reader:
         self.held: dict[int, dict[int, tuple[str, dict[str, bytes]]]] = {}
         self.problems: dict[int, str] = {}
         self.needed: dict[int, set[int]] = {}
+        self.last_good: tuple[int, int] | None = None  # (shard, ordinal) last read whole
         for unit in units:
             for shard, ordinal in unit:
                 self.needed.setdefault(shard, set()).add(ordinal)
@@ -338,7 +339,8 @@ class _Reader:
         self.held[shard] = records
 
     def release_before(self, shard: int) -> None:
-        for other in [s for s in self.held if s != shard]:
+        keep = {shard, self.last_good[0] if self.last_good else shard}
+        for other in [s for s in self.held if s not in keep]:
             del self.held[other]
 
     def _decode(self, shard: int, ordinal: int) -> tuple[KeyedSample, str]:
@@ -359,23 +361,31 @@ class _Reader:
         return (img, stream.mapping[label], (), key), problem
 
     def sample(self, shard: int, ordinal: int) -> KeyedSample:
-        """The sample, or (training) the next readable one this worker holds from the same
-        shard, with the skipped ones named, or (evaluation) no image, the problem named."""
+        """The sample, or (training) a readable one in its place: the next this worker
+        holds from the same shard, else the last it read; the skipped one is named. In
+        evaluation: no image, the problem named."""
         if shard not in self.held:
             self._load(shard)
         sample, problem = self._decode(shard, ordinal)
         if not problem:
+            self.last_good = (shard, ordinal)
             return sample
-        problems = [problem]
-        if self.stream.substitute:
-            held = sorted(self.held[shard])
-            after = [o for o in held if o > ordinal] + [o for o in held if o < ordinal]
-            for other in after:
-                substitute, problem = self._decode(shard, other)
-                if not problem:
-                    return substitute[0], substitute[1], (problems[0],), substitute[3]
-            raise ValueError(f"{self.stream.shards[shard].path}: no readable sample")
-        return None, 0, tuple(problems), sample[3]
+        if not self.stream.substitute:
+            return None, 0, (problem,), sample[3]
+        held = sorted(self.held[shard])
+        candidates = [(shard, o) for o in held if o > ordinal] + [
+            (shard, o) for o in held if o < ordinal
+        ]
+        if self.last_good is not None and self.last_good[0] in self.held:
+            candidates.append(self.last_good)
+        for other in candidates:
+            substitute, trouble = self._decode(*other)
+            if not trouble:
+                return substitute[0], substitute[1], (problem,), substitute[3]
+        raise ValueError(
+            f"{self.stream.shards[shard].path}: no readable sample in it or before it in this "
+            f"loader worker's part ({problem})"
+        )
 
 
 class ShardSource(Source):
