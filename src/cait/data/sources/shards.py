@@ -198,6 +198,7 @@ class ShardStream(IterableDataset):
         if self.total == 0:
             raise ValueError(f"{where}: its shards hold no samples")
         self.skipped: list[str] = []
+        self.limit: int | None = None  # read only the first samples of the plan (take)
         self.keyed = False  # samples are (image, label, skipped, key), not (image, label, skipped)
         self.batch_size: int | None = None
         self.collate: Callable | None = None
@@ -280,7 +281,7 @@ class ShardStream(IterableDataset):
             samples += [(shard, i) for i in within.tolist()]
         if self.repeats > 1:
             samples = [s for s in samples for _ in range(self.repeats)][: end - start]
-        return samples
+        return samples[: self.limit]
 
     def _units(self) -> list[list[tuple[int, int]]]:
         """This rank's batches (single samples when not batched), all workers'."""
@@ -293,13 +294,10 @@ class ShardStream(IterableDataset):
 
     def __len__(self) -> int:
         start, end = self._part()
+        samples = min(end - start, self.limit if self.limit is not None else end - start)
         size = self.batch_size or 1
-        count = (
-            (end - start) // size
-            if self.train and self.batch_size
-            else math.ceil((end - start) / size)
-        )
-        return count
+        whole = self.train and self.batch_size  # training drops the last partial batch
+        return samples // size if whole else math.ceil(samples / size)
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
