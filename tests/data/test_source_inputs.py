@@ -219,3 +219,15 @@ def test_an_unknown_prefix_is_a_folder_and_a_missing_one_says_what_data_may_name
     with pytest.raises(ValueError) as err:
         open_source("shards:")
     one_line(err, "name a location after shards:")
+
+
+def test_shards_made_elsewhere_without_an_index_are_counted(tmp_path):
+    import webdataset
+
+    for split, count in (("train", 5), ("val", 2)):
+        with webdataset.TarWriter(str(tmp_path / f"{split}-0000.tar")) as sink:
+            for i in range(count):
+                sink.write({"__key__": f"{split}{i}", "png": _png(i), "cls": str(i % 3).encode()})
+    train, val, classes = build_datasets(f"shards:{tmp_path}", _tensor, _tensor)
+    assert classes == ["0", "1", "2"] and (train.total, val.total) == (5, 2)
+    assert _epoch(f"shards:{tmp_path}", train=False)[0] == 2

@@ -62,6 +62,7 @@ __all__ = [
     "member_name",
     "read_index",
     "read_shard",
+    "scan_shards",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ INDEX = "index.json"
 LABEL_EXTENSION = "cls"
 SHARD_IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 MAX_INDEX_BYTES = 64 << 20  # an index names shards and classes: 64 MiB is a lot of them
+# the most classes a folder of shards without an index may have (labels are counted up to it)
+MAX_SCANNED_CLASSES = 1_000_000
 _SEED_STRIDE = 1_000_003  # (seed, epoch) -> one stream each (as the samplers' stride)
 
 
@@ -102,7 +105,7 @@ def read_index(root: str | Path) -> tuple[list[str], dict[str, list[ShardInfo]]]
     root = Path(root)
     file = root / INDEX
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found (cait shards writes it beside the shards)")
+        return scan_shards(root)
     if file.stat().st_size > MAX_INDEX_BYTES:
         raise ValueError(f"{file}: over {MAX_INDEX_BYTES >> 20} MiB: not a shard index")
     try:
@@ -130,6 +133,44 @@ def read_index(root: str | Path) -> tuple[list[str], dict[str, list[ShardInfo]]]
     return classes, splits
 
 
+def _found_shards(root: Path) -> dict[str, list[Path]]:
+    """Shards made elsewhere: ``train*.tar`` and ``val*.tar`` (or ``validation*``), in
+    ``DIR`` or in ``DIR/train/`` and ``DIR/val/``."""
+    found: dict[str, list[Path]] = {}
+    for split, names in (("train", ("train",)), ("val", ("val", "validation"))):
+        paths = [p for n in names for p in (*root.glob(f"{n}*.tar"), *root.glob(f"{n}/*.tar"))]
+        if paths:
+            found[split] = sorted(set(paths))
+    return found
+
+
+def scan_shards(root: Path) -> tuple[list[str], dict[str, list[ShardInfo]]]:
+    """The classes and shards of a folder of shards without ``index.json``: each shard is
+    read through (labels read, images skipped) to count its samples; the classes are ``0``
+    .. the largest label. Logged, since it reads every shard once."""
+    found = _found_shards(root)
+    if "train" not in found and "val" not in found:
+        raise FileNotFoundError(
+            f"{root} has no {INDEX} and no train*.tar or val*.tar shards (cait shards writes both)"
+        )
+    logger.info("%s: no %s; counting the samples of its shards", root, INDEX)
+    splits, top = {}, -1
+    for split, paths in found.items():
+        splits[split] = []
+        for path in paths:
+            count = 0
+            for ordinal, _, parts in read_shard(path, labels_only=True):
+                if ordinal < 0:
+                    raise ValueError(parts)  # a damaged shard is named before training
+                count += 1
+                label = _label(parts.get(LABEL_EXTENSION, b""), MAX_SCANNED_CLASSES)
+                top = max(top, label if isinstance(label, int) else -1)
+            splits[split].append(ShardInfo(path, count))
+    if top < 0:
+        raise ValueError(f"{root}: no sample with a .cls label in its shards")
+    return [str(i) for i in range(top + 1)], splits
+
+
 def _label(data: bytes, classes: int) -> int | str:
     """The label a ``.cls`` member holds, or why it is not one."""
     try:
@@ -142,11 +183,12 @@ def _label(data: bytes, classes: int) -> int | str:
 
 
 def read_shard(
-    path: Path, wanted: set[int] | None = None
+    path: Path, wanted: set[int] | None = None, labels_only: bool = False
 ) -> Iterator[tuple[int, str, dict[str, bytes]] | tuple[int, str, str]]:
     """The samples of a shard in file order: ``(ordinal, key, {extension: bytes})``, only
     the data of the ordinals in ``wanted`` (all without it; the others are skipped by seeking
-    past them). A shard that ends early yields ``(-1, "", reason)`` and stops."""
+    past them), only the labels with ``labels_only``. A shard that ends early yields
+    ``(-1, "", reason)`` and stops."""
     ordinal, key, parts = -1, None, {}
     try:
         with tarfile.open(path, mode="r:") as tar:
@@ -159,7 +201,9 @@ def read_shard(
                     if key is not None:
                         yield ordinal, key, parts
                     ordinal, key, parts = ordinal + 1, stem, {}
-                if (wanted is None or ordinal in wanted) and member.size <= MAX_FILE_BYTES:
+                if labels_only and extension.lower() != LABEL_EXTENSION:
+                    parts[extension.lower()] = b""
+                elif (wanted is None or ordinal in wanted) and member.size <= MAX_FILE_BYTES:
                     parts[extension.lower()] = tar.extractfile(member).read()
                 elif member.size > MAX_FILE_BYTES:
                     parts[extension.lower()] = b""  # reported as not an image
