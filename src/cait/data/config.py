@@ -10,12 +10,14 @@ from typing import Literal
 
 from cait.schema import check_fields
 
-__all__ = ["AugmentConfig", "DataConfig", "EraseMode", "MixupMode"]
+__all__ = ["AugmentConfig", "DataConfig", "Decode", "EraseMode", "MixupMode"]
 
 
 # timm's modes: RandomErasing fills with a constant, a random colour per box or random
 # pixels; Mixup draws one mixing factor per batch, per pair or per element.
 EraseMode = Literal["const", "rand", "pixel"]
+# how training images are decoded and augmented (DataConfig.decode)
+Decode = Literal["reference", "fast"]
 MixupMode = Literal["batch", "pair", "elem"]
 
 
@@ -73,6 +75,10 @@ class DataConfig:
     ``classes_by_position`` lets a resume, a teacher or ``init_from`` whose class names
     differ from the data's map the classes by index, with a warning, where it would be
     refused (:mod:`cait.data.classes`).
+    ``decode``: ``reference`` (timm's training transform, float images out of the loader)
+    or ``fast`` (:func:`cait.data.transforms.fast_train_transform`: the same crops, flips
+    and RandAugment, uint8 images out of the loader, normalised and erased on the device;
+    about 1.3x the images per CPU second, docs/DATA.md).
     """
 
     path: str = "digits"
@@ -84,6 +90,7 @@ class DataConfig:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     classes_by_position: bool = False
+    decode: Decode = "reference"
 
     def __post_init__(self) -> None:
         check_fields(self, "data")

@@ -95,6 +95,9 @@ class Objective:
     criterion: DistillationLoss = field(default_factory=lambda: DistillationLoss("none"))
     mixup: Callable | None = None
     teacher: nn.Module | None = None
+    # the end of the training transform run on the device, on each batch before mixup
+    # (data.decode=fast: uint8 images normalised and erased there)
+    on_device: Callable | None = None
 
 
 @dataclass
@@ -324,6 +327,8 @@ def _forward_backward(
 ) -> torch.Tensor:
     """One micro-batch (on the device): mix, forward the student and the teacher, backward.
     Returns the micro-batch's loss, detached; the mixed batch keeps its size."""
+    if objective.on_device is not None:
+        x = objective.on_device(x)
     if objective.mixup is not None:
         x, target = objective.mixup(x, target)
     # DDP all-reduces gradients in every backward; between optimiser steps that is wasted

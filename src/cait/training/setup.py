@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from cait import runtime
 from cait.data import build_datasets, build_mixup, eval_transform, make_loader, train_transform
 from cait.data.classes import check_class_names
+from cait.data.transforms import device_augment, fast_train_transform
 from cait.models.build import build_model, input_spec
 from cait.models.cait import CaiT
 from cait.models.pretrained import load_pretrained
@@ -116,9 +117,9 @@ def set_up(config: TrainConfig, info: runtime.DistInfo) -> torch.device:
 
 def load_data(config: TrainConfig) -> RunData:
     settings = resolve_data_settings(config)
-    train_ds, val_ds, classes = build_datasets(
-        config.data.path, train_transform(settings, config.augment), eval_transform(settings)
-    )
+    fast = config.data.decode == "fast"
+    train_tf = (fast_train_transform if fast else train_transform)(settings, config.augment)
+    train_ds, val_ds, classes = build_datasets(config.data.path, train_tf, eval_transform(settings))
     logger.info(
         "data: %s, %d train / %d val images, %d classes",
         config.data.path,
@@ -244,7 +245,10 @@ def build_objective(config: TrainConfig, data: RunData, device: torch.device) ->
             class_names=data.classes,
             by_position=config.data.classes_by_position,
         )
-    return Objective(criterion, mixup, teacher)
+    on_device = None
+    if config.data.decode == "fast":
+        on_device = device_augment(data.settings, config.augment)
+    return Objective(criterion, mixup, teacher, on_device)
 
 
 def build_optimisation(
