@@ -96,3 +96,21 @@ def test_bench_data_unknown_pipeline(folder, capsys):
     assert main(["bench", "--data", str(folder), "--pipelines", "train,decode"]) == 2
     err = capsys.readouterr().err
     assert "unknown pipeline 'decode'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_data_times_other_sources_of_the_same_images_beside_it(folder, tmp_path, capsys):
+    assert main(["shards", str(folder), str(tmp_path / "shards")]) == 0
+    argv = ["bench", "--data", str(folder), "--beside", f"shards:{tmp_path / 'shards'}"]
+    argv += ["--beside", f"list:{folder / 'list.csv'}", "--pipelines", "synthetic,eval-today"]
+    argv += ["--workers", "0", "--batch-size", "2", "--batches", "1", "--rounds", "1", "--json"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    got = {(t["pipeline"], t["impl"]) for t in r["timings"]}
+    assert got == {
+        ("synthetic", "synthetic"),
+        ("eval-today", "cait"),
+        ("eval-today", "shards"),
+        ("eval-today", "list"),
+    }
+    assert set(r["source_cpu_ratios"]) == {"shards eval-today", "list eval-today"}

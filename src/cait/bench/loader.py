@@ -148,6 +148,15 @@ class LoaderResult:
             if impl == "timm" and by.get((p, "cait")) and by[p, impl]
         }
 
+    def source_ratios(self, per: str = "per_cpu_s") -> dict[str, float]:
+        """Each other source's figure over ``data``'s, per pipeline (``"shards train"``)."""
+        by = {(t.pipeline, t.impl): getattr(t, per) for t in self.timings}
+        return {
+            f"{impl} {p}": by[p, impl] / by[p, "cait"]
+            for p, impl in by
+            if impl not in ("cait", "timm", "synthetic") and by.get((p, "cait")) and by[p, impl]
+        }
+
     def to_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "timings"}
         return {
@@ -155,6 +164,8 @@ class LoaderResult:
             "timings": [t.to_dict() for t in self.timings],
             "ratios": self.ratios(),
             "cpu_ratios": self.ratios("per_cpu_s"),
+            "source_ratios": self.source_ratios("images_per_s"),
+            "source_cpu_ratios": self.source_ratios(),
         }
 
 
@@ -295,19 +306,32 @@ def loader_benchmark(
     rounds: int = 3,
     competitors: int = 0,
     seed: int = 0,
+    beside: Sequence[str] = (),
 ) -> LoaderResult:
     """Images/s of each loader over ``batches`` batches per round, the loaders taking turns
     round by round (the order rotating) so that the machine's load falls on all of them.
     Each round first draws ``2 * workers + 1`` untimed batches, which empties the batches
     the workers had ready. ``model`` gives the input spec; the recipe's augmentation.
-    ``competitors`` only labels the result (:func:`cait.bench.competitors` starts them)."""
+    ``competitors`` only labels the result (:func:`cait.bench.competitors` starts them).
+    ``beside``: other sources (the same images as ``data``, say as shards) timed in the
+    same rounds through the same pipelines, labelled by their prefix."""
     if workers < 0 or batch_size < 1 or batches < 1 or rounds < 1:
         raise ValueError("workers must be >= 0, and batch size, batches and rounds >= 1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the batch step on one thread, as each worker runs
     try:
         return _alternate(
-            data, model, pipelines, compare, workers, batch_size, batches, rounds, competitors, seed
+            data,
+            model,
+            pipelines,
+            compare,
+            workers,
+            batch_size,
+            batches,
+            rounds,
+            competitors,
+            seed,
+            beside,
         )
     finally:
         torch.set_num_threads(threads)
@@ -324,12 +348,20 @@ def _alternate(
     rounds: int,
     competitors: int,
     seed: int,
+    beside: Sequence[str] = (),
 ) -> LoaderResult:
     """:func:`loader_benchmark`'s rounds."""
     random.seed(seed)
     torch.manual_seed(seed)
     spec = get_variant(model).input_spec
     made = _loaders(data, spec, AugmentConfig(), pipelines, compare, workers, batch_size)
+    others = [p for p in pipelines if p != "synthetic"]
+    for other in beside:
+        label = open_source(other).prefix or "folder"
+        for (name, _), timed in _loaders(
+            other, spec, AugmentConfig(), others, None, workers, batch_size
+        ).items():
+            made[name, label] = timed
     result = LoaderResult(data, model, workers, batch_size, batch_size * batches, competitors)
     result.load_average.append(os.getloadavg()[0])
     iterators, pids = {}, {}
@@ -374,4 +406,8 @@ def format_loader_table(result: LoaderResult) -> str:
     for pipeline, ratio in r.ratios().items():
         by_cpu = f", {cpu_ratios[pipeline]:.2f}x per CPU second" if pipeline in cpu_ratios else ""
         lines.append(f"{pipeline}: cait / timm {ratio:.2f}x images/s{by_cpu}")
+    source_cpu = r.source_ratios()
+    for which, ratio in r.source_ratios("images_per_s").items():
+        by_cpu = f", {source_cpu[which]:.2f}x per CPU second" if which in source_cpu else ""
+        lines.append(f"{which}: / {r.data} {ratio:.2f}x images/s{by_cpu}")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import get_args
 
-from cait.cli._common import positive_int, threads_flag
+from cait.cli._common import DATA_HELP, positive_int, threads_flag
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
@@ -54,8 +54,16 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--data",
         metavar="SOURCE",
-        help="time the data loader on this image folder (train/ and val/) instead of a model; "
+        help=f"time the data loader on this source ({DATA_HELP}) instead of a model; "
         "--model then names the input spec (default cait_xxs24_224)",
+    )
+    g.add_argument(
+        "--beside",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="also time this source (the same images as --data, as shards or hf:, say) in the "
+        "same rounds; repeatable",
     )
     g.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
     g.add_argument("--batches", type=positive_int, default=8, help="timed batches per round")
@@ -126,6 +134,7 @@ def _run_data(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         batches=args.batches,
         rounds=args.rounds,
+        beside=args.beside,
     )
     results = [bench_loader.loader_benchmark(args.data, **options)]
     if not args.json:  # the idle table now, not after the loaded rounds
