@@ -45,6 +45,7 @@ from cait.models.build import LoadedModel, load_for_inference
 from cait.models.cait import CaiT, ModelTrace
 
 __all__ = [
+    "DESCRIPTIONS",
     "METHODS",
     "Explanation",
     "Method",
