@@ -186,7 +186,9 @@ def _check_input(model: CaiT, images: Tensor, method: str, block: int | None) ->
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     p = model.config.patch_size
-    if images.ndim != 4 or min(images.shape[-2:]) < p:
+    if images.ndim != 4:
+        raise ValueError(f"expected images (B, C, H, W), got shape {tuple(images.shape)}")
+    if min(images.shape[-2:]) < p:
         size = "x".join(str(s) for s in images.shape[-2:])
         raise ValueError(f"the image is {size} pixels, smaller than one {p}x{p} patch")
     if block is not None and not 0 <= block < len(model.blocks):
@@ -214,10 +216,8 @@ def _attention_maps(model: CaiT, trace: ModelTrace, method: str, score: Tensor) 
         if not ca_rows:
             raise ValueError("the model has no class-attention blocks (class token early)")
         return class_relevance(ca_rows, trace.grid[0] * trace.grid[1])
-    n = trace.grid[0] * trace.grid[1]
-    return rollout_map(sa, ca_rows, normalise=method != "gradient")[
-        :, -n:
-    ]  # the patches (after early class tokens)
+    n = trace.grid[0] * trace.grid[1]  # the patches come last (after early class tokens)
+    return rollout_map(sa, ca_rows, normalise=method != "gradient")[:, -n:]
 
 
 def _grad_cam(trace: ModelTrace, score: Tensor, block: int) -> Tensor:
@@ -308,7 +308,7 @@ def render_explanations(
 
 
 def save_explanations(
-    model: LoadedModel | str,
+    model: LoadedModel | str | Path,
     images: Sequence[str],
     output: str | Path,
     methods: Sequence[str] = METHODS,
@@ -333,7 +333,7 @@ def save_explanations(
         if m not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {m!r}")
     check_output_folder(output, _TOOL, _is_explain_file, overwrite)  # before any loading
-    loaded = model if isinstance(model, LoadedModel) else load_for_inference(model, model_name)
+    loaded = model if isinstance(model, LoadedModel) else load_for_inference(str(model), model_name)
     if not isinstance(loaded.model, CaiT):
         raise ValueError("explanations need a cait model, not a timm: model")
     settings = loaded.settings.replace(img_size=img_size)

@@ -243,7 +243,7 @@ def _subset(dataset: Dataset, limit: int) -> list:
 
 
 def save_faithfulness(
-    model: LoadedModel | str,
+    model: LoadedModel | str | Path,
     data: str,
     output: str | Path | None = None,
     model_name: str | None = None,
@@ -264,7 +264,7 @@ def save_faithfulness(
     written whole (:mod:`cait.analysis.output_folder`)."""
     if output is not None:
         check_output_folder(output, _TOOL, _is_table_file, overwrite)  # before any loading
-    loaded = model if isinstance(model, LoadedModel) else load_for_inference(model, model_name)
+    loaded = model if isinstance(model, LoadedModel) else load_for_inference(str(model), model_name)
     if not isinstance(loaded.model, CaiT):
         raise ValueError("explanations need a cait model, not a timm: model")
     transform = eval_transform(loaded.settings.replace(img_size=img_size))
