@@ -27,7 +27,8 @@ from PIL import Image
 from test_inference import png_claiming, tiny_checkpoint
 
 from cait import app as app_module
-from cait.analysis.explore import VIEW_PX, patch_at, self_attention_view
+from cait.analysis.explain import METHODS
+from cait.analysis.explore import VIEW_PX, explanation_view, patch_at, self_attention_view
 from cait.analysis.residuals import residual_ratios
 from cait.app import (
     DIGIT_EXAMPLES,
@@ -618,6 +619,33 @@ def test_the_model_chooser_switches_model_and_examples(page, checkpoints):
     assert _status(page).split(" (")[0] in PHOTO_CLASSES
     assert str(checkpoints[1]) in _status(page)
     assert page.locator("#ca-maps img").count() == 2 * (2 + 1)
+
+
+def _picture(page, selector: str) -> np.ndarray:
+    """The pixels of the PNG an image component shows, as the server sent them."""
+    src = page.locator(f"{selector} img").get_attribute("src")
+    return np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+
+
+@needs_chromium
+def test_the_method_chooser_shows_the_chosen_methods_map(page, models):
+    """The map under the chooser is the library's (explanation_view) for the uploaded
+    image, first by rollout, then by each method chosen."""
+    image = DIGIT_EXAMPLES[1]
+    analysis = analyse(models[0], check_image(image, 4))
+    _upload(page, image)
+    _wait_for_answer(page, "ms.")
+    for method in METHODS:
+        if method != METHODS[0]:
+            page.locator("#method").get_by_text(method, exact=True).click()
+        page.wait_for_function(
+            "m => document.querySelector('#explained')?.innerText.startsWith(m + ':')", arg=method
+        )
+        expected, caption = explanation_view(analysis, models[0].model, method)
+        assert caption in page.locator("#explained").inner_text()
+        assert analysis.predictions[0]["name"] in caption
+        shown = _picture(page, "#explained").astype(int)
+        assert np.abs(shown - np.asarray(expected).astype(int)).max() <= 1, method
 
 
 def test_the_examples_ship_with_the_package():

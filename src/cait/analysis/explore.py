@@ -1,7 +1,8 @@
 """One image looked at closely, as ``cait app`` shows it: the class-attention map of every
 CA block and head over the image (paper Section 5, Figures 6 and 7), where one clicked
-patch looks in a chosen self-attention block, and the image's residual-branch ratios
-(Section 2).
+patch looks in a chosen self-attention block, the image's residual-branch ratios
+(Section 2), and an explanation of the prediction by a chosen method
+(:mod:`cait.analysis.explain`).
 
 Everything is read from one :meth:`cait.CaiT.forward_trace` result by the functions of
 :mod:`cait.analysis.attention` and :mod:`cait.analysis.residuals`; the trace itself comes
@@ -24,8 +25,9 @@ from cait.analysis.attention import (
     maps_from_trace,
     overlay_maps,
 )
+from cait.analysis.explain import DESCRIPTIONS, METHODS, explain
 from cait.analysis.residuals import ResidualRatios, residual_figure, trace_ratios
-from cait.models.cait import ModelTrace
+from cait.models.cait import CaiT, ModelTrace
 from cait.models.config import InputSpec
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ __all__ = [
     "VIEW_PX",
     "Analysis",
     "class_attention_pictures",
+    "explanation_view",
     "explore",
     "patch_at",
     "residual_plot",
@@ -166,3 +169,15 @@ def patch_at(analysis: Analysis, x: float, y: float) -> int:
 def residual_plot(analysis: Analysis) -> Figure:
     """The residual-branch ratios of the analysed image (:func:`residual_figure`)."""
     return residual_figure([dataclasses.replace(analysis.residuals, label="this image")], (9, 3))
+
+
+def explanation_view(analysis: Analysis, model: CaiT, method: str) -> tuple[Image.Image, str]:
+    """The map of ``method`` (:data:`~cait.analysis.explain.METHODS`) for the predicted class
+    over the image, and a caption saying what it shows. ``model`` is the analysed one."""
+    if method not in METHODS:
+        raise ValueError(f"the method must be one of {list(METHODS)}")
+    x = analysis.x.to(next(model.parameters()).device)
+    found = explain(model, x, method)
+    _, (picture,) = overlay_maps(analysis.shown, found.map[None], VIEW_PX)
+    name = analysis.predictions[0]["name"]
+    return picture, f"{DESCRIPTIONS[method]}; for the class {name}, peak {found.map.max():.3g}"

@@ -7,10 +7,11 @@ and the one module of the package that imports gradio (only ``cait app`` imports
 For an uploaded, pasted or example image the page shows the top-k classes as a chart; the
 class-attention map of every CA block and head, and their mean, over the image as the model
 saw it; a self-attention view (pick a block and a head, click a patch: where that patch
-looks); and the residual-branch ratios of this image. As for ``cait predict``, the image
-is read and checked by :func:`cait.inference.read_checked_image` and run once through the
-model by :func:`cait.inference.predict_image` (top-k, and here the model's trace); the
-trace is read by :mod:`cait.analysis.explore`; nothing goes through hooks.
+looks); the residual-branch ratios of this image; and the map of a chosen explanation
+(:mod:`cait.analysis.explain`). As for ``cait predict``, the image is read and checked by
+:func:`cait.inference.read_checked_image` and run once through the model by
+:func:`cait.inference.predict_image` (top-k, and here the model's trace); the trace is
+read by :mod:`cait.analysis.explore`; nothing goes through hooks.
 
 The models are loaded once, before the server starts, and kept. Every event that runs a
 model goes through Gradio's queue in one concurrency group, one event at a time: on a CPU
@@ -45,9 +46,11 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from cait.analysis.explain import METHODS
 from cait.analysis.explore import (
     Analysis,
     class_attention_pictures,
+    explanation_view,
     patch_at,
     residual_plot,
     self_attention_view,
@@ -218,6 +221,13 @@ class _Events:
         analysis = dataclasses.replace(analysis, query=patch_at(analysis, x, y))
         return self_attention_view(analysis, _head_index(head, _heads(analysis))), analysis
 
+    def explain(self, analysis: Analysis | None, label: object, method: object):
+        """The chosen method's map of the analysed image: one more forward (and backward)."""
+        if analysis is None:
+            return None
+        picture, caption = explanation_view(analysis, self._model(label).model, method)
+        return gr.Image(picture, label=caption)
+
     def answer(self, image: object, model: object, topk: object) -> dict:
         """The ``/predict`` endpoint's answer (:meth:`Analysis.to_dict`)."""
         app_model = self._model(model)
@@ -264,6 +274,8 @@ class _Parts:
     block: gr.Slider
     head: gr.Dropdown
     view: gr.Image
+    method: gr.Radio
+    explained: gr.Image
     plot: gr.Plot
     state: gr.State
 
@@ -343,6 +355,14 @@ def _maps_row(first: AppModel) -> dict[str, Any]:
     return dict(gallery=gallery, block=block, head=head, view=view)
 
 
+def _explain_row() -> dict[str, Any]:
+    """The method chooser and the chosen method's map."""
+    with gr.Row():
+        method = gr.Radio(list(METHODS), value=METHODS[0], label="Explain by", elem_id="method")
+        explained = gr.Image(type="pil", format="png", interactive=False, elem_id="explained")
+    return dict(method=method, explained=explained)
+
+
 def _residuals_row() -> dict[str, Any]:
     """The residual plot, and the page's last analysis (kept an hour)."""
     gr.Markdown("Residual branches of this image: ||branch|| / ||stream|| per block")
@@ -361,6 +381,7 @@ def _wire(events: _Events, p: _Parts) -> None:
     def plot(analysis: Analysis | None):  # slower than the model and the maps: it follows
         return None if analysis is None else residual_plot(analysis)
 
+    explain = dict(fn=events.explain, inputs=[p.state, p.chooser, p.method], **queued)
     # the page's own answer, also callable by clients (examples/app_speed.py times it)
     p.image.change(
         events.image,
@@ -371,11 +392,12 @@ def _wire(events: _Events, p: _Parts) -> None:
         api_visibility="undocumented",
         preprocess=False,  # the image's file as uploaded: check_image reads it
         trigger_mode="always_last",  # an image dropped while one runs is answered next
-    ).then(plot, [p.state], [p.plot], **private)
+    ).then(plot, [p.state], [p.plot], **private).then(outputs=[p.explained], **explain)
     model_parts = [p.info, p.block, p.head, p.gallery, p.digit_examples, p.photo_examples]
     p.chooser.change(events.model, [p.chooser], model_parts, **private).then(
         events.image, image_inputs, outputs, preprocess=False, **queued
-    ).then(plot, [p.state], [p.plot], **private)
+    ).then(plot, [p.state], [p.plot], **private).then(outputs=[p.explained], **explain)
+    p.method.change(outputs=[p.explained], **explain)
     p.block.release(
         events.block, [p.state, p.chooser, p.block, p.head], [p.view, p.state], **queued
     )
@@ -392,7 +414,7 @@ def build_app(models: Sequence[AppModel]) -> gr.Blocks:
         gr.Markdown(INTRO)
         with gr.Row():
             parts = _input_column(models) | _answer_column()
-        parts |= _maps_row(models[0]) | _residuals_row()
+        parts |= _maps_row(models[0]) | _explain_row() | _residuals_row()
         _wire(events, _Parts(**parts))
         gr.api(_api(events, models[0].label), api_name="predict", concurrency_id=MODEL_QUEUE)
     app.queue(default_concurrency_limit=1)
