@@ -1,4 +1,4 @@
-"""A benchmark set of ImageNet-like JPEGs for the loader benchmarks (docs/DATA_THROUGHPUT.md).
+"""A benchmark set of ImageNet-like JPEGs for the loader benchmarks (docs/DATA.md, "Throughput").
 
 Real photographs, not noise: the colour photos scikit-image ships (``skimage.data``), one
 class per photo, each image a random crop of its photo (a random share of its area and a

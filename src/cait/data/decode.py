@@ -3,7 +3,7 @@ file's size before the JPEG is decoded, so that it can be decoded at 1/2, 1/4 or
 in the DCT domain (``Image.draft``) when the crop will be shrunk that much anyway, and
 resized in one step from its box; images stay uint8 until they reach the device, where
 :class:`DeviceAugment` normalises and erases whole batches (as timm's ``PrefetchLoader``
-does). docs/DATA_THROUGHPUT.md has the per-stage figures behind these choices.
+does). docs/DATA.md ("Throughput") has the per-stage figures behind these choices.
 
 The crops keep the reference's distribution: :func:`crop_params` is torchvision's and
 timm's ``RandomResizedCrop.get_params``, the same algorithm with the same calls to Python's
