@@ -422,7 +422,8 @@ def test_recompute_saves_training_memory_on_cuda():
     plain_held, plain_peak = _training_memory("plain")
     fast_held, _ = _training_memory("fast")
     held, peak = _training_memory("recompute")
-    assert held < fast_held < plain_held
+    # on CUDA `fast` runs the fused kernels too, which keep only the rows' log-sum-exp
+    assert held <= fast_held < plain_held
     assert held <= 0.5 * plain_held, (held, plain_held)
     assert peak <= 0.7 * plain_peak, (peak, plain_peak)
 

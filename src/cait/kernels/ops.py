@@ -12,10 +12,13 @@ graph break, and the same arithmetic compiled as eager.
   Its outputs are ``(out, probs, logits)``: the attention output ``(B, N, C)``, and with
   ``keep`` the softmax probabilities and raw logits ``(B, H, N, N)`` for the backward pass
   (empty without: inference, or ``recompute``, whose backward pass recomputes them).
+- ``cait::talking_heads_fused`` runs the Triton kernels on CUDA
+  (:mod:`cait.kernels.triton_talking_heads`), which keep only each row's log-sum-exp
+  ``(B, H, N)`` for the backward pass, ``cait::talking_heads_fused_backward``.
 
 The weights come in as the caller prepared them (``proj_l``'s weight times the softmax
-scale, all of them in the dtype of ``qkv``): the casts stay outside the op, where autograd
-takes their gradients back to the parameters' dtypes.
+scale; in the dtype of ``qkv`` for the C++ kernel, fp32 for the Triton kernels): the casts
+stay outside the op, where autograd takes their gradients back to the parameters' dtypes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["talking_heads_cpu", "talking_heads_cpu_backward"]
+from cait.kernels import triton_talking_heads
+
+__all__ = [
+    "talking_heads_cpu",
+    "talking_heads_cpu_backward",
+    "talking_heads_fused",
+    "talking_heads_fused_backward",
+]
 
 
 def _image_major(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,3 +161,87 @@ def _cpu_backward(ctx: torch.autograd.function.FunctionCtx, g_out: Tensor, *_: T
 
 
 talking_heads_cpu.register_autograd(_cpu_backward, setup_context=_cpu_setup_context)
+
+
+def _fused_forward(
+    qkv: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor, b_w: Tensor, num_heads: int
+) -> tuple[Tensor, Tensor]:
+    """``(out (B, N, C), lse (B, H, N) fp32)`` by the Triton kernels, which never write a
+    ``(B, H, N, N)`` tensor (:mod:`cait.kernels.triton_talking_heads`). The weights are fp32;
+    ``b_l`` is not read (see :func:`talking_heads_cpu`)."""
+    qkv = qkv.contiguous()
+    B, N, C3 = qkv.shape
+    v = qkv.view(B, N, 3, num_heads, -1)[:, :, 2]  # (B, N, H, hd)
+    bias = b_w[None, :, None] * v.sum(dim=1, dtype=torch.float32)  # (B, H, hd): proj_w's term
+    return triton_talking_heads.forward(qkv, w_l, w_w, bias, num_heads)
+
+
+# the implementations are named functions, so that the tests can register them for CPU
+# tensors too, where TRITON_INTERPRET=1 runs the kernels
+talking_heads_fused = torch.library.custom_op(
+    "cait::talking_heads_fused", _fused_forward, mutates_args=(), device_types="cuda"
+)
+
+
+@talking_heads_fused.register_fake
+def _talking_heads_fused_fake(
+    qkv: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor, b_w: Tensor, num_heads: int
+) -> tuple[Tensor, Tensor]:
+    B, N, C3 = qkv.shape
+    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
+
+
+def _fused_backward_impl(
+    g_out: Tensor, qkv: Tensor, w_l: Tensor, w_w: Tensor, b_w: Tensor, lse: Tensor, num_heads: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(g_qkv (B, N, 3C), g_w_l, g_w_w, g_b_w)``, recomputing what the forward pass did."""
+    qkv, g_out = qkv.contiguous(), g_out.to(qkv.dtype).contiguous()
+    B, N, C3 = qkv.shape
+    H = num_heads
+    g_qkv, g_w_l, g_w_w = triton_talking_heads.backward(g_out, qkv, w_l, w_w, lse, H)
+    # proj_w's bias term: b_g * sum_j v_g[j] added to every output row of head g
+    g_out_sum = g_out.view(B, N, H, -1).sum(dim=1, dtype=torch.float32)  # (B, H, hd)
+    g_qkv.view(B, N, 3, H, -1)[:, :, 2] += (b_w[None, :, None] * g_out_sum)[:, None]
+    v_sum = qkv.view(B, N, 3, H, -1)[:, :, 2].sum(dim=1, dtype=torch.float32)  # (B, H, hd)
+    g_b_w = (g_out_sum * v_sum).sum(dim=(0, 2))
+    return g_qkv.to(qkv.dtype), g_w_l, g_w_w, g_b_w
+
+
+talking_heads_fused_backward = torch.library.custom_op(
+    "cait::talking_heads_fused_backward",
+    _fused_backward_impl,
+    mutates_args=(),
+    device_types="cuda",
+)
+
+
+@talking_heads_fused_backward.register_fake
+def _talking_heads_fused_backward_fake(
+    g_out: Tensor, qkv: Tensor, w_l: Tensor, w_w: Tensor, b_w: Tensor, lse: Tensor, num_heads: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (
+        torch.empty_like(qkv),
+        torch.empty_like(w_l),
+        torch.empty_like(w_w),
+        torch.empty_like(b_w),
+    )
+
+
+def _fused_setup_context(
+    ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple
+) -> None:
+    qkv, w_l, b_l, w_w, b_w, num_heads = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(qkv, w_l, b_l, w_w, b_w, output[1])
+    ctx.num_heads = num_heads
+
+
+def _fused_backward(ctx: torch.autograd.function.FunctionCtx, g_out: Tensor, _: Tensor) -> tuple:
+    qkv, w_l, b_l, w_w, b_w, lse = ctx.saved_tensors
+    g_qkv, g_w_l, g_w_w, g_b_w = talking_heads_fused_backward(
+        g_out, qkv, w_l, w_w, b_w, lse, ctx.num_heads
+    )
+    return g_qkv, g_w_l, torch.zeros_like(b_l), g_w_w, g_b_w, None
+
+
+talking_heads_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)

@@ -41,7 +41,9 @@ memory-efficient attention kernels do, for one extra ``q k^T``, mixing and softm
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import math
 from collections.abc import Callable
 from typing import TypeVar
@@ -50,10 +52,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from cait.kernels import native, ops
+from cait.kernels import native, ops, triton_talking_heads
 from cait.kernels.cpu_workers import run_on_cpu_workers
 
 __all__ = ["CPU_CHUNK_BYTES", "talking_heads_attention"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -70,6 +74,30 @@ CPU_CHUNK_BYTES = 5 * 2**19
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+@torch.compiler.assume_constant_result
+def _fused_supported(num_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels take this shape; a shape they do not take is logged once
+    (a compiler calls this once while tracing)."""
+    if triton_talking_heads.supports(num_heads, head_dim, dtype):
+        return True
+    _log_fallback(num_heads, head_dim, dtype)
+    return False
+
+
+@functools.cache
+def _log_fallback(num_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    logger.warning(
+        "talking-heads attention with %d heads of %d channels in %s runs the Python path on "
+        "CUDA: the Triton kernels take up to %d heads of up to %d channels in fp32/fp16/bf16%s",
+        num_heads,
+        head_dim,
+        dtype,
+        triton_talking_heads.MAX_HEADS,
+        triton_talking_heads.MAX_HEAD_DIM,
+        "" if triton_talking_heads.AVAILABLE else " (and Triton is not installed)",
+    )
 
 
 @torch.compiler.assume_constant_result
@@ -396,9 +424,13 @@ def talking_heads_attention(
     On the CPU it runs by default in the C++ kernel (``use_native``;
     :mod:`cait.kernels.native`), one image at a time on torch's intra-op threads, as the op
     ``cait::talking_heads_cpu`` (:mod:`cait.kernels.ops`), which ``torch.compile`` keeps as
-    one node. ``use_native=False``, under ``torch.export`` (whose programs hold only
-    standard ops), on other devices and where the kernel could not be built, it runs in
-    Python: the batch in chunks of about ``chunk_bytes`` of attention
+    one node. On CUDA it runs by default in the Triton kernels, which write nothing of size
+    ``(B, H, N, N)`` and keep only each row's log-sum-exp for the backward pass (so
+    ``recompute`` changes nothing there), as the op ``cait::talking_heads_fused``
+    (:mod:`cait.kernels.triton_talking_heads`; shapes they do not take are logged once and
+    run in Python). With ``use_native=False`` (on any device), under ``torch.export``
+    (whose programs hold only standard ops), on other devices and where the kernel could not
+    be built, it runs in Python: the batch in chunks of about ``chunk_bytes`` of attention
     tensor (default :data:`CPU_CHUNK_BYTES` on the CPU, the whole batch elsewhere; ``0`` for
     the whole batch), on the CPU shared between ``workers`` threads of one intra-op thread
     each (default: torch's thread count; :func:`cait.kernels.cpu_workers.run_on_cpu_workers`),
@@ -424,6 +456,11 @@ def talking_heads_attention(
         )
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    if use_native is None and qkv.device.type == "cuda" and not exporting:
+        if _fused_supported(num_heads, qkv.shape[-1] // (3 * num_heads), qkv.dtype):
+            with torch.autocast("cuda", enabled=False):  # fp32 weights, qkv as it is
+                weights = ((w_l * scale).float(), b_l.float(), w_w.float(), b_w.float())
+                return ops.talking_heads_fused(qkv, *weights, num_heads)[0]
     if use_native:
         params = (qkv, w_l, b_l, w_w, b_w)
         keep = not recompute and torch.is_grad_enabled() and any(t.requires_grad for t in params)
