@@ -41,6 +41,7 @@ memory-efficient attention kernels do, for one extra ``q k^T``, mixing and softm
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -74,6 +75,14 @@ CPU_CHUNK_BYTES = 5 * 2**19
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off: the steps keep the dtype of ``qkv``. ``meta`` tensors (FLOP counting,
+    :mod:`cait.bench.flops`) have no autocast to turn off."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 @torch.compiler.assume_constant_result
@@ -355,7 +364,7 @@ class _TalkingHeads(torch.autograd.Function):
         workers: int,
     ) -> Tensor:
         dtype = qkv.dtype
-        with torch.autocast(qkv.device.type, enabled=False):
+        with _autocast_off(qkv.device.type):
             w_l_, w_w_, b_w_ = w_l.to(dtype), w_w.to(dtype), b_w.to(dtype)
             out, probs, logits = _forward(
                 qkv, w_l_, w_w_, b_w_, num_heads, chunk, workers, not recompute
@@ -370,7 +379,7 @@ class _TalkingHeads(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         qkv, w_l, w_w, b_w, *kept = ctx.saved_tensors
         H = ctx.num_heads
-        with torch.autocast(qkv.device.type, enabled=False):
+        with _autocast_off(qkv.device.type):
             B, N, C3 = qkv.shape
             hd = C3 // (3 * H)
             g_out = grad_out.to(qkv.dtype).reshape(B, N, H, hd).permute(2, 0, 1, 3)  # (H,B,N,hd)
@@ -484,6 +493,6 @@ def talking_heads_attention(
     params = (w_l, b_l, w_w, b_w)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, *params)):
         return _TalkingHeads.apply(qkv, *params, num_heads, recompute, chunk, workers)
-    with torch.autocast(qkv.device.type, enabled=False):  # as in _TalkingHeads.forward
+    with _autocast_off(qkv.device.type):  # as in _TalkingHeads.forward
         w_l, w_w, b_w = w_l.to(qkv.dtype), w_w.to(qkv.dtype), b_w.to(qkv.dtype)
         return _forward(qkv, w_l, w_w, b_w, num_heads, chunk, workers, keep=False)[0]
