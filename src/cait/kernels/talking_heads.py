@@ -410,6 +410,25 @@ class _TalkingHeads(torch.autograd.Function):
         )
 
 
+def _use_native(qkv: Tensor, use_native: bool | None, exporting: bool) -> bool:
+    """Whether the C++ kernel runs: by default on CPU tensors where it could be built (not
+    under ``torch.export``); ``use_native=True`` elsewhere is an error."""
+    on_cpu = qkv.device.type == "cpu"
+    if use_native is None:
+        return on_cpu and not exporting and _native_available()
+    if use_native and (not on_cpu or exporting):
+        raise ValueError(
+            f"use_native=True runs on CPU tensors, not on {qkv.device.type}"
+            + (" under torch.export" if exporting else "")
+        )
+    if use_native and not _native_available():
+        raise RuntimeError(
+            "use_native=True, but cait's C++ kernels could not be built "
+            "(cait.kernels.native logged why when it tried)"
+        )
+    return use_native
+
+
 def talking_heads_attention(
     qkv: Tensor,
     num_heads: int,
@@ -451,21 +470,11 @@ def talking_heads_attention(
     B, N, _ = qkv.shape
     on_cpu = qkv.device.type == "cpu"
     exporting = torch.compiler.is_exporting()
-    if use_native is None:
-        use_native = on_cpu and not exporting and _native_available()
-    elif use_native and (not on_cpu or exporting):
-        raise ValueError(
-            f"use_native=True runs on CPU tensors, not on {qkv.device.type}"
-            + (" under torch.export" if exporting else "")
-        )
-    elif use_native and not _native_available():
-        raise RuntimeError(
-            "use_native=True, but cait's C++ kernels could not be built "
-            "(cait.kernels.native logged why when it tried)"
-        )
+    fused = use_native is None and qkv.device.type == "cuda" and not exporting
+    use_native = _use_native(qkv, use_native, exporting)
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    if use_native is None and qkv.device.type == "cuda" and not exporting:
+    if fused:
         if _fused_supported(num_heads, qkv.shape[-1] // (3 * num_heads), qkv.dtype):
             with torch.autocast("cuda", enabled=False):  # fp32 weights, qkv as it is
                 weights = ((w_l * scale).float(), b_l.float(), w_w.float(), b_w.float())
