@@ -2,11 +2,12 @@
 low-precision agreement, torch.compile without graph breaks.
 
 Checks that hold on any device take a ``device`` parameter (:data:`DEVICES`) whose CUDA case
-is marked ``gpu`` and skipped without a CUDA device; there the Python path runs (the C++
-kernel is CPU-only), with the whole batch as one chunk by default. Checks of CUDA alone
-(the core in bf16/fp16, recompute's memory, compiled training) are marked ``gpu`` too.
-``make test-gpu`` runs every ``gpu`` case, and ``examples/gpu_checks.sh`` runs them before
-its timings.
+is marked ``gpu`` and skipped without a CUDA device; there the fused Triton kernels run by
+default (tests/kernels/test_triton_talking_heads.py checks them further), and the Python
+path with ``use_native=False``, the whole batch as one chunk by default. Checks of CUDA
+alone (the core in bf16/fp16, recompute's memory, compiled training) are marked ``gpu``
+too. ``make test-gpu`` runs every ``gpu`` case, and ``TESTS=1 examples/gpu_checks.sh``
+runs them before its timings.
 """
 
 from __future__ import annotations
