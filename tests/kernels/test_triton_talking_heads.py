@@ -32,9 +32,10 @@ needs_triton = pytest.mark.skipif(not triton_talking_heads.AVAILABLE, reason="no
 @needs_triton
 def test_fused_kernels_equal_the_reference_in_the_interpreter():
     """(B, N, H, hd): 3 heads padded to 4, 20 tokens in one tile of 32, 8 channels padded
-    to 16; then 33 tokens over two key tiles and a partial third. Bounded: a few seconds of
-    CPU beside the process start."""
-    shapes = ["2,20,3,8", "1,33,4,16"]
+    to 16; then 33 tokens over two key tiles and a partial third; then fp16 (products of
+    fp16 tiles accumulated in fp32). Bounded: a few seconds of CPU beside the process
+    start."""
+    shapes = ["2,20,3,8", "1,33,4,16", "2,20,3,16,fp16"]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
     run = subprocess.run(
         [sys.executable, str(CHECK), *shapes],
@@ -44,7 +45,7 @@ def test_fused_kernels_equal_the_reference_in_the_interpreter():
         timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("max |error|") == 6 * len(shapes), run.stdout
+    assert run.stdout.count("|error|") == 6 * len(shapes), run.stdout
 
 
 def test_a_shape_the_kernels_do_not_take_is_logged_once(caplog):

@@ -2,13 +2,13 @@
 process of its own with ``TRITON_INTERPRET=1`` (Triton reads it when it is imported, and
 torch imports Triton: the variable must be set before the process starts).
 
-``python tests/kernels/triton_interpreter_check.py B,N,H,HD ...`` registers the fused ops'
-implementations for CPU tensors, runs ``cait::talking_heads_fused`` forward and backward
-(through its registered autograd) on random fp32 inputs of each shape, with biases large
-enough that a mishandled one shows, and compares the output and every gradient with the
-reference computation (the attention tensor laid out whole, as ``impl="plain"`` does) in
-float64. Exits 1 with the worst relative error where one exceeds :data:`RTOL`; prints one
-line per shape and tensor.
+``python tests/kernels/triton_interpreter_check.py B,N,H,HD[,fp16] ...`` registers the
+fused ops' implementations for CPU tensors, runs ``cait::talking_heads_fused`` forward and
+backward (through its registered autograd) on random inputs of each shape (fp32, or fp16),
+with biases large enough that a mishandled one shows, and compares the output and every
+gradient with the reference computation (the attention tensor laid out whole, as
+``impl="plain"`` does) in float64. Exits 1 where an error exceeds its bound
+(:func:`check`); prints one line per shape and tensor.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import sys
 import torch
 
 RTOL = 1e-4  # the issue's fp32 bound, relative to each tensor's largest value
+# bf16 is left to the GPU tests: Triton's interpreter (3.8) computes bf16 products wrongly
+# (a 16 x 16 tl.dot of bf16 tiles is off by 1e10), fp16 and fp32 rightly
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def reference(qkv, w_l, b_l, w_w, b_w, num_heads: int, scale: float) -> torch.Tensor:
@@ -31,8 +34,10 @@ def reference(qkv, w_l, b_l, w_w, b_w, num_heads: int, scale: float) -> torch.Te
     return (weights @ v).transpose(1, 2).reshape(B, N, C3 // 3)
 
 
-def check(B: int, N: int, H: int, hd: int) -> float:
-    """The worst relative error of the output and the gradients at one shape."""
+def check(B: int, N: int, H: int, hd: int, dtype: torch.dtype) -> bool:
+    """Whether the output and every gradient at one shape are within the bound: :data:`RTOL`
+    in fp32; in fp16, twice the plain computation's own fp16 error (plus 1e-3), both
+    against float64. Prints one line per tensor."""
     from cait.kernels import ops
 
     g = torch.Generator().manual_seed(0)
@@ -45,38 +50,50 @@ def check(B: int, N: int, H: int, hd: int) -> float:
         torch.randn(H, generator=g) * 0.5,
     ]
     g_out = torch.randn(B, N, H * hd, generator=g)
-    results = []
-    for dtype in (torch.float64, torch.float32):
-        xs = [t.to(dtype).requires_grad_() for t in inputs]
-        if dtype == torch.float64:
-            out = reference(*xs, H, scale)
-        else:
+
+    def grads(dt: torch.dtype, fused: bool) -> list[torch.Tensor]:
+        # the fused op takes fp32 weights and qkv in its dtype; the reference all in `dt`
+        xs = [t.to(dt if i == 0 or not fused else torch.float32) for i, t in enumerate(inputs)]
+        xs = [t.requires_grad_() for t in xs]
+        if fused:
             out = ops.talking_heads_fused(xs[0], xs[1] * scale, *xs[2:], H)[0]
-        results.append([out, *torch.autograd.grad(out, xs, g_out.to(dtype))])
-    worst = 0.0
+        else:
+            out = reference(*xs, H, scale)
+        return [out, *torch.autograd.grad(out, xs, g_out.to(out.dtype))]
+
+    exact, fused = grads(torch.float64, False), grads(dtype, True)
+    plain = grads(dtype, False) if dtype != torch.float32 else None
+    ok = True
     names = ["out", "qkv", "proj_l.weight", "proj_l.bias", "proj_w.weight", "proj_w.bias"]
-    for name, ref, got in zip(names, *results, strict=True):
-        size = ref.abs().max().item()
-        error = (got.double() - ref).abs().max().item() / max(size, 1e-12)
-        if name == "proj_l.bias":  # exactly 0 in the fused path; rounding noise in float64
-            error = got.abs().max().item()
-        print(f"{(B, N, H, hd)} {name:<14} max |error| / max |value| = {error:.2e}")
-        worst = max(worst, error)
-    return worst
+    for i, name in enumerate(names):
+        size = max(exact[i].abs().max().item(), 1e-12)
+        error = (fused[i].double() - exact[i]).abs().max().item() / size
+        bound = RTOL
+        if plain is not None:
+            bound = 2 * (plain[i].double() - exact[i]).abs().max().item() / size + 1e-3
+        if name == "proj_l.bias":  # exactly 0 in the fused path; rounding noise elsewhere
+            error, bound = fused[i].abs().max().item(), 0.0
+        print(f"{(B, N, H, hd)} {dtype} {name:<14} |error| / max |value| = {error:.2e} "
+              f"(bound {bound:.1e})")  # fmt: skip
+        ok = ok and error <= bound
+    return ok
 
 
-def main(shapes: list[tuple[int, ...]]) -> int:
+def main(cases: list[str]) -> int:
     from cait.kernels import ops
 
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     ops.talking_heads_fused.register_kernel("cpu", ops._fused_forward)
     ops.talking_heads_fused_backward.register_kernel("cpu", ops._fused_backward_impl)
-    worst = max(check(*shape) for shape in shapes)
-    if worst > RTOL:
-        print(f"FAILED: worst relative error {worst:.2e} > {RTOL:g}")
+    results = []
+    for case in cases:
+        *shape, dtype = case.split(",") if case.count(",") == 4 else [*case.split(","), "fp32"]
+        results.append(check(*map(int, shape), DTYPES[dtype]))
+    if not all(results):
+        print("FAILED: an error above its bound")
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main([tuple(int(n) for n in arg.split(",")) for arg in sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:]))
