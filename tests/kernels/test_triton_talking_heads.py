@@ -32,10 +32,10 @@ needs_triton = pytest.mark.skipif(not triton_talking_heads.AVAILABLE, reason="no
 @needs_triton
 def test_fused_kernels_equal_the_reference_in_the_interpreter():
     """(B, N, H, hd): 3 heads padded to 4, 20 tokens in one tile of 32, 8 channels padded
-    to 16; then 33 tokens over two key tiles and a partial third; then fp16 (products of
-    fp16 tiles accumulated in fp32). Bounded: a few seconds of CPU beside the process
-    start."""
-    shapes = ["2,20,3,8", "1,33,4,16", "2,20,3,16,fp16"]
+    to 16; then 33 tokens over two key tiles and a partial third; 8 heads (tiles of 16,
+    more warps); then fp16 (products of fp16 tiles accumulated in fp32). Bounded: a few
+    seconds of CPU beside the process start."""
+    shapes = ["2,20,3,8", "1,33,4,16", "1,17,8,8", "2,20,3,16,fp16"]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
     run = subprocess.run(
         [sys.executable, str(CHECK), *shapes],

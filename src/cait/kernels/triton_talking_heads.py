@@ -77,11 +77,13 @@ def supports(num_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
 
 
 def _tiles(num_heads: int, head_dim: int) -> dict[str, int]:
-    """Tile sizes: heads and head dim padded to powers of two (``tl.arange``), and query and
-    key tiles small enough that a tile's ``H`` logit blocks stay in registers."""
+    """Tile sizes: heads and head dim padded to powers of two (``tl.arange``), query and key
+    tiles small enough that a tile's ``H`` logit blocks stay in registers, and more warps
+    (registers) for more heads. Chosen by counting registers, not yet tuned on a GPU."""
     HP = triton.next_power_of_2(num_heads)
     block = 32 if HP <= 4 else 16
-    return dict(HP=HP, BD=max(16, triton.next_power_of_2(head_dim)), BM=block, BN=block)
+    BD = max(16, triton.next_power_of_2(head_dim))
+    return dict(HP=HP, BD=BD, BM=block, BN=block, num_warps=4 if HP <= 4 else 8)
 
 
 @_jit
