@@ -57,8 +57,8 @@ def _grads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict
 )
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_talking_heads_equal_plain(device, impl, path, monkeypatch):
-    """The path chosen by default (the C++ kernel on the CPU, the Python path with the whole
-    batch on CUDA), and the Python path with the whole batch, one image per chunk, chunks of
+    """The path chosen by default (the C++ kernel on the CPU, the fused Triton kernels on
+    CUDA), and the Python path with the whole batch, one image per chunk, chunks of
     2 and 1, and its default chunks (the whole batch on CUDA)."""
     import cait.models.layers
 
