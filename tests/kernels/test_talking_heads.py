@@ -2,11 +2,12 @@
 low-precision agreement, torch.compile without graph breaks.
 
 Checks that hold on any device take a ``device`` parameter (:data:`DEVICES`) whose CUDA case
-is marked ``gpu`` and skipped without a CUDA device; there the Python path runs (the C++
-kernel is CPU-only), with the whole batch as one chunk by default. Checks of CUDA alone
-(the core in bf16/fp16, recompute's memory, compiled training) are marked ``gpu`` too.
-``make test-gpu`` runs every ``gpu`` case, and ``examples/gpu_checks.sh`` runs them before
-its timings.
+is marked ``gpu`` and skipped without a CUDA device; there the fused Triton kernels run by
+default (tests/kernels/test_triton_talking_heads.py checks them further), and the Python
+path with ``use_native=False``, the whole batch as one chunk by default. Checks of CUDA
+alone (the core in bf16/fp16, recompute's memory, compiled training) are marked ``gpu``
+too. ``make test-gpu`` runs every ``gpu`` case, and ``TESTS=1 examples/gpu_checks.sh``
+runs them before its timings.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def _grads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict
 )
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_talking_heads_equal_plain(device, impl, path, monkeypatch):
-    """The path chosen by default (the C++ kernel on the CPU, the Python path with the whole
-    batch on CUDA), and the Python path with the whole batch, one image per chunk, chunks of
+    """The path chosen by default (the C++ kernel on the CPU, the fused Triton kernels on
+    CUDA), and the Python path with the whole batch, one image per chunk, chunks of
     2 and 1, and its default chunks (the whole batch on CUDA)."""
     import cait.models.layers
 
@@ -422,7 +423,8 @@ def test_recompute_saves_training_memory_on_cuda():
     plain_held, plain_peak = _training_memory("plain")
     fast_held, _ = _training_memory("fast")
     held, peak = _training_memory("recompute")
-    assert held < fast_held < plain_held
+    # on CUDA `fast` runs the fused kernels too, which keep only the rows' log-sum-exp
+    assert held <= fast_held < plain_held
     assert held <= 0.5 * plain_held, (held, plain_held)
     assert peak <= 0.7 * plain_peak, (peak, plain_peak)
 

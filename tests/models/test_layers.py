@@ -88,6 +88,34 @@ def test_class_attention_equals_formula():
     assert probs.shape == (B, H, 1, 1 + N)
 
 
+@pytest.mark.parametrize("queries", [1, 2])
+def test_class_attention_runs_sdpa_and_equals_the_traced_path(queries, monkeypatch):
+    """The untraced path is ``F.scaled_dot_product_attention`` (one query token per class
+    token: plain attention); output and every gradient equal the traced path's, which
+    computes the attention map it returns."""
+    torch.manual_seed(0)
+    ca = ClassAttention(8, 2)
+    _randomize(ca)
+    x = torch.randn(3, queries + 6, 8)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(1) or sdpa(*a, **k),
+    )
+    results = []
+    for trace in (False, True):
+        ca.zero_grad()
+        xi = x.clone().requires_grad_()
+        out, attn = ca(xi, num_queries=queries, return_attn=trace)
+        assert (attn is None) != trace and len(calls) == 1
+        out.square().sum().backward()
+        results.append([out, xi.grad, *(p.grad for p in ca.parameters())])
+    for fused, traced in zip(*results, strict=True):
+        torch.testing.assert_close(fused, traced, atol=1e-5, rtol=1e-5)
+
+
 def test_class_attention_block_updates_the_class_token_only():
     torch.manual_seed(0)
     block = ClassAttentionBlock(8, 2, init_scale=0.5).eval()

@@ -13,6 +13,11 @@ entropy, backward and an AdamW step for training. ``dtype`` bf16/fp16 casts the 
 the images for inference (``autocast=True`` keeps fp32 weights and autocasts instead) and
 always autocasts for training, which keeps fp32 master weights.
 
+Model FLOP utilisation: each model's FLOPs per image are counted once, on a ``meta`` copy
+(:mod:`cait.bench.flops`); TFLOP/s is that times the median images/s, and MFU its share of
+the device's dense peak rate in the step's precision (:data:`cait.bench.flops.PEAK_TFLOPS`;
+none on the CPU).
+
 Peak memory is measured once per model, in a separate step after warm-up: on CUDA,
 ``torch.cuda.max_memory_allocated`` above what was allocated before the step; on the CPU,
 the process's resident-set high-water mark (``VmHWM``, reset through
@@ -47,6 +52,7 @@ from cait.bench.compare import (
     class_logits,
     set_layerscale,
 )
+from cait.bench.flops import flops_per_image, peak_tflops
 from cait.models.registry import create_model, get_variant
 from cait.threads import adapt as adapt_threads
 from cait.threads import use_threads
@@ -66,13 +72,18 @@ DTYPES = runtime.DTYPES  # the precisions a benchmark runs in
 
 @dataclass
 class ModelTiming:
-    """One model's figures: median and per-round images/s, peak memory in MiB."""
+    """One model's figures: median and per-round images/s, peak memory in MiB, and its
+    model FLOP utilisation (:mod:`cait.bench.flops`): GFLOP per image, TFLOP/s at the
+    median, and their share of the device's peak (None where the peak is not known)."""
 
     impl: str
     dtype: str
     images_per_s: float
     rounds: list[float]
     peak_mem_mib: float | None
+    gflop_per_image: float | None = None
+    tflops: float | None = None
+    mfu: float | None = None
 
 
 @dataclass
@@ -359,7 +370,24 @@ def benchmark(
     per_round = _timed_rounds(step_fns, rounds, steps, batch_size, dev)
     result.threads = torch.get_num_threads()  # where the thread policy ended (cait.threads)
     _record_timings(result, models, per_round, peaks)
+    _record_utilisation(result, models, tuple(images.shape[1:]), train, dev)
     return result
+
+
+def _record_utilisation(
+    result: BenchResult,
+    models: dict[str, tuple[nn.Module, str]],
+    image_shape: tuple[int, ...],
+    train: bool,
+    device: torch.device,
+) -> None:
+    """Each timing's FLOPs per image (counted once per model), TFLOP/s and MFU."""
+    for timing, (model, dt) in zip(result.timings, models.values(), strict=True):
+        flops = flops_per_image(model, image_shape, train)
+        timing.gflop_per_image = flops / 1e9
+        timing.tflops = flops * timing.images_per_s / 1e12
+        peak = peak_tflops(device, dt)
+        timing.mfu = timing.tflops / peak if peak else None
 
 
 def format_table(result: BenchResult) -> str:
@@ -369,13 +397,16 @@ def format_table(result: BenchResult) -> str:
         f"{r.model} ({r.attn_impl} attention)  {r.mode}  batch {r.batch_size}  "
         f"device {r.device}  threads {r.threads}  compile {r.compile}  torch {r.torch_version}  "
         f"({r.rounds} rounds x {r.steps} steps, {r.warmup} warm-up)",
-        f"{'impl':<6}{'dtype':>6}{'images/s':>11}{'min':>9}{'max':>9}{'peak MiB':>10}",
+        f"{'impl':<6}{'dtype':>6}{'images/s':>11}{'min':>9}{'max':>9}{'peak MiB':>10}"
+        f"{'TFLOP/s':>9}{'MFU':>7}",
     ]
     for t in r.timings:
         peak = f"{t.peak_mem_mib:.0f}" if t.peak_mem_mib is not None else "-"
+        tflops = f"{t.tflops:.3g}" if t.tflops is not None else "-"
+        mfu = f"{t.mfu:.1%}" if t.mfu is not None else "-"
         lines.append(
             f"{t.impl:<6}{t.dtype:>6}{t.images_per_s:>11.2f}{min(t.rounds):>9.2f}"
-            f"{max(t.rounds):>9.2f}{peak:>10}"
+            f"{max(t.rounds):>9.2f}{peak:>10}{tflops:>9}{mfu:>7}"
         )
     if r.ratio is not None:
         lines.append(

@@ -29,7 +29,7 @@ same with chunks of a few images, shared between as many worker threads as torch
 intra-op threads, each running its chunks' ops on one thread
 (:func:`cait.kernels.cpu_workers.run_on_cpu_workers`); every chunk's temporaries go into its
 worker's reused buffers (:class:`_Scratch`). The Python path also runs on other devices
-(the whole batch as one chunk) and under ``torch.compile``.
+(the whole batch as one chunk) and under ``torch.export``.
 
 The backward pass is written out (:class:`_TalkingHeads`). By default it keeps the ``qkv``
 output, the softmax probabilities and the raw logits, and recomputes the mixed weights: two
@@ -41,7 +41,10 @@ memory-efficient attention kernels do, for one extra ``q k^T``, mixing and softm
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
+import logging
 import math
 from collections.abc import Callable
 from typing import TypeVar
@@ -50,10 +53,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from cait.kernels import native
+from cait.kernels import native, ops, triton_talking_heads
 from cait.kernels.cpu_workers import run_on_cpu_workers
 
 __all__ = ["CPU_CHUNK_BYTES", "talking_heads_attention"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -70,6 +75,45 @@ CPU_CHUNK_BYTES = 5 * 2**19
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off: the steps keep the dtype of ``qkv``. ``meta`` tensors (FLOP counting,
+    :mod:`cait.bench.flops`) have no autocast to turn off."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+@torch.compiler.assume_constant_result
+def _fused_supported(num_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels take this shape; a shape they do not take is logged once
+    (a compiler calls this once while tracing)."""
+    if triton_talking_heads.supports(num_heads, head_dim, dtype):
+        return True
+    _log_fallback(num_heads, head_dim, dtype)
+    return False
+
+
+@functools.cache
+def _log_fallback(num_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    logger.warning(
+        "talking-heads attention with %d heads of %d channels in %s runs the Python path on "
+        "CUDA: the Triton kernels take up to %d heads of up to %d channels in fp32/fp16/bf16%s",
+        num_heads,
+        head_dim,
+        dtype,
+        triton_talking_heads.MAX_HEADS,
+        triton_talking_heads.MAX_HEAD_DIM,
+        "" if triton_talking_heads.AVAILABLE else " (and Triton is not installed)",
+    )
+
+
+@torch.compiler.assume_constant_result
+def _native_available() -> bool:
+    """:func:`cait.kernels.native.available`, which a compiler calls once while tracing
+    (it builds the kernel and holds a lock: not for tracing into)."""
+    return native.available()
 
 
 def _heads_bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
@@ -303,59 +347,6 @@ def _backward(
     return g_qkv, g_w_l, g_w_w  # type: ignore[return-value]
 
 
-def _image_major(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``q, k, v`` as ``(B, H, N, hd)`` views of ``qkv`` (no copy), the C++ kernels' layout."""
-    return tuple(t.transpose(0, 1) for t in _split(qkv, num_heads))  # type: ignore[return-value]
-
-
-def _forward_native(
-    qkv: Tensor, w_l: Tensor, w_w: Tensor, b_w: Tensor, num_heads: int, keep: bool
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """:func:`_forward` by the C++ kernel (``torch.ops.cait.talking_heads_forward``): one
-    image at a time on torch's intra-op threads. The kept probabilities and logits are one
-    ``(B, H, N, N)`` tensor each."""
-    q, k, v = _image_major(qkv, num_heads)
-    B, H, N, hd = q.shape
-    bias = b_w[:, None] * v.sum(dim=2)  # (B, H, hd): proj_w's bias term
-    out = qkv.new_empty(B, N, H, hd)
-    probs = qkv.new_empty(B, H, N, N) if keep else None
-    logits = qkv.new_empty(B, H, N, N) if keep else None
-    torch.ops.cait.talking_heads_forward(q, k, v, w_l, w_w, bias, out, probs, logits)
-    if probs is None or logits is None:
-        return out.view(B, N, H * hd), [], []
-    return out.view(B, N, H * hd), [probs], [logits]
-
-
-def _backward_native(
-    qkv: Tensor, w_l: Tensor, w_w: Tensor, g_out: Tensor, probs: list[Tensor], logits: list[Tensor]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The input and mixing-weight gradients by ``torch.ops.cait.talking_heads_backward``:
-    ``(g_qkv (B, N, 3, H, hd), g_w_l, g_w_w)``, without the terms of ``proj_w``'s bias.
-    ``g_out`` is head-major ``(H, B, N, hd)``."""
-    H = w_l.shape[0]
-    q, k, v = _image_major(qkv, H)
-    B, _, N, hd = q.shape
-    g_qkv = qkv.new_empty(B, N, 3, H, hd)
-    g_q, g_k, g_v = _image_major(g_qkv.view(B, N, -1), H)
-    g_w_l, g_w_w = qkv.new_empty(B, H, H), qkv.new_empty(B, H, H)  # per image
-    torch.ops.cait.talking_heads_backward(
-        q,
-        k,
-        v,
-        w_l,
-        w_w,
-        g_out.transpose(0, 1),
-        probs[0] if len(probs) > 0 else None,
-        logits[0] if len(logits) > 0 else None,
-        g_q,
-        g_k,
-        g_v,
-        g_w_l,
-        g_w_w,
-    )
-    return g_qkv, g_w_l.sum(dim=0), g_w_w.sum(dim=0)  # summed in image order
-
-
 class _TalkingHeads(torch.autograd.Function):
     """``qkv (B, N, 3C) -> (B, N, C)``: talking-heads attention before the output projection."""
 
@@ -371,21 +362,14 @@ class _TalkingHeads(torch.autograd.Function):
         recompute: bool,
         chunk: int | None,
         workers: int,
-        use_native: bool,
     ) -> Tensor:
         dtype = qkv.dtype
-        with torch.autocast(qkv.device.type, enabled=False):
+        with _autocast_off(qkv.device.type):
             w_l_, w_w_, b_w_ = w_l.to(dtype), w_w.to(dtype), b_w.to(dtype)
-            if use_native:
-                out, probs, logits = _forward_native(
-                    qkv, w_l_, w_w_, b_w_, num_heads, not recompute
-                )
-            else:
-                out, probs, logits = _forward(
-                    qkv, w_l_, w_w_, b_w_, num_heads, chunk, workers, not recompute
-                )
+            out, probs, logits = _forward(
+                qkv, w_l_, w_w_, b_w_, num_heads, chunk, workers, not recompute
+            )
         ctx.num_heads, ctx.chunk, ctx.workers, ctx.recompute = num_heads, chunk, workers, recompute
-        ctx.use_native = use_native
         ctx.param_dtypes = (w_l.dtype, b_l.dtype, w_w.dtype, b_w.dtype)
         ctx.save_for_backward(qkv, w_l_, w_w_, b_w_, *probs, *logits)
         return out
@@ -395,18 +379,15 @@ class _TalkingHeads(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         qkv, w_l, w_w, b_w, *kept = ctx.saved_tensors
         H = ctx.num_heads
-        with torch.autocast(qkv.device.type, enabled=False):
+        with _autocast_off(qkv.device.type):
             B, N, C3 = qkv.shape
             hd = C3 // (3 * H)
             g_out = grad_out.to(qkv.dtype).reshape(B, N, H, hd).permute(2, 0, 1, 3)  # (H,B,N,hd)
             # with recompute nothing was kept: the logits and probabilities are recomputed
             probs, logits = kept[: len(kept) // 2], kept[len(kept) // 2 :]
-            if ctx.use_native:
-                g_qkv, g_w_l, g_w_w = _backward_native(qkv, w_l, w_w, g_out, probs, logits)
-            else:
-                g_qkv, g_w_l, g_w_w = _backward(
-                    qkv, w_l, w_w, g_out, probs, logits, ctx.chunk, ctx.workers
-                )
+            g_qkv, g_w_l, g_w_w = _backward(
+                qkv, w_l, w_w, g_out, probs, logits, ctx.chunk, ctx.workers
+            )
             # proj_w's bias term: b_g * sum_j v_g[j] added to every output row of head g
             v = _split(qkv, H)[2]
             g_out_sum = g_out.sum(dim=2)  # (H, B, hd)
@@ -426,8 +407,26 @@ class _TalkingHeads(torch.autograd.Function):
             None,
             None,
             None,
-            None,
         )
+
+
+def _use_native(qkv: Tensor, use_native: bool | None, exporting: bool) -> bool:
+    """Whether the C++ kernel runs: by default on CPU tensors where it could be built (not
+    under ``torch.export``); ``use_native=True`` elsewhere is an error."""
+    on_cpu = qkv.device.type == "cpu"
+    if use_native is None:
+        return on_cpu and not exporting and _native_available()
+    if use_native and (not on_cpu or exporting):
+        raise ValueError(
+            f"use_native=True runs on CPU tensors, not on {qkv.device.type}"
+            + (" under torch.export" if exporting else "")
+        )
+    if use_native and not _native_available():
+        raise RuntimeError(
+            "use_native=True, but cait's C++ kernels could not be built "
+            "(cait.kernels.native logged why when it tried)"
+        )
+    return use_native
 
 
 def talking_heads_attention(
@@ -451,9 +450,15 @@ def talking_heads_attention(
     recomputes the logits and probabilities instead of keeping them.
 
     On the CPU it runs by default in the C++ kernel (``use_native``;
-    :mod:`cait.kernels.native`), one image at a time on torch's intra-op threads;
-    ``use_native=False``, under ``torch.compile``, on other devices and where the kernel
-    could not be built, in Python: the batch in chunks of about ``chunk_bytes`` of attention
+    :mod:`cait.kernels.native`), one image at a time on torch's intra-op threads, as the op
+    ``cait::talking_heads_cpu`` (:mod:`cait.kernels.ops`), which ``torch.compile`` keeps as
+    one node. On CUDA it runs by default in the Triton kernels, which write nothing of size
+    ``(B, H, N, N)`` and keep only each row's log-sum-exp for the backward pass (so
+    ``recompute`` changes nothing there), as the op ``cait::talking_heads_fused``
+    (:mod:`cait.kernels.triton_talking_heads`; shapes they do not take are logged once and
+    run in Python). With ``use_native=False`` (on any device), under ``torch.export``
+    (whose programs hold only standard ops), on other devices and where the kernel could not
+    be built, it runs in Python: the batch in chunks of about ``chunk_bytes`` of attention
     tensor (default :data:`CPU_CHUNK_BYTES` on the CPU, the whole batch elsewhere; ``0`` for
     the whole batch), on the CPU shared between ``workers`` threads of one intra-op thread
     each (default: torch's thread count; :func:`cait.kernels.cpu_workers.run_on_cpu_workers`),
@@ -464,24 +469,27 @@ def talking_heads_attention(
     """
     B, N, _ = qkv.shape
     on_cpu = qkv.device.type == "cpu"
-    if use_native is None:
-        use_native = on_cpu and not _compiling() and native.available()
-    elif use_native and (not on_cpu or _compiling()):
-        raise ValueError(
-            f"use_native=True runs on CPU tensors in eager mode, not on {qkv.device.type}"
-            + (" under torch.compile" if _compiling() else "")
-        )
-    elif use_native and not native.available():
-        raise RuntimeError(
-            "use_native=True, but cait's C++ kernels could not be built "
-            "(cait.kernels.native logged why when it tried)"
-        )
+    exporting = torch.compiler.is_exporting()
+    fused = use_native is None and qkv.device.type == "cuda" and not exporting
+    use_native = _use_native(qkv, use_native, exporting)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if fused:
+        if _fused_supported(num_heads, qkv.shape[-1] // (3 * num_heads), qkv.dtype):
+            with torch.autocast("cuda", enabled=False):  # fp32 weights, qkv as it is
+                weights = ((w_l * scale).float(), b_l.float(), w_w.float(), b_w.float())
+                return ops.talking_heads_fused(qkv, *weights, num_heads)[0]
+    if use_native:
+        params = (qkv, w_l, b_l, w_w, b_w)
+        keep = not recompute and torch.is_grad_enabled() and any(t.requires_grad for t in params)
+        with torch.autocast("cpu", enabled=False):  # the op's weights in the dtype of qkv
+            dt = qkv.dtype
+            weights = ((w_l * scale).to(dt), b_l.to(dt), w_w.to(dt), b_w.to(dt))
+            return ops.talking_heads_cpu(qkv, *weights, num_heads, keep)[0]
     if chunk_bytes is None:
         chunk_bytes = CPU_CHUNK_BYTES if on_cpu and not _compiling() else 0
     if workers is None:
         workers = torch.get_num_threads() if on_cpu and not _compiling() else 1
-    elif workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
     chunk: int | None
     if chunk_bytes > 0:
         per_image = num_heads * N * N * qkv.element_size()
@@ -493,9 +501,7 @@ def talking_heads_attention(
     w_l = w_l * scale
     params = (w_l, b_l, w_w, b_w)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, *params)):
-        return _TalkingHeads.apply(qkv, *params, num_heads, recompute, chunk, workers, use_native)
-    with torch.autocast(qkv.device.type, enabled=False):  # as in _TalkingHeads.forward
+        return _TalkingHeads.apply(qkv, *params, num_heads, recompute, chunk, workers)
+    with _autocast_off(qkv.device.type):  # as in _TalkingHeads.forward
         w_l, w_w, b_w = w_l.to(qkv.dtype), w_w.to(qkv.dtype), b_w.to(qkv.dtype)
-        if use_native:
-            return _forward_native(qkv, w_l, w_w, b_w, num_heads, keep=False)[0]
         return _forward(qkv, w_l, w_w, b_w, num_heads, chunk, workers, keep=False)[0]

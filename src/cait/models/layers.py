@@ -209,6 +209,9 @@ class TalkingHeadAttention(nn.Module):
       backward pass, which recomputes the logits and probabilities (against two such
       tensors per block for ``fast`` and three or more for ``plain``); needs
       ``attn_drop == 0``.
+
+    On CUDA, ``fast`` and ``recompute`` both run the fused Triton kernels, which write no
+    ``(B, H, N, N)`` tensor and keep none (:mod:`cait.kernels.triton_talking_heads`).
     """
 
     def __init__(
