@@ -3,7 +3,7 @@
 
 Checks that hold on any device take a ``device`` parameter (``DEVICES`` of conftest.py)
 whose CUDA case is marked ``gpu`` and skipped without a CUDA device; ``make test-gpu`` runs
-those, and ``examples/gpu_checks.sh`` runs them before its timings.
+those, and ``TESTS=1 examples/gpu_checks.sh`` runs them before its timings.
 """
 
 from __future__ import annotations
