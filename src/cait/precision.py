@@ -102,6 +102,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         # torch 2.10+ flags its quantized tensor types as deprecated (pytorch#184982) in
         # favour of torchao; they are what its int8 CPU kernels run today
         warnings.filterwarnings("ignore", "torch.quantize_per_", UserWarning)
+        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
         quantized = quantize_dynamic(copy.deepcopy(model).float().eval(), spec, dtype=torch.qint8)
     count = sum(isinstance(m, quantized_dynamic.Linear) for m in quantized.modules())
     logger.info("int8: %d linear layers quantized (per-channel weights, dynamic inputs)", count)
