@@ -57,6 +57,8 @@ NO_DISTRIBUTED = ("cait.kernels", "cait.models")
 OWNERS = {
     "timm": {"cait.models.timm_interop", "cait.data.transforms"},
     "huggingface_hub": {"cait.models.hub"},
+    # the Hugging Face `datasets` folders (save_to_disk) of the hf: data source, read and written
+    "datasets": {"cait.data.sources.hf", "cait.data.sources.convert"},
 }
 
 

@@ -33,6 +33,7 @@ from cait.cli import (
     models,
     predict,
     residuals,
+    shards,
     train,
 )
 from cait.cli import eval as evaluate  # the module; `eval` would hide the builtin
@@ -65,6 +66,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     ablate,
     export,
     bench,
+    shards,
     app,
 )
 

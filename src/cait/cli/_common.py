@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 __all__ = [
     "CHECKPOINT_HELP",
+    "DATA_HELP",
     "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
     "EXIT_USER_ERROR",
@@ -87,6 +88,10 @@ def crop_ratio(text: str) -> float:
     if value > 1:
         raise argparse.ArgumentTypeError(f"{expected}, got {text[:40]}")
     return value
+
+
+# what --data may name (cait.data.sources)
+DATA_HELP = "digits, an image folder, shards:DIR, hf:DIR or list:FILE"
 
 
 def force_flag(p: argparse.ArgumentParser, what: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from cait.data.config import AugmentConfig
+from cait.data.config import AugmentConfig, DataConfig
 from cait.models.build import input_spec
 from cait.models.config import CaiTConfig
 from cait.models.timm_interop import is_timm
@@ -58,43 +58,6 @@ Schedule = Literal["cosine", "step", "constant"]
 WandbMode = Literal["offline", "online"]
 ParallelMode = Literal["ddp", "fsdp"]
 PARALLEL_MODES: tuple[str, ...] = get_args(ParallelMode)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the images come from and how they are batched.
-
-    ``batch_size`` is per process: the global batch is ``batch_size x processes``.
-    ``path`` is ``digits`` (scikit-learn's bundled handwritten digits) or an ImageFolder root
-    with ``train/<class>/*`` and ``val/<class>/*``. ``img_size``, ``crop_pct``,
-    ``interpolation``, ``mean`` and ``std`` default to the model variant's.
-    ``classes_by_position`` lets a resume, a teacher or ``init_from`` whose class names
-    differ from the data's map the classes by index, with a warning, where it would be
-    refused (:mod:`cait.data.classes`).
-    """
-
-    path: str = "digits"
-    batch_size: int = 64
-    workers: int = 0
-    img_size: int | None = None
-    crop_pct: float | None = None
-    interpolation: str | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    classes_by_position: bool = False
-
-    def __post_init__(self) -> None:
-        check_fields(self, "data")
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise ValueError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.img_size is not None and self.img_size < 1:
-            raise ValueError(f"data.img_size must be >= 1 (or unset), got {self.img_size}")
-        if self.interpolation is not None and not self.interpolation:
-            raise ValueError("data.interpolation must be a mode such as bicubic (or unset)")
 
 
 @dataclass(frozen=True)

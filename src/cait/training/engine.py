@@ -60,6 +60,12 @@ class EpochStats:
     skipped: list[str] = field(default_factory=list)
     timed_images: int | None = None  # after the warm-up step; None: no step after it
     timed_seconds: float = 0.0
+    data_wait: float = 0.0  # seconds this process waited for the loader's batches
+
+    @property
+    def data_wait_share(self) -> float:
+        """The share of the epoch spent waiting for data (this process's)."""
+        return min(1.0, self.data_wait / self.seconds) if self.seconds > 0 else 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -141,6 +147,7 @@ class _Tally:
     start: float = field(default_factory=time.perf_counter)
     warm: float | None = None  # when the first optimiser step (the warm-up) ended
     warm_images: int = 0  # this rank's images up to then
+    waited: float = 0.0  # seconds spent waiting for the loader's next batch
 
     def mean_loss(self) -> float:
         """The mean loss over all ranks (a collective)."""
@@ -203,7 +210,7 @@ def train_one_epoch(
     opt.optimizer.zero_grad(set_to_none=True)
     with progress_bar(total, description, progress) as bar:
         bar.update(tally.micro // opt.accum_steps)
-        for x, target, bad in batches:
+        for x, target, bad in _waiting(batches, tally):
             tally.batches += 1
             tally.skipped += bad
             if x.numel() == 0:
@@ -236,6 +243,18 @@ def train_one_epoch(
             if after_step is not None:
                 after_step(step, lambda: _position(tally, rng_at_start))
     return _epoch_stats(tally, lr, opt.accum_steps, epoch, step), step
+
+
+def _waiting(batches: Iterator, tally: _Tally) -> Iterator:
+    """``batches``, adding the time spent waiting for each to ``tally.waited``."""
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        tally.waited += time.perf_counter() - start
+        yield batch
 
 
 def _start_epoch(
@@ -327,7 +346,7 @@ def _epoch_stats(tally: _Tally, lr: float, accum_steps: int, epoch: int, step: i
     images = tally.images * dist_info().world_size  # every rank ran the same equal batches
     skipped = [s for rank in all_gather_objects(tally.skipped) for s in rank]
     steps = tally.micro // accum_steps
-    stats = EpochStats(mean_loss, lr, images, seconds, steps, skipped)
+    stats = EpochStats(mean_loss, lr, images, seconds, steps, skipped, data_wait=tally.waited)
     if tally.warm is not None and tally.images > tally.warm_images:  # steps after the warm-up
         stats.timed_images = (tally.images - tally.warm_images) * dist_info().world_size
         stats.timed_seconds = end - tally.warm

@@ -12,6 +12,7 @@ from cait.training.config import TrainConfig
 
 __all__ = [
     "CURVES",
+    "DATA_WAIT_KEY",
     "EPOCH_SECONDS_KEY",
     "IMAGES_PER_S_KEY",
     "METRICS",
@@ -34,7 +35,10 @@ RECORDS = (METRICS, SKIPPED_FILES, CURVES, _TENSORBOARD, _WANDB)
 # Per-epoch metrics that measure time, not learning: they differ between two identical runs.
 IMAGES_PER_S_KEY = "images_per_s"
 EPOCH_SECONDS_KEY = "epoch_seconds"
-TIMING_KEYS = (IMAGES_PER_S_KEY, EPOCH_SECONDS_KEY)
+# the share of the epoch's training time spent waiting for the loader's next batch: near 1,
+# the device is starved for data (add loader workers, or make shards)
+DATA_WAIT_KEY = "data_wait_share"
+TIMING_KEYS = (IMAGES_PER_S_KEY, EPOCH_SECONDS_KEY, DATA_WAIT_KEY)
 
 
 class Recorder:

@@ -37,6 +37,7 @@ from cait.training.optim import Optimisation
 from cait.training.preemption import PreemptionWatch, TrainingInterrupted, TrainingPreempted
 from cait.training.records import (
     CURVES,
+    DATA_WAIT_KEY,
     EPOCH_SECONDS_KEY,
     IMAGES_PER_S_KEY,
     SKIPPED_FILES,
@@ -334,6 +335,7 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: EpochStats) -> tuple[dict[str,
         "lr": stats.lr,
         IMAGES_PER_S_KEY: stats.images_per_s,
         EPOCH_SECONDS_KEY: stats.seconds,
+        DATA_WAIT_KEY: stats.data_wait_share,
     }
     if run.opt.ema is not None:
         ema_val = evaluate(run.opt.ema.module, run.loaders.val, run.device, run.config.amp)
@@ -346,7 +348,7 @@ def _log_epoch(metrics: dict[str, Any], epochs: int) -> None:
     ema = metrics.get("ema_val_top1")
     logger.info(
         "epoch %d/%d: train_loss %.4f  val_loss %.4f  val_top1 %.2f  val_top5 %.2f%s"
-        "  lr %.2e  %.0f images/s",
+        "  lr %.2e  %.0f images/s  %.0f%% of it waiting for data",
         metrics["epoch"],
         epochs,
         metrics["train_loss"],
@@ -356,6 +358,7 @@ def _log_epoch(metrics: dict[str, Any], epochs: int) -> None:
         f"  ema_top1 {ema:.2f}" if ema is not None else "",
         metrics["lr"],
         metrics[IMAGES_PER_S_KEY],
+        100 * metrics[DATA_WAIT_KEY],
     )
 
 

@@ -10,21 +10,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from cait import runtime
-from cait.data import (
-    ShardSampler,
-    build_datasets,
-    build_mixup,
-    build_train_sampler,
-    collate_samples,
-    eval_transform,
-    train_transform,
-)
+from cait.data import build_datasets, build_mixup, eval_transform, make_loader, train_transform
 from cait.data.classes import check_class_names
 from cait.models.build import build_model, input_spec
 from cait.models.cait import CaiT
@@ -98,7 +89,10 @@ class RunModel:
 
 @dataclass
 class RunLoaders:
-    sampler: Sampler[int]
+    """This rank's loaders; ``sampler`` sets the training loader's epoch (the sampler of an
+    indexed split, or a streamed split itself)."""
+
+    sampler: Any
     train: DataLoader
     val: DataLoader
 
@@ -204,27 +198,32 @@ def build_loaders(
     config: TrainConfig, data: RunData, info: runtime.DistInfo, device: torch.device
 ) -> RunLoaders:
     """This rank's shards: shuffled (or repeated-augmentation) training batches, each
-    image of the validation split once."""
-    sampler = build_train_sampler(
-        data.train, config.augment.repeated_aug, config.seed, info.world_size, info.rank
-    )
-    loader_args = dict(
-        batch_size=config.data.batch_size,
-        num_workers=config.data.workers,
-        collate_fn=collate_samples,
+    image of the validation split once (:func:`cait.data.make_loader`, for any source)."""
+    common = dict(
+        workers=config.data.workers,
+        rank=info.rank,
+        world=info.world_size,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_seed_worker,
     )
-    train_loader = DataLoader(data.train, sampler=sampler, drop_last=True, **loader_args)
-    val_loader = DataLoader(
-        data.val, sampler=ShardSampler(len(data.val), info.world_size, info.rank), **loader_args
+    train = make_loader(
+        data.train,
+        config.data.batch_size,
+        train=True,
+        seed=config.seed,
+        repeats=config.augment.repeated_aug,
+        **common,
     )
-    if len(train_loader) < config.optim.accum_steps:
+    val = make_loader(data.val, config.data.batch_size, **common)
+    if len(train.loader) < config.optim.accum_steps:
         raise ValueError(
-            f"{len(data.train)} training images give {len(train_loader)} batches of "
+            f"{_count(data.train)} training images give {len(train.loader)} batches of "
             f"{config.data.batch_size}: fewer than optim.accum_steps={config.optim.accum_steps}"
         )
-    return RunLoaders(sampler, train_loader, val_loader)
+    return RunLoaders(train.epochs, train.loader, val.loader)
+
+
+def _count(dataset: Dataset) -> int:
+    return getattr(dataset, "total", None) or len(dataset)  # type: ignore[arg-type]
 
 
 def build_objective(config: TrainConfig, data: RunData, device: torch.device) -> Objective:
@@ -272,9 +271,3 @@ def build_optimisation(
         accum_steps=config.optim.accum_steps,
         clip_grad=config.optim.clip_grad,
     )
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds python's and its own RNG in each worker; numpy (used by some
-    # augmentations) is seeded here from the same per-worker seed.
-    np.random.seed(torch.initial_seed() % 2**32)

@@ -1,0 +1,113 @@
+"""What every data source gives: a split as a dataset of keyed samples, its class names, the
+files it left out, and (for streamed sources) a plan of what each rank and loader worker
+reads in an epoch.
+
+A sample is ``(image, label, skipped)``: the image (transformed; ``None`` for an unreadable
+one in evaluation), its label as an index into the split's ``classes``, and the
+descriptions of the files it had to skip. Every sample also has a key naming it within its
+source (a file's path, ``SHARD#MEMBER``, ``hf:DIR[split][row]``), for results files and
+exactly-once counts: an indexed split's ``key(i)``; a keyed split (:func:`keyed`) yields
+``(image, label, skipped, key)``.
+
+Two kinds of split:
+- **indexed** (map-style: digits, folders, lists, Hugging Face folders): ``dataset[i]``
+  reads sample ``i``; the samplers of :mod:`cait.data.samplers` decide the order;
+- **streamed** (tar shards): an ``IterableDataset`` that reads shard after shard; it plans
+  its own order from ``(seed, epoch)`` (:mod:`cait.data.sources.shards`).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from PIL import Image
+
+from cait.data.images import UNREADABLE_IMAGE_ERRORS, decode_image_bytes
+from cait.files import first_line
+
+__all__ = [
+    "SPLITS",
+    "KeyedSample",
+    "Sample",
+    "Source",
+    "SplitName",
+    "class_mapping",
+    "read_sample",
+]
+
+logger = logging.getLogger(__name__)
+
+SplitName = Literal["train", "val"]
+SPLITS: tuple[SplitName, ...] = ("train", "val")
+Sample = tuple[Any, int, tuple[str, ...]]
+KeyedSample = tuple[Any, int, tuple[str, ...], str]
+
+
+class Source(ABC):
+    """A dataset on disk with a training and a validation split, named on the command line
+    as ``PREFIX:LOCATION`` (``digits`` and a bare folder have no prefix)."""
+
+    #: the command-line prefix ("shards", "hf", "list"); "" for a folder, "digits" for digits
+    prefix: str = ""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+
+    def __str__(self) -> str:
+        return f"{self.prefix}:{self.location}" if self.prefix else self.location
+
+    @abstractmethod
+    def split(
+        self,
+        name: SplitName,
+        transform: Callable | None = None,
+        classes: Sequence[str] | None = None,
+        train: bool = False,
+    ) -> Any:
+        """The split ``name`` as a dataset of :data:`Sample`. ``classes``: label the
+        samples by these names (training's), refusing a class it does not have;
+        ``train``: a training split (an unreadable sample is replaced by a readable one, so
+        that batches keep their size; in evaluation it is left out and reported)."""
+
+    @property
+    def single_split(self) -> bool:
+        """Whether the source is one split (for ``cait eval``), not a training set."""
+        return False
+
+    def eval_split(self, transform: Callable | None, classes: Sequence[str] | None) -> Any:
+        """The split ``cait eval`` reads: the validation split."""
+        return self.split("val", transform, classes)
+
+    def check_splits(self) -> None:  # noqa: B027 (most find out when a split is opened)
+        """Refuse, before any split is read, a source that lacks a training or validation
+        split (where that is cheap to tell)."""
+
+    def check_disjoint(self, train: Any, val: Any) -> None:  # noqa: B027 (most have nothing to check)
+        """Refuse a validation split that shares files with training (where it can)."""
+
+
+def class_mapping(own: Sequence[str], given: Sequence[str] | None, where: str) -> list[int]:
+    """For each of a split's own classes, its index among ``given`` (training's classes);
+    the identity without ``given``. A class ``given`` lacks is a one-line error."""
+    if given is None:
+        return list(range(len(own)))
+    index = {name: i for i, name in enumerate(given)}
+    extra = [name for name in own if name not in index]
+    if extra:
+        raise ValueError(f"{where} has classes not in training: {sorted(extra)[:10]}")
+    return [index[name] for name in own]
+
+
+def read_sample(
+    data: bytes, key: str, transform: Callable | None
+) -> tuple[Image.Image | Any | None, str]:
+    """Decode and transform one sample's image bytes: ``(image, "")``, or ``(None,
+    problem)`` naming ``key`` when the bytes are not a whole image."""
+    try:
+        img = decode_image_bytes(data)
+    except UNREADABLE_IMAGE_ERRORS as err:
+        return None, f"{key}: {first_line(err)}"
+    return (transform(img) if transform is not None else img), ""
