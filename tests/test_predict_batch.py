@@ -20,7 +20,7 @@ from test_inference import tiny_checkpoint
 
 from cait.cli import main
 from cait.data import DigitsDataset
-from cait.inference import predict, predict_to_file, read_rows
+from cait.inference import evaluate_checkpoint, predict, predict_to_file, read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,3 +201,26 @@ def test_eval_several_checkpoints_and_precisions_into_a_results_file(checkpoint,
         == 2
     )
     assert "a results file ends in .csv, .jsonl, .parquet" in capsys.readouterr().err
+
+
+def test_a_data_source_is_predicted_with_its_labels_and_agrees_with_eval(checkpoint, tmp_path):
+    """--data digits: one row per image of the split cait eval reads, its label beside the
+    prediction; the rows' top-1 accuracy is eval's."""
+    output = tmp_path / "digits.csv"
+    summary = predict_to_file(str(checkpoint), data="digits", output=output, batch_size=100)
+    rows = read_rows(output)
+    assert summary["rows"] == len(rows) == 360
+    assert len({r["path"] for r in rows}) == 360 and rows[0]["path"].startswith("digits[val]")
+    hits = sum(r["top1"] == r["label"] for r in rows)
+    assert 100 * hits / 360 == pytest.approx(evaluate_checkpoint(str(checkpoint), "digits")["top1"])
+    # resumed from a journal of its first 100 rows: only the other 260 are run
+    journal = tmp_path / ".again.csv.partial.jsonl"
+    journal.write_text(
+        "".join(json.dumps(r) + "\n" for r in read_rows(tmp_path / "digits.csv")[:100])
+    )
+    again = predict_to_file(
+        str(checkpoint), data="digits", output=tmp_path / "again.csv", resume=True
+    )
+    assert again["images"] == 260 and again["rows"] == 360
+    with pytest.raises(ValueError, match="one of the two"):
+        predict_to_file(str(checkpoint), [tmp_path], data="digits")

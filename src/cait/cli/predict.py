@@ -18,6 +18,7 @@ cait predict --checkpoint runs/demo/model.safetensors runs/demo/samples/*.png
 cait predict --checkpoint runs/demo/model.safetensors photos/ --output results.csv
 cait predict --checkpoint runs/demo/model.safetensors photos/ --output results.csv --resume
 cait predict --checkpoint runs/demo/model.safetensors photos/ --output r.parquet --precision int8
+cait predict --checkpoint runs/demo/model.safetensors --data digits --output digits.csv
 """
 
 PRECISION_HELP = (
@@ -39,9 +40,21 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument(
         "images",
-        nargs="+",
+        nargs="*",
         metavar="IMAGE",
         help="image files (PNG, JPEG, ...) or folders (every image under them)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="SOURCE",
+        help="predict a data source instead of images: digits, a folder, shards:DIR, "
+        "hf:DIR or list:FILE (its labels fill a label column)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("eval", "val", "train"),
+        default="eval",
+        help="the split of --data (eval: what cait eval reads)",
     )
     p.add_argument("--topk", type=positive_int, default=5, help="classes shown per image")
     p.add_argument("--model", help=MODEL_HELP)
@@ -91,6 +104,8 @@ def _batched(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.force,
         on_rows=None if args.output else lambda rows: _print_rows(rows, args.json),
+        data=args.data,
+        split=args.split,
     )
     if args.output:
         print(
@@ -106,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
     from cait.threads import use_threads
 
     use_threads(args.threads)
-    if args.output or args.resume or any(os.path.isdir(i) for i in args.images):
+    if args.data is None and not args.images:
+        raise ValueError("give image files or folders, or --data SOURCE")
+    batched = args.output or args.resume or args.data is not None
+    if batched or any(os.path.isdir(i) for i in args.images):
         return _batched(args)
     from cait.inference import predict
 

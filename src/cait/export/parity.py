@@ -116,12 +116,14 @@ def quantized_parity(
     what: str,
     size: tuple[int, int],
     in_chans: int,
-    min_agreement: float = QUANTIZED_MIN_AGREEMENT,
+    min_agreement: float | None = None,
     images: int = QUANTIZED_CHECK_IMAGES,
 ) -> QuantizedParity:
     """Top-1 agreement and max |logit difference| of ``run`` (a quantized export) with
     ``model`` on ``images`` seeded random images; :class:`ExportError` below
-    ``min_agreement``."""
+    ``min_agreement`` (default :data:`QUANTIZED_MIN_AGREEMENT`)."""
+    if min_agreement is None:
+        min_agreement = QUANTIZED_MIN_AGREEMENT
     generator = torch.Generator().manual_seed(_SEED)
     same, seen, diff = 0, 0, 0.0
     for lo in range(0, images, PARITY_BATCHES[-1]):

@@ -3,7 +3,7 @@ IMAGE`` and the app), a whole validation split (``cait eval``), and many images 
 into a resumable results file (:mod:`cait.inference.batch`, :mod:`cait.inference.results`);
 each in fp32, bf16 or int8 (:mod:`cait.precision`)."""
 
-from cait.inference.batch import ImageFiles, collate_keyed, list_images, predict_to_file
+from cait.inference.batch import ImageFiles, list_images, predict_to_file
 from cait.inference.image import (
     ImagePrediction,
     LoadedModel,
@@ -25,7 +25,6 @@ __all__ = [
     "ImagePrediction",
     "LoadedModel",
     "ResultsJournal",
-    "collate_keyed",
     "evaluate_checkpoint",
     "evaluate_checkpoints",
     "list_images",
