@@ -4,6 +4,8 @@ autocast, and --precision through eval, bench and predict."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import one_line, randomize_
@@ -100,6 +102,7 @@ def test_the_native_kernel_agrees_with_the_plain_attention_in_low_precision(prec
 
 def test_bf16_runs_under_autocast_and_logs_the_precision(monkeypatch, caplog):
     monkeypatch.setattr(cait.precision, "cpu_flags", lambda: {"avx512_bf16"})
+    caplog.set_level(logging.INFO, logger="cait.precision")
     model = _model()
     prepared = prepare_model(model, "bf16", CPU)
     assert prepared.model is model  # fp32 weights kept, nothing copied
@@ -138,3 +141,39 @@ def test_eval_in_int8_and_amp_with_precision_refused(tmp_path):
     with pytest.raises(ValueError) as err:
         evaluate_checkpoint(ckpt, "digits", amp="bf16", precision="int8")
     one_line(err, "either amp", "or precision")
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_the_app_serves_a_model_in_a_precision(precision, tmp_path, monkeypatch):
+    from PIL import Image
+    from test_inference import tiny_checkpoint
+
+    from cait.app.served import analyse, load_app_models, retrace
+
+    monkeypatch.setattr(cait.precision, "cpu_flags", lambda: {"avx512_bf16"})
+    ckpt = str(tiny_checkpoint(tmp_path, "cait_digits_16", list("0123456789"), seed=1))
+    fp32, low = (load_app_models([ckpt], precision=p)[0] for p in ("fp32", precision))
+    quantized = any(isinstance(m, quantized_dynamic.Linear) for m in low.model.modules())
+    assert quantized == (precision == "int8")
+    image = Image.new("RGB", (16, 16), (200, 30, 90))
+    want, got = analyse(fp32, image), analyse(low, image)
+    assert got.predictions[0]["class"] == want.predictions[0]["class"]
+    assert abs(got.predictions[0]["probability"] - want.predictions[0]["probability"]) < 0.05
+    assert retrace(low, got, 0) is not None
+
+
+def test_cait_predict_files_in_int8_logs_the_precision(tmp_path, capsys, caplog):
+    from PIL import Image
+    from test_inference import tiny_checkpoint
+
+    from cait.cli import main
+
+    caplog.set_level(logging.INFO, logger="cait.precision")
+    ckpt = tiny_checkpoint(tmp_path, "cait_digits_16", list("0123456789"), seed=1)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (10, 200, 90)).save(image)
+    assert main(["predict", "--checkpoint", str(ckpt), str(image), "--precision", "int8"]) == 0
+    assert "precision: int8 dynamic quantization on cpu" in caplog.text
+    assert str(image) in capsys.readouterr().out
+    assert main(["app", "--checkpoint", str(ckpt), "--precision", "int8", "--port", "0"]) == 2
+    assert "port must be in [1, 65535]" in capsys.readouterr().err
