@@ -16,7 +16,7 @@ from conftest import one_line, randomize_
 from PIL import Image
 from torch import nn
 
-import cait.data.datasets
+import cait.data.images
 from cait.cli import main
 from cait.data import eval_transform, read_image
 from cait.inference import (
@@ -102,7 +102,7 @@ def test_the_size_is_refused_from_the_header_before_decoding(tmp_path, monkeypat
     def decode(path):
         raise AssertionError(f"{path} was decoded")
 
-    monkeypatch.setattr(cait.data.datasets, "load_image", decode)
+    monkeypatch.setattr(cait.data.images, "load_image", decode)
     huge = png_claiming(tmp_path / "huge.png", 10_000, 10_000)
     with pytest.raises(ValueError) as err:
         read_checked_image(huge)

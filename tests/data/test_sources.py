@@ -149,3 +149,15 @@ def test_shard_members_keep_the_images_bytes(tmp_path):
         assert names == ["train_000000000.jpg", "train_000000000.cls"]
         assert tar.extractfile(names[0]).read() == buffer.getvalue()
         assert tar.extractfile(names[1]).read() == b"0"
+
+
+def test_our_shards_are_webdataset_shards(sources):
+    import webdataset
+
+    folder = sources["shards"].partition(":")[2]
+    first = f"{folder}/val-000000.tar"
+    samples = list(webdataset.WebDataset(first, shardshuffle=False, empty_check=False))
+    assert len(samples) == 360
+    assert samples[0]["__key__"] == "val_000000000" and set(samples[0]) >= {"png", "cls"}
+    labels = [int(s["cls"]) for s in samples]
+    assert labels == DigitsDataset("val").targets

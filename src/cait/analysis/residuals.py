@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from cait.analysis.output_folder import check_output_folder, write_output_folder
-from cait.data import build_val_dataset, collate_samples, eval_transform
+from cait.data import build_val_dataset, collate_samples, eval_transform, take
 from cait.models.build import LoadedModel, load_for_inference
 from cait.models.cait import CaiT, ModelTrace
 from cait.models.layers import BlockTrace
@@ -229,7 +229,7 @@ def save_residual_report(
         if not isinstance(model.model, CaiT):
             raise ValueError(f"{label}: residual ratios need a cait model, not a timm: model")
         dataset = build_val_dataset(data, eval_transform(model.settings), model.folder_names)
-        subset = Subset(dataset, range(min(num_images, len(dataset))))
+        subset = take(dataset, num_images)
         loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_samples)
         results.append(residual_ratios(model.model, loader, label, device, progress))
     write_output_folder(

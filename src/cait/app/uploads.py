@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cait.data.datasets import UnreadableImage
+from cait.data.images import UnreadableImage
 from cait.inference import read_checked_image
 
 __all__ = ["NOT_UPLOADED", "check_image", "uploaded", "uploaded_file"]

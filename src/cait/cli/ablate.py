@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import get_args
 
-from cait.cli._common import positive_int, training_stops
+from cait.cli._common import DATA_HELP, positive_int, training_stops
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
@@ -21,7 +21,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     from cait.runtime import Device
 
     p.add_argument("--grid", default="default", help="tiny, default or paper (see --list)")
-    p.add_argument("--data", help="an image folder or digits (default: the grid's)")
+    p.add_argument("--data", help=f"{DATA_HELP} (default: the grid's)")
     p.add_argument("--output", help="folder for the runs, results.md and results.png")
     p.add_argument("--seeds", type=positive_int, help="number of seeds (default: the grid's)")
     p.add_argument("--epochs", type=positive_int, help="epochs per run (default: the grid's)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from cait.cli._common import MODEL_HELP, force_flag, positive_int, threads_flag
+from cait.cli._common import DATA_HELP, MODEL_HELP, force_flag, positive_int, threads_flag
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
@@ -23,7 +23,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         "--checkpoint", required=True, nargs="+", help="one or more checkpoints to compare"
     )
     p.add_argument("--label", nargs="+", help="a name per checkpoint (default: their paths)")
-    p.add_argument("--data", required=True, help="an image folder (its val/ is used) or digits")
+    p.add_argument("--data", required=True, help=f"{DATA_HELP} (its validation split)")
     p.add_argument("--output", required=True, help="folder for residuals.csv and .png")
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument(

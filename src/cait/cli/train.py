@@ -10,7 +10,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, get_args
 
-from cait.cli._common import positive_int, threads_flag, training_stops
+from cait.cli._common import DATA_HELP, positive_int, threads_flag, training_stops
 
 if TYPE_CHECKING:
     from cait.training.config import TrainConfig
@@ -69,9 +69,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--recipe", help="a YAML recipe (see recipes/); flags and --set override it")
     p.add_argument("--model", help=f"a variant (cait models) or timm:NAME {default('model')}")
-    p.add_argument(
-        "--data", help=f"an image folder (train/ and val/) or digits {default('data.path')}"
-    )
+    p.add_argument("--data", help=f"{DATA_HELP} {default('data.path')}")
     p.add_argument("--output", help=f"the run folder (checkpoints, records) {default('output')}")
     p.add_argument("--epochs", type=positive_int, help=f"epochs to train {default('epochs')}")
     p.add_argument(

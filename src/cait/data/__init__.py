@@ -3,7 +3,7 @@ reading images, transforms, samplers and loaders for training and evaluation."""
 
 from cait.data.config import AugmentConfig, DataConfig
 from cait.data.images import UNREADABLE_IMAGE_ERRORS, load_image, read_image
-from cait.data.loaders import Loader, collate_keyed, collate_samples, make_loader
+from cait.data.loaders import Loader, collate_keyed, collate_samples, make_loader, take
 from cait.data.samplers import (
     RepeatedAugSampler,
     ShardSampler,
@@ -46,5 +46,6 @@ __all__ = [
     "open_source",
     "open_split",
     "read_image",
+    "take",
     "train_transform",
 ]

@@ -58,7 +58,11 @@ def decode_image_bytes(data: bytes) -> Image.Image:
     makes it; raises one of ``UNREADABLE_IMAGE_ERRORS`` when it is not a whole image."""
     if not data:
         raise ValueError("empty image data")
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # PIL's message names the buffer object: say what it is
+        raise UnidentifiedImageError("not an image format PIL can read") from None
+    with img:
         return _upright_rgb(img)
 
 

@@ -9,18 +9,19 @@ keys, ``(images, targets, skipped, keys)`` (:func:`collate_keyed`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from cait.data.samplers import ShardSampler, build_train_sampler
 from cait.data.sources import is_streamed
 
-__all__ = ["Loader", "collate_keyed", "collate_samples", "make_loader"]
+__all__ = ["Loader", "collate_keyed", "collate_samples", "make_loader", "take"]
 
 
 def collate_samples(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -86,3 +87,12 @@ def make_loader(
         dataset, batch_size, sampler=sampler, drop_last=train, collate_fn=collate, **common
     )
     return Loader(loader, sampler)
+
+
+def take(dataset: Any, count: int) -> Any:
+    """The first ``count`` samples of a split in evaluation order (all of a smaller one)."""
+    if is_streamed(dataset):
+        first = copy.copy(dataset)
+        first.limit = count
+        return first
+    return Subset(dataset, range(min(count, len(dataset))))

@@ -7,16 +7,31 @@ std) is the model's (:class:`cait.models.InputSpec`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
+import torch
 from PIL import Image, ImageOps
-from timm.data import Mixup, create_transform
+from timm.data import Mixup, create_dataset, create_loader, create_transform
+from timm.data.transforms import MaybePILToTensor, str_to_pil_interp
+from torchvision.transforms import RandomHorizontalFlip
 
 from cait.data.config import AugmentConfig
+from cait.data.decode import DeviceAugment, ResizedCrop
 from cait.models.checks import CROP_PCT_RANGE, number
 from cait.models.registry import InputSpec
 
-__all__ = ["CROP_PCT_WHY", "build_mixup", "check_crop_pct", "eval_transform", "train_transform"]
+__all__ = [
+    "CROP_PCT_WHY",
+    "build_mixup",
+    "check_crop_pct",
+    "device_augment",
+    "eval_transform",
+    "fast_eval_transform",
+    "fast_train_transform",
+    "timm_loader",
+    "train_transform",
+]
 
 # Why the eval crop ratio has a floor: the image is resized to img_size / crop_pct before
 # the centre crop, so a tiny ratio makes a huge resize (0.001 turns a 16-pixel input into
@@ -67,6 +82,104 @@ def train_transform(settings: InputSpec, augment: AugmentConfig) -> Callable:
     return transform
 
 
+def fast_train_transform(
+    settings: InputSpec,
+    augment: AugmentConfig,
+    draft: bool = True,
+    engine: str = "torch",
+    reducing_gap: float | None = None,
+    randaugment: bool = True,
+) -> Callable:
+    """:func:`train_transform` with the faster decode path of :mod:`cait.data.decode`: the
+    same crop distribution, flip and RandAugment, on an image from
+    :func:`cait.data.decode.open_image` (decoded in the crop step, at a DCT scale when the
+    crop is shrunk 2x or more, and resized by ``engine``: torch or PIL), returning a uint8
+    ``(C, H, W)`` tensor. Normalising and
+    random erasing move to the device, batched: :func:`device_augment`.
+    ``randaugment=False`` leaves out RandAugment (and colour jitter), for the benchmarks."""
+    if settings.interpolation == "random":
+        raise ValueError("the fast training transform needs one interpolation, not 'random'")
+    transform = create_transform(
+        settings.img_size,
+        is_training=True,
+        scale=tuple(augment.scale),
+        ratio=tuple(augment.ratio),
+        hflip=augment.hflip,
+        color_jitter=augment.color_jitter if randaugment else None,
+        auto_augment=augment.auto_augment if randaugment else None,
+        interpolation=settings.interpolation,
+        mean=settings.mean,
+        std=settings.std,
+        use_prefetcher=True,  # uint8 CHW out: no ToTensor, Normalize or RandomErasing
+    )
+    crop = transform.transforms[0]
+    # With nothing but the flip between the crop and the tensor, the crop's tensor goes
+    # on (torchvision's flip takes tensors, timm's MaybePILToTensor passes them through).
+    tensors_after = all(
+        isinstance(t, (RandomHorizontalFlip, MaybePILToTensor)) for t in transform.transforms[1:]
+    )
+    transform.transforms[0] = ResizedCrop(
+        settings.img_size,
+        scale=crop.scale,
+        ratio=crop.ratio,
+        interpolation=str_to_pil_interp(settings.interpolation),
+        draft=draft,
+        engine=engine,
+        reducing_gap=reducing_gap,
+        to_tensor=tensors_after,
+    )
+    _allow_zero_bit_posterize(transform)
+    return transform
+
+
+def device_augment(settings: InputSpec, augment: AugmentConfig) -> DeviceAugment:
+    """The batched, on-device end of :func:`fast_train_transform`: normalise with the
+    model's mean and std, then the recipe's random erasing."""
+    return DeviceAugment(
+        settings.mean, settings.std, augment.re_prob, augment.re_mode, augment.re_count
+    )
+
+
+def timm_loader(
+    folder: str | Path,
+    settings: InputSpec,
+    augment: AugmentConfig,
+    training: bool,
+    batch_size: int,
+    workers: int,
+    randaugment: bool = True,
+) -> Iterable:
+    """timm's own loader over an image folder (``timm.data.create_dataset`` +
+    ``create_loader``, its prefetcher on the CPU: uint8 batches, normalised and erased
+    batched) with our recipe's settings, for ``cait bench --data`` to time beside ours.
+    ``randaugment=False`` leaves out RandAugment, colour jitter and erasing."""
+    dataset = create_dataset("", root=str(folder), split="train" if training else "validation")
+    loader = create_loader(
+        dataset,
+        input_size=(3, settings.img_size, settings.img_size),
+        batch_size=batch_size,
+        is_training=training,
+        scale=tuple(augment.scale),
+        ratio=tuple(augment.ratio),
+        hflip=augment.hflip,
+        color_jitter=augment.color_jitter if randaugment else None,
+        auto_augment=augment.auto_augment if randaugment else None,
+        re_prob=augment.re_prob if randaugment else 0.0,
+        re_mode=augment.re_mode,
+        re_count=augment.re_count,
+        interpolation=settings.interpolation,
+        mean=settings.mean,
+        std=settings.std,
+        crop_pct=check_crop_pct(settings.crop_pct),
+        num_workers=workers,
+        device=torch.device("cpu"),
+        use_prefetcher=True,
+        persistent_workers=workers > 0,
+    )
+    _allow_zero_bit_posterize(dataset.transform)
+    return loader
+
+
 def check_crop_pct(crop_pct: float, where: str = "crop_pct") -> float:
     """``crop_pct`` if it is a finite number in ``CROP_PCT_RANGE``, else a one-line
     ``ValueError`` that says why the range has a floor."""
@@ -87,6 +200,21 @@ def eval_transform(settings: InputSpec) -> Callable:
         std=settings.std,
         # checked: timm reads crop_pct=0 as "not given" (its default, 0.875)
         crop_pct=check_crop_pct(settings.crop_pct),
+    )
+
+
+def fast_eval_transform(settings: InputSpec) -> Callable:
+    """:func:`eval_transform`'s resize and centre crop (the same PIL operations, so the same
+    pixels), returning a uint8 ``(C, H, W)`` tensor: normalising moves to the device,
+    batched (:class:`cait.data.decode.DeviceAugment` with the model's mean and std)."""
+    return create_transform(
+        settings.img_size,
+        is_training=False,
+        interpolation=settings.interpolation,
+        mean=settings.mean,
+        std=settings.std,
+        crop_pct=check_crop_pct(settings.crop_pct),
+        use_prefetcher=True,  # uint8 CHW out: no ToTensor or Normalize
     )
 
 

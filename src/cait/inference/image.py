@@ -33,7 +33,7 @@ from cait.data import (
     read_image,
 )
 from cait.data.classes import check_class_names
-from cait.data.datasets import UnreadableImage, check_image_file
+from cait.data.images import UnreadableImage, check_image_file
 from cait.files import first_line
 from cait.inference.results import result_format, write_rows
 from cait.models.build import LoadedModel, load_for_inference

@@ -62,6 +62,7 @@ __all__ = [
     "member_name",
     "read_index",
     "read_shard",
+    "scan_shards",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ INDEX = "index.json"
 LABEL_EXTENSION = "cls"
 SHARD_IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 MAX_INDEX_BYTES = 64 << 20  # an index names shards and classes: 64 MiB is a lot of them
+# the most classes a folder of shards without an index may have (labels are counted up to it)
+MAX_SCANNED_CLASSES = 1_000_000
 _SEED_STRIDE = 1_000_003  # (seed, epoch) -> one stream each (as the samplers' stride)
 
 
@@ -102,7 +105,7 @@ def read_index(root: str | Path) -> tuple[list[str], dict[str, list[ShardInfo]]]
     root = Path(root)
     file = root / INDEX
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found (cait shards writes it beside the shards)")
+        return scan_shards(root)
     if file.stat().st_size > MAX_INDEX_BYTES:
         raise ValueError(f"{file}: over {MAX_INDEX_BYTES >> 20} MiB: not a shard index")
     try:
@@ -130,6 +133,44 @@ def read_index(root: str | Path) -> tuple[list[str], dict[str, list[ShardInfo]]]
     return classes, splits
 
 
+def _found_shards(root: Path) -> dict[str, list[Path]]:
+    """Shards made elsewhere: ``train*.tar`` and ``val*.tar`` (or ``validation*``), in
+    ``DIR`` or in ``DIR/train/`` and ``DIR/val/``."""
+    found: dict[str, list[Path]] = {}
+    for split, names in (("train", ("train",)), ("val", ("val", "validation"))):
+        paths = [p for n in names for p in (*root.glob(f"{n}*.tar"), *root.glob(f"{n}/*.tar"))]
+        if paths:
+            found[split] = sorted(set(paths))
+    return found
+
+
+def scan_shards(root: Path) -> tuple[list[str], dict[str, list[ShardInfo]]]:
+    """The classes and shards of a folder of shards without ``index.json``: each shard is
+    read through (labels read, images skipped) to count its samples; the classes are ``0``
+    .. the largest label. Logged, since it reads every shard once."""
+    found = _found_shards(root)
+    if "train" not in found and "val" not in found:
+        raise FileNotFoundError(
+            f"{root} has no {INDEX} and no train*.tar or val*.tar shards (cait shards writes both)"
+        )
+    logger.info("%s: no %s; counting the samples of its shards", root, INDEX)
+    splits, top = {}, -1
+    for split, paths in found.items():
+        splits[split] = []
+        for path in paths:
+            count = 0
+            for ordinal, _, parts in read_shard(path, labels_only=True):
+                if ordinal < 0:
+                    raise ValueError(parts)  # a damaged shard is named before training
+                count += 1
+                label = _label(parts.get(LABEL_EXTENSION, b""), MAX_SCANNED_CLASSES)
+                top = max(top, label if isinstance(label, int) else -1)
+            splits[split].append(ShardInfo(path, count))
+    if top < 0:
+        raise ValueError(f"{root}: no sample with a .cls label in its shards")
+    return [str(i) for i in range(top + 1)], splits
+
+
 def _label(data: bytes, classes: int) -> int | str:
     """The label a ``.cls`` member holds, or why it is not one."""
     try:
@@ -142,11 +183,12 @@ def _label(data: bytes, classes: int) -> int | str:
 
 
 def read_shard(
-    path: Path, wanted: set[int] | None = None
+    path: Path, wanted: set[int] | None = None, labels_only: bool = False
 ) -> Iterator[tuple[int, str, dict[str, bytes]] | tuple[int, str, str]]:
     """The samples of a shard in file order: ``(ordinal, key, {extension: bytes})``, only
     the data of the ordinals in ``wanted`` (all without it; the others are skipped by seeking
-    past them). A shard that ends early yields ``(-1, "", reason)`` and stops."""
+    past them), only the labels with ``labels_only``. A shard that ends early yields
+    ``(-1, "", reason)`` and stops."""
     ordinal, key, parts = -1, None, {}
     try:
         with tarfile.open(path, mode="r:") as tar:
@@ -159,7 +201,9 @@ def read_shard(
                     if key is not None:
                         yield ordinal, key, parts
                     ordinal, key, parts = ordinal + 1, stem, {}
-                if (wanted is None or ordinal in wanted) and member.size <= MAX_FILE_BYTES:
+                if labels_only and extension.lower() != LABEL_EXTENSION:
+                    parts[extension.lower()] = b""
+                elif (wanted is None or ordinal in wanted) and member.size <= MAX_FILE_BYTES:
                     parts[extension.lower()] = tar.extractfile(member).read()
                 elif member.size > MAX_FILE_BYTES:
                     parts[extension.lower()] = b""  # reported as not an image
@@ -198,6 +242,7 @@ class ShardStream(IterableDataset):
         if self.total == 0:
             raise ValueError(f"{where}: its shards hold no samples")
         self.skipped: list[str] = []
+        self.limit: int | None = None  # read only the first samples of the plan (take)
         self.keyed = False  # samples are (image, label, skipped, key), not (image, label, skipped)
         self.batch_size: int | None = None
         self.collate: Callable | None = None
@@ -280,7 +325,7 @@ class ShardStream(IterableDataset):
             samples += [(shard, i) for i in within.tolist()]
         if self.repeats > 1:
             samples = [s for s in samples for _ in range(self.repeats)][: end - start]
-        return samples
+        return samples[: self.limit]
 
     def _units(self) -> list[list[tuple[int, int]]]:
         """This rank's batches (single samples when not batched), all workers'."""
@@ -293,13 +338,10 @@ class ShardStream(IterableDataset):
 
     def __len__(self) -> int:
         start, end = self._part()
+        samples = min(end - start, self.limit if self.limit is not None else end - start)
         size = self.batch_size or 1
-        count = (
-            (end - start) // size
-            if self.train and self.batch_size
-            else math.ceil((end - start) / size)
-        )
-        return count
+        whole = self.train and self.batch_size  # training drops the last partial batch
+        return samples // size if whole else math.ceil(samples / size)
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
@@ -323,6 +365,7 @@ class _Reader:
         self.held: dict[int, dict[int, tuple[str, dict[str, bytes]]]] = {}
         self.problems: dict[int, str] = {}
         self.needed: dict[int, set[int]] = {}
+        self.last_good: tuple[int, int] | None = None  # (shard, ordinal) last read whole
         for unit in units:
             for shard, ordinal in unit:
                 self.needed.setdefault(shard, set()).add(ordinal)
@@ -338,7 +381,8 @@ class _Reader:
         self.held[shard] = records
 
     def release_before(self, shard: int) -> None:
-        for other in [s for s in self.held if s != shard]:
+        keep = {shard, self.last_good[0] if self.last_good else shard}
+        for other in [s for s in self.held if s not in keep]:
             del self.held[other]
 
     def _decode(self, shard: int, ordinal: int) -> tuple[KeyedSample, str]:
@@ -359,23 +403,31 @@ class _Reader:
         return (img, stream.mapping[label], (), key), problem
 
     def sample(self, shard: int, ordinal: int) -> KeyedSample:
-        """The sample, or (training) the next readable one this worker holds from the same
-        shard, with the skipped ones named, or (evaluation) no image, the problem named."""
+        """The sample, or (training) a readable one in its place: the next this worker
+        holds from the same shard, else the last it read; the skipped one is named. In
+        evaluation: no image, the problem named."""
         if shard not in self.held:
             self._load(shard)
         sample, problem = self._decode(shard, ordinal)
         if not problem:
+            self.last_good = (shard, ordinal)
             return sample
-        problems = [problem]
-        if self.stream.substitute:
-            held = sorted(self.held[shard])
-            after = [o for o in held if o > ordinal] + [o for o in held if o < ordinal]
-            for other in after:
-                substitute, problem = self._decode(shard, other)
-                if not problem:
-                    return substitute[0], substitute[1], (problems[0],), substitute[3]
-            raise ValueError(f"{self.stream.shards[shard].path}: no readable sample")
-        return None, 0, tuple(problems), sample[3]
+        if not self.stream.substitute:
+            return None, 0, (problem,), sample[3]
+        held = sorted(self.held[shard])
+        candidates = [(shard, o) for o in held if o > ordinal] + [
+            (shard, o) for o in held if o < ordinal
+        ]
+        if self.last_good is not None and self.last_good[0] in self.held:
+            candidates.append(self.last_good)
+        for other in candidates:
+            substitute, trouble = self._decode(*other)
+            if not trouble:
+                return substitute[0], substitute[1], (problem,), substitute[3]
+        raise ValueError(
+            f"{self.stream.shards[shard].path}: no readable sample in it or before it in this "
+            f"loader worker's part ({problem})"
+        )
 
 
 class ShardSource(Source):

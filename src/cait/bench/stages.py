@@ -1,0 +1,172 @@
+"""Each step's cost (``cait bench --data DIR --stages N``): the CPU time per image of
+decoding, crop+resize, flip, RandAugment, to-tensor, normalising, erasing, collation and
+the batch step, for today's training transform and the fast path's variants
+(:mod:`cait.data.decode`), on one thread. Loads timm: import it from here.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cait.data import AugmentConfig, ImageFolderDataset, build_datasets, collate_samples, load_image
+from cait.data.decode import DeviceAugment, ResizedCrop, finish_image, open_image
+from cait.data.transforms import device_augment, fast_train_transform, train_transform
+from cait.models.registry import InputSpec, get_variant
+
+__all__ = ["StageResult", "format_stage_table", "stage_breakdown"]
+
+
+@dataclass
+class StageResult:
+    """CPU milliseconds per image of each step, by transform, on one thread."""
+
+    images: int
+    rounds: int
+    load_average: list[float]
+    stages: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_STAGE_NAMES = {
+    "RandomResizedCropAndInterpolation": "crop+resize",
+    "RandomHorizontalFlip": "flip",
+    "RandAugment": "RandAugment",
+    "MaybeToTensor": "to-tensor",
+    "ToTensor": "to-tensor",
+    "MaybePILToTensor": "to-tensor",
+    "Normalize": "normalize",
+    "RandomErasing": "erasing",
+}
+
+
+def _stage_transforms(spec: InputSpec, augment: AugmentConfig) -> dict[str, tuple]:
+    """The transforms :func:`stage_breakdown` compares: (transform, batch step)."""
+    fast = fast_train_transform
+    dev = device_augment(spec, augment)
+    return {
+        "today": (train_transform(spec, augment), None),
+        "pil-1-resize": (fast(spec, augment, draft=False, engine="pil"), dev),
+        "pil+gap3": (fast(spec, augment, draft=False, engine="pil", reducing_gap=3.0), dev),
+        "torch-resize": (fast(spec, augment, draft=False), dev),
+        "torch+draft": (fast(spec, augment), dev),
+        "crop+flip": (fast(spec, augment, randaugment=False), DeviceAugment(spec.mean, spec.std)),
+    }
+
+
+# This thread's CPU time: the steps' own cost, which other processes on a shared machine
+# change far less than they change the wall clock.
+_cpu = time.thread_time
+
+
+def _run_stages(path: Path, transform: Callable, clock: dict[str, float]) -> torch.Tensor:
+    """One image through ``transform`` step by step, adding each step's seconds to ``clock``."""
+    steps = transform.transforms
+    start = _cpu()
+    if isinstance(steps[0], ResizedCrop):  # decoding happens in the crop step: split it
+        img, box = steps[0].plan(open_image(path))
+        img = finish_image(img)
+        clock["decode"] += _cpu() - start
+        start = _cpu()
+        img = steps[0].resize(img, box)
+        clock["crop+resize"] += _cpu() - start
+    else:
+        img = load_image(path)
+        clock["decode"] += _cpu() - start
+        start = _cpu()
+        img = steps[0](img)
+        clock["crop+resize"] += _cpu() - start
+    for step in steps[1:]:
+        start = _cpu()
+        img = step(img)
+        name = _STAGE_NAMES.get(type(step).__name__, type(step).__name__)
+        clock[name] = clock.get(name, 0.0) + _cpu() - start
+    return img
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _time_batch(
+    paths: Sequence[Path], transform: Callable, step: Callable | None, clock: dict[str, float]
+) -> None:
+    """One batch through ``transform``, collation and the batch ``step``, timed by step."""
+    out = [(_run_stages(p, transform, clock), 0, ()) for p in paths]
+    start = _cpu()
+    batch = collate_samples(out)[0]
+    clock["collate"] = clock.get("collate", 0.0) + _cpu() - start
+    if step is not None:
+        start = _cpu()
+        step(batch)
+        clock["device step"] = clock.get("device step", 0.0) + _cpu() - start
+
+
+def stage_breakdown(
+    data: str,
+    model: str = "cait_xxs24_224",
+    images: int = 256,
+    rounds: int = 3,
+    batch_size: int = 32,
+) -> StageResult:
+    """CPU milliseconds per image of each step (decode, crop+resize, flip, RandAugment,
+    to-tensor, normalize, erasing, collate, device step) of today's training transform and
+    of the fast path's variants, on ``images`` training files, in this thread (``torch``
+    on one thread), the transforms taking turns batch by batch."""
+    torch.set_num_threads(1)
+    spec = get_variant(model).input_spec
+    train, _, _ = build_datasets(data, None, None)
+    if not isinstance(train, ImageFolderDataset):
+        raise ValueError(f"--stages reads the files of a folder, not {data}")
+    chosen = random.Random(0).sample(train.samples, min(images, len(train.samples)))
+    paths = [p for p, _ in chosen]
+    transforms = _stage_transforms(spec, AugmentConfig())
+    clocks = {name: {"decode": 0.0, "crop+resize": 0.0} for name in transforms}
+    load = [os.getloadavg()[0]]
+    names = list(transforms)
+    for r in range(rounds):
+        for i in range(0, len(paths), batch_size):
+            # the transforms take turns batch by batch, each drawing the same crops and ops
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                _seed_all(r * len(paths) + i)
+                _time_batch(paths[i : i + batch_size], *transforms[name], clocks[name])
+    load.append(os.getloadavg()[0])
+    per_image = 1000 / (len(paths) * rounds)
+    stages = {
+        name: {
+            **{k: v * per_image for k, v in clock.items()},
+            "total": sum(clock.values()) * per_image,
+        }
+        for name, clock in clocks.items()
+    }
+    return StageResult(len(paths), rounds, load, stages)
+
+
+def format_stage_table(result: StageResult) -> str:
+    """Milliseconds per image, one column per transform, and images/s on one core."""
+    names = list(result.stages)
+    steps = list(dict.fromkeys(k for s in result.stages.values() for k in s if k != "total"))
+    lines = [
+        f"CPU ms per image, {result.images} images x {result.rounds} rounds, one thread, load "
+        f"average " + " -> ".join(f"{x:.2f}" for x in result.load_average),
+        f"{'step':<14}" + "".join(f"{n:>14}" for n in names),
+    ]
+    for step in [*steps, "total"]:
+        lines.append(
+            f"{step:<14}" + "".join(f"{result.stages[n].get(step, 0.0):>14.2f}" for n in names)
+        )
+    lines.append(
+        f"{'img/s/core':<14}" + "".join(f"{1000 / result.stages[n]['total']:>14.1f}" for n in names)
+    )
+    return "\n".join(lines)

@@ -1,0 +1,300 @@
+"""A faster decode path for the training transform: the random-resized crop drawn on the
+file's size before the JPEG is decoded, so that it can be decoded at 1/2, 1/4 or 1/8 scale
+in the DCT domain (``Image.draft``) when the crop will be shrunk that much anyway, and
+resized in one step from its box; images stay uint8 until they reach the device, where
+:class:`DeviceAugment` normalises and erases whole batches (as timm's ``PrefetchLoader``
+does). docs/DATA_THROUGHPUT.md has the per-stage figures behind these choices.
+
+The crops keep the reference's distribution: :func:`crop_params` is torchvision's and
+timm's ``RandomResizedCrop.get_params``, the same algorithm with the same calls to Python's
+``random``, on the full upright image size (a test holds them equal box for box).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
+
+__all__ = [
+    "ERASE_AREA",
+    "ERASE_MIN_ASPECT",
+    "DeviceAugment",
+    "ResizedCrop",
+    "crop_params",
+    "erase_batch",
+    "finish_image",
+    "normalize_batch",
+    "open_image",
+]
+
+# The EXIF tag that says how a camera held the picture (1: upright as stored).
+EXIF_ORIENTATION = 0x0112
+# DCT-domain scales libjpeg decodes at (Image.draft), largest first.
+DRAFT_SCALES = (8, 4, 2)
+# timm's RandomErasing defaults (Zhong et al. 2017, timm/data/random_erasing.py): a box of
+# 2 % to 1/3 of the image with an aspect ratio from 0.3 to 1/0.3.
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_MIN_ASPECT = 0.3
+
+
+def crop_params(
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float]
+) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of a random-resized crop of a ``width`` x ``height``
+    image: torchvision's ``RandomResizedCrop.get_params`` (timm's is the same), ten tries
+    of a random area share and log-uniform aspect ratio, then a central crop."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = random.uniform(*scale) * area
+        aspect_ratio = math.exp(random.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if w <= width and h <= height:
+            top = random.randint(0, height - h)
+            left = random.randint(0, width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """A file (a path, or its bytes: a tar member, a parquet cell) opened but not decoded
+    (PIL reads the header only), for :class:`ResizedCrop` to decode at the scale it needs;
+    an empty file raises ``ValueError``, as :func:`cait.data.load_image` does. Decoding
+    errors (``UNREADABLE_IMAGE_ERRORS``) come later, from the transform."""
+    if isinstance(source, bytes):
+        if not source:
+            raise ValueError("empty file")
+        return Image.open(io.BytesIO(source))
+    if Path(source).stat().st_size == 0:
+        raise ValueError("empty file")
+    return Image.open(source)
+
+
+def finish_image(img: Image.Image) -> Image.Image:
+    """Decode ``img`` if it is not yet, and make it upright RGB as
+    :func:`cait.data.load_image` does (EXIF orientation, transparency, 16-bit grey)."""
+    img.load()  # decode now, so that truncated files fail here
+    ImageOps.exif_transpose(img, in_place=True)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _undecoded_jpeg(img: Image.Image) -> bool:
+    """A JPEG not decoded yet and stored upright: one ``draft`` can shrink it."""
+    return (
+        isinstance(img, JpegImageFile)
+        and bool(img.tile)
+        and img.getexif().get(EXIF_ORIENTATION, 1) == 1
+    )
+
+
+# PIL filters torch resizes uint8 images with, antialiased, by the same kernels (bicubic's
+# a = -0.5 as PIL's; torch's uint8 AVX2 path is 3-4x faster than PIL's on one core).
+TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
+
+
+def _torch_resize(
+    img: Image.Image, box: tuple[int, int, int, int], size: int, mode: str
+) -> torch.Tensor:
+    """The integer ``box`` of RGB ``img`` at ``size`` x ``size`` by torch's antialiased
+    uint8 resize, as a ``(C, size, size)`` tensor (channels-last in memory, as PIL's)."""
+    crop = img.crop(box)  # a copy of the box alone: the resize reads it contiguously
+    with warnings.catch_warnings():  # PIL's array is read-only; it is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        pixels = torch.from_numpy(np.asarray(crop))  # (H, W, C)
+    h, w, c = pixels.shape
+    # (1, C, H, W) channels-last with the batch stride spelt out: torch then allocates the
+    # output channels-last too (pytorch#68430; torchvision's resize does the same), so that
+    # PIL gets its pixel order without a transposing copy
+    batch = pixels.permute(2, 0, 1).as_strided((1, c, h, w), (pixels.numel(), 1, w * c, c))
+    return torch.nn.functional.interpolate(batch, size=(size, size), mode=mode, antialias=True)[0]
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image as a uint8 ``(C, H, W)`` tensor (a view of one copy of its pixels)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def _to_image(pixels: torch.Tensor) -> Image.Image:
+    """A uint8 ``(C, H, W)`` tensor as an RGB image."""
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+class ResizedCrop:
+    """The random-resized crop of ``size`` x ``size`` (``scale``, ``ratio``: the recipe's),
+    decoded at the smallest DCT scale that keeps the crop at least ``size`` pixels on each
+    side (``draft``), and resized from its box in one step, by torch's uint8 resize
+    (``engine="torch"``, bicubic and bilinear) or PIL's (``"pil"``, with ``reducing_gap``).
+    Returns a PIL image, or with ``to_tensor`` a uint8 ``(C, H, W)`` tensor (for steps that
+    take tensors: the flip), which saves a conversion each way.
+
+    Takes an image from :func:`open_image` (not decoded: the fast path) or a decoded one."""
+
+    def __init__(
+        self,
+        size: int,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        interpolation: Image.Resampling = Image.Resampling.BICUBIC,
+        draft: bool = True,
+        engine: str = "torch",
+        reducing_gap: float | None = None,
+        to_tensor: bool = False,
+    ) -> None:
+        if engine not in ("torch", "pil"):
+            raise ValueError(f"engine must be torch or pil, got {engine!r}")
+        self.size = size
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.interpolation = interpolation
+        self.draft = draft
+        self.engine = engine if interpolation in TORCH_MODES else "pil"
+        self.reducing_gap = reducing_gap
+        self.to_tensor = to_tensor
+
+    def plan(self, img: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float]]:
+        """Draw the crop on the full upright size, set the DCT scale on a JPEG not yet
+        decoded, and return the image and the crop box in its (possibly reduced) pixels."""
+        if getattr(img, "tile", None) and not _undecoded_jpeg(img):
+            img = finish_image(img)  # an EXIF-rotated or non-JPEG file: decode it whole first
+        width, height = img.size
+        top, left, h, w = crop_params(width, height, self.scale, self.ratio)
+        reduce = 1
+        shrink = min(w, h) / self.size
+        if self.draft and shrink >= DRAFT_SCALES[-1] and _undecoded_jpeg(img):
+            k = next(s for s in DRAFT_SCALES if s <= shrink)
+            drafted = img.draft("RGB", (max(width // k, 1), max(height // k, 1)))
+            if drafted is not None:
+                reduce = width / drafted[1][2]
+        if reduce == 1:
+            return img, (left, top, left + w, top + h)
+        return img, (left / reduce, top / reduce, (left + w) / reduce, (top + h) / reduce)
+
+    def resize(
+        self, img: Image.Image, box: tuple[float, float, float, float]
+    ) -> Image.Image | torch.Tensor:
+        """The crop ``box`` of ``img`` (decoded now if it is not yet) at ``size`` x ``size``;
+        a fractional box (a drafted image) goes to PIL, which takes one."""
+        img = finish_image(img)
+        if self.engine == "torch" and all(isinstance(v, int) for v in box):
+            pixels = _torch_resize(img, box, self.size, TORCH_MODES[self.interpolation])
+            return pixels if self.to_tensor else _to_image(pixels)
+        out = img.resize(
+            (self.size, self.size), self.interpolation, box=box, reducing_gap=self.reducing_gap
+        )
+        return _to_tensor(out) if self.to_tensor else out
+
+    def __call__(self, img: Image.Image) -> Image.Image | torch.Tensor:
+        return self.resize(*self.plan(img))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio="
+            f"{tuple(round(r, 4) for r in self.ratio)}, interpolation={self.interpolation.name}"
+            f", draft={self.draft}, engine={self.engine}, reducing_gap={self.reducing_gap}"
+            f", to_tensor={self.to_tensor})"
+        )
+
+
+def normalize_batch(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """A uint8 ``(B, C, H, W)`` batch as ``dtype``, normalised as ``ToTensor`` then
+    ``Normalize(mean, std)`` would: ``(x - 255 mean) / (255 std)``, on the batch's device."""
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(
+            f"expected a uint8 (B, C, H, W) batch, got {images.dtype} of shape "
+            f"{tuple(images.shape)}"
+        )
+    shape = (1, -1, 1, 1)
+    scaled_mean = torch.tensor([255 * m for m in mean], dtype=dtype, device=images.device)
+    scaled_std = torch.tensor([255 * s for s in std], dtype=dtype, device=images.device)
+    return images.to(dtype).sub_(scaled_mean.view(shape)).div_(scaled_std.view(shape))
+
+
+def _erase_one(image: torch.Tensor, probability: float, mode: str, count: int) -> None:
+    """timm's ``RandomErasing._erase`` on one normalised ``(C, H, W)`` image, in place, with
+    the same calls to ``random`` and to ``torch`` (so a seed gives timm's boxes)."""
+    if random.random() > probability:
+        return
+    chan, img_h, img_w = image.shape
+    area = img_h * img_w
+    count = 1 if count == 1 else random.randint(1, count)
+    log_aspect = (math.log(ERASE_MIN_ASPECT), math.log(1 / ERASE_MIN_ASPECT))
+    for _ in range(count):
+        for _ in range(10):
+            target_area = random.uniform(*ERASE_AREA) * area / count
+            aspect_ratio = math.exp(random.uniform(*log_aspect))
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < img_w and h < img_h:
+                top = random.randint(0, img_h - h)
+                left = random.randint(0, img_w - w)
+                size = (chan, h, w) if mode == "pixel" else (chan, 1, 1)
+                fill = torch.empty(size, dtype=image.dtype, device=image.device)
+                image[:, top : top + h, left : left + w] = (
+                    fill.zero_() if mode == "const" else fill.normal_()
+                )
+                break
+
+
+def erase_batch(
+    images: torch.Tensor, probability: float, mode: str = "pixel", count: int = 1
+) -> torch.Tensor:
+    """Random erasing (timm's ``RandomErasing(probability, mode=mode, max_count=count)``)
+    on each image of a normalised ``(B, C, H, W)`` batch, in place; returns the batch."""
+    if mode not in ("const", "rand", "pixel"):
+        raise ValueError(f"erasing mode must be const, rand or pixel, got {mode!r}")
+    if probability > 0:
+        for image in images:
+            _erase_one(image, probability, mode, count)
+    return images
+
+
+class DeviceAugment:
+    """The training transform's last steps for a batch of uint8 images on the device:
+    normalise, then random erasing. The training loop calls it on each batch after moving
+    it to the device and before mixup::
+
+        images = augment(images.to(device, non_blocking=True))
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        re_prob: float = 0.0,
+        re_mode: str = "pixel",
+        re_count: int = 1,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.re_prob, self.re_mode, self.re_count = re_prob, re_mode, re_count
+        self.dtype = dtype
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        out = normalize_batch(images, self.mean, self.std, self.dtype)
+        return erase_batch(out, self.re_prob, self.re_mode, self.re_count)

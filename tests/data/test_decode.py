@@ -1,0 +1,217 @@
+"""The fast decode path (cait.data.decode): the same crops as timm's and torchvision's
+RandomResizedCrop, DCT-domain decoding of large JPEGs, uint8 output that collates, and the
+batched normalise and erasing equal to the reference's."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms as tv
+
+from cait.data import AugmentConfig, collate_samples, load_image
+from cait.data.decode import (
+    DeviceAugment,
+    ResizedCrop,
+    crop_params,
+    erase_batch,
+    finish_image,
+    normalize_batch,
+    open_image,
+)
+from cait.data.transforms import (
+    device_augment,
+    eval_transform,
+    fast_eval_transform,
+    fast_train_transform,
+    train_transform,
+)
+from cait.models.registry import get_variant
+
+PHOTO = Path(__file__).parents[2] / "src" / "cait" / "app_examples" / "coffee.jpg"
+SPEC = get_variant("cait_xxs24_224").input_spec
+# No RandAugment or erasing: decode, crop, flip and colour jitter (which the recipe leaves
+# out with RandAugment), the same RNG calls in both transforms.
+PLAIN = AugmentConfig(auto_augment=None, re_prob=0.0)
+
+
+def photo_jpeg(path: Path, size: tuple[int, int], exif: Image.Exif | None = None) -> Path:
+    """The shipped coffee photo scaled to ``size`` and saved as a quality-90 JPEG."""
+    image = Image.open(PHOTO).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    image.save(path, quality=90, exif=exif or Image.Exif())
+    return path
+
+
+@pytest.mark.parametrize(
+    "size", [(500, 375), (375, 500), (224, 224), (64, 1000), (1000, 64), (3, 2)]
+)
+@pytest.mark.parametrize("scale, ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.5, 0.9), (0.2, 5))])
+def test_crop_params_are_timms_box_for_box(size, scale, ratio):
+    """Same seed, same boxes, fallback (elongated images) included: the crop distribution
+    (scale, ratio, position) is the reference's."""
+    img = Image.new("RGB", size)
+    for seed in range(200):
+        random.seed(seed)
+        ours = crop_params(*size, scale, ratio)
+        random.seed(seed)
+        theirs = RandomResizedCropAndInterpolation.get_params(img, scale, ratio)
+        assert ours == tuple(theirs), (seed, ours, theirs)
+
+
+def test_fast_transform_gives_the_references_crops(tmp_path):
+    """With the same seed the fast transform's image is the reference's (same box and flip;
+    torch's uint8 bicubic differs from PIL's by rounding): a wrong box would differ a lot."""
+    path = photo_jpeg(tmp_path / "a.jpg", (500, 375))
+    reference = train_transform(SPEC, PLAIN)
+    fast = fast_train_transform(SPEC, PLAIN)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        want = reference(load_image(path))
+        torch.manual_seed(seed)
+        random.seed(seed)
+        got = normalize_batch(fast(open_image(path))[None], SPEC.mean, SPEC.std)[0]
+        step = 0.25 / (255 * min(SPEC.std))  # a quarter of a grey level, normalised
+        assert (got - want).abs().mean() < step, seed
+
+
+def test_large_jpeg_decodes_at_a_dct_scale_close_to_the_full_decode(tmp_path):
+    """A crop shrunk 2x or more decodes the JPEG at 1/2, 1/4 or 1/8 scale; the box is
+    scaled with it, so the picture is the full decode's within a few grey levels."""
+    path = photo_jpeg(tmp_path / "big.jpg", (2000, 1500))
+    crop = ResizedCrop(224, scale=(0.9, 1.0))
+    exact = ResizedCrop(224, scale=(0.9, 1.0), draft=False)
+    random.seed(0)
+    img, box = crop.plan(open_image(path))
+    assert finish_image(img).size[0] <= 1000  # decoded at half the size or less
+    random.seed(0)
+    drafted = np.asarray(crop(open_image(path)), dtype=float)
+    random.seed(0)
+    full = np.asarray(exact(open_image(path)), dtype=float)
+    assert np.abs(drafted - full).mean() < 3.0
+
+
+def test_exif_rotated_jpeg_is_cropped_upright(tmp_path):
+    """A JPEG with an EXIF orientation is decoded whole and turned before its crop is
+    drawn, as load_image does: the same seed gives the same picture either way."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to view
+    path = photo_jpeg(tmp_path / "turned.jpg", (500, 375), exif)
+    assert load_image(path).size == (375, 500)
+    crop = ResizedCrop(224)
+    random.seed(3)
+    lazy = np.asarray(crop(open_image(path)))
+    random.seed(3)
+    decoded = np.asarray(crop(load_image(path)))
+    np.testing.assert_array_equal(lazy, decoded)
+
+
+def test_fast_transform_returns_uint8_chw_that_collates(tmp_path):
+    paths = [photo_jpeg(tmp_path / f"{i}.jpg", (400 + 50 * i, 300)) for i in range(3)]
+    gray = tmp_path / "gray.png"
+    Image.open(PHOTO).convert("L").save(gray)
+    transform = fast_train_transform(SPEC, AugmentConfig())
+    samples = [(transform(open_image(p)), i, ()) for i, p in enumerate([*paths, gray])]
+    for image, _, _ in samples:
+        assert image.dtype == torch.uint8 and image.shape == (3, 224, 224)
+    images, targets, skipped = collate_samples(samples)
+    assert images.shape == (4, 3, 224, 224) and targets.tolist() == [0, 1, 2, 3]
+    out = device_augment(SPEC, AugmentConfig())(images)
+    assert out.dtype == torch.float32 and out.shape == (4, 3, 224, 224)
+
+
+def test_open_image_takes_bytes_and_refuses_empty_files(tmp_path):
+    path = photo_jpeg(tmp_path / "a.jpg", (500, 375))
+    transform = fast_train_transform(SPEC, PLAIN)
+    random.seed(0)
+    torch.manual_seed(0)
+    from_path = transform(open_image(path))
+    random.seed(0)
+    torch.manual_seed(0)
+    from_bytes = transform(open_image(path.read_bytes()))
+    assert torch.equal(from_path, from_bytes)
+    (tmp_path / "empty.jpg").touch()
+    for empty in (tmp_path / "empty.jpg", b""):
+        with pytest.raises(ValueError, match="empty file"):
+            open_image(empty)
+
+
+@pytest.mark.parametrize("engine", ["torch", "pil"])
+def test_crop_to_tensor_is_the_images_pixels(tmp_path, engine):
+    """The tensor the crop hands to a tensor flip is the image it would hand to PIL."""
+    path = photo_jpeg(tmp_path / "a.jpg", (500, 375))
+    random.seed(2)
+    image = ResizedCrop(224, engine=engine)(open_image(path))
+    random.seed(2)
+    tensor = ResizedCrop(224, engine=engine, to_tensor=True)(open_image(path))
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 224, 224)
+    assert torch.equal(tensor, tv.functional.pil_to_tensor(image))
+    crop_flip = fast_train_transform(SPEC, AugmentConfig(), randaugment=False)
+    assert [type(t).__name__ for t in crop_flip.transforms[1:]] == [
+        "RandomHorizontalFlip",
+        "MaybePILToTensor",
+    ]
+    assert crop_flip.transforms[0].to_tensor
+    assert not fast_train_transform(SPEC, PLAIN).transforms[0].to_tensor  # jitter: PIL
+
+
+def test_pil_engine_and_reducing_gap_keep_the_shape(tmp_path):
+    path = photo_jpeg(tmp_path / "a.jpg", (500, 375))
+    for engine, gap in (("pil", None), ("pil", 3.0), ("torch", None)):
+        out = ResizedCrop(224, engine=engine, reducing_gap=gap)(open_image(path))
+        assert out.size == (224, 224) and out.mode == "RGB"
+    with pytest.raises(ValueError, match="engine must be torch or pil"):
+        ResizedCrop(224, engine="cv2")
+
+
+def test_normalize_batch_equals_to_tensor_then_normalize():
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    reference = tv.Compose([tv.ToTensor(), tv.Normalize(SPEC.mean, SPEC.std)])
+    want = torch.stack([reference(Image.fromarray(x.permute(1, 2, 0).numpy())) for x in images])
+    got = normalize_batch(images, SPEC.mean, SPEC.std)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expected a uint8"):
+        normalize_batch(images.float(), SPEC.mean, SPEC.std)
+
+
+@pytest.mark.parametrize("mode", ["pixel", "rand", "const"])
+@pytest.mark.parametrize("count", [1, 3])
+def test_erase_batch_equals_timms_random_erasing(mode, count):
+    """Same seeds, same boxes and fill: timm's RandomErasing (as its PrefetchLoader runs
+    it on batches) and ours agree exactly."""
+    batch = torch.randn(8, 3, 32, 32)
+    random.seed(1)
+    torch.manual_seed(1)
+    want = RandomErasing(0.5, mode=mode, max_count=count, device="cpu")(batch.clone())
+    random.seed(1)
+    torch.manual_seed(1)
+    got = erase_batch(batch.clone(), 0.5, mode, count)
+    assert not torch.equal(want, batch)  # something was erased
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_device_augment_normalises_then_erases():
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    plain = DeviceAugment(SPEC.mean, SPEC.std)(images)
+    torch.testing.assert_close(plain, normalize_batch(images, SPEC.mean, SPEC.std))
+    random.seed(0)
+    erased = DeviceAugment(SPEC.mean, SPEC.std, re_prob=1.0)(images)
+    assert (erased != plain).any(dim=(1, 2, 3)).all()  # every image got a box
+    with pytest.raises(ValueError, match="erasing mode"):
+        erase_batch(plain, 0.5, "noise")
+
+
+def test_fast_eval_transform_is_the_eval_transform_in_uint8(tmp_path):
+    """The same resize and crop; normalised on the device it is today's eval input."""
+    images = [load_image(photo_jpeg(tmp_path / f"{i}.jpg", (500 - 90 * i, 375))) for i in range(3)]
+    fast = fast_eval_transform(SPEC)
+    batch = torch.stack([fast(img) for img in images])
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 224, 224)
+    want = torch.stack([eval_transform(SPEC)(img) for img in images])
+    torch.testing.assert_close(normalize_batch(batch, SPEC.mean, SPEC.std), want, atol=1e-5, rtol=0)
