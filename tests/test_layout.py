@@ -40,6 +40,7 @@ LEVELS = {
     "cait.training": 5,
     "cait.analysis": 6,
     "cait.inference": 6,
+    "cait.precision": 5,  # inference precisions (fp32, bf16, int8): used by inference, bench, app
     "cait.export": 6,
     "cait.bench": 6,
     "cait.app": 7,

@@ -4,11 +4,15 @@ read by :mod:`cait.analysis.explore` into what the page shows."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from cait.analysis.explore import Analysis, explore, with_sa_block
@@ -16,6 +20,7 @@ from cait.data import DigitsDataset
 from cait.inference import predict_image, trace_input
 from cait.models.build import LoadedModel, load_for_inference
 from cait.models.cait import CaiT
+from cait.precision import prepare_model
 
 __all__ = ["TOPK", "AppModel", "analyse", "load_app_models", "retrace"]
 
@@ -25,11 +30,13 @@ TOPK = 5  # the classes the page and /predict show by default
 @dataclass
 class AppModel:
     """One checkpoint the page serves: ``label`` names it in the model chooser, ``names``
-    are its class names for display (unique)."""
+    are its class names for display (unique); its model runs inside ``autocast()`` (the
+    precision it was loaded in, :mod:`cait.precision`)."""
 
     label: str
     loaded: LoadedModel
     names: list[str]
+    autocast: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
 
     @property
     def model(self) -> CaiT:
@@ -57,9 +64,12 @@ def _display_names(loaded: LoadedModel, num_classes: int) -> list[str]:
     return [f"{n} ({i})" if n in repeated else n for i, n in enumerate(names)]
 
 
-def load_app_models(checkpoints: Sequence[str], model_name: str | None = None) -> list[AppModel]:
+def load_app_models(
+    checkpoints: Sequence[str], model_name: str | None = None, precision: str = "fp32"
+) -> list[AppModel]:
     """Load every checkpoint (ours, or official/timm weights with ``model_name``), so that a
-    missing or unreadable one fails before any server starts."""
+    missing or unreadable one fails before any server starts; each runs on the CPU in
+    ``precision`` (fp32, bf16, int8: :func:`cait.precision.prepare_model`)."""
     if not checkpoints:
         raise ValueError("give at least one checkpoint")
     models: list[AppModel] = []
@@ -78,8 +88,16 @@ def load_app_models(checkpoints: Sequence[str], model_name: str | None = None) -
         taken = [m.label for m in models]
         if label in taken:
             label = f"{label} ({taken.count(label) + 1})"
-        models.append(AppModel(label, loaded, _display_names(loaded, loaded.model.num_classes)))
+        prepared = prepare_model(loaded.model, precision, loaded_device(loaded))
+        names = _display_names(loaded, loaded.model.num_classes)
+        loaded = dataclasses.replace(loaded, model=prepared.model)
+        models.append(AppModel(label, loaded, names, prepared.autocast))
     return models
+
+
+def loaded_device(loaded: LoadedModel) -> torch.device:
+    """The device a loaded model is on (the CPU for a model without parameters)."""
+    return next(loaded.model.parameters(), torch.empty(0)).device
 
 
 def analyse(
@@ -92,7 +110,8 @@ def analyse(
     """
     start = time.perf_counter()
     model = app_model.model
-    answer = predict_image(app_model.loaded, image, topk, app_model.names, trace=True)
+    with app_model.autocast():
+        answer = predict_image(app_model.loaded, image, topk, app_model.names, trace=True)
     return explore(
         answer.trace,  # type: ignore[arg-type]  # asked for
         answer.x,
@@ -106,5 +125,6 @@ def analyse(
 
 def retrace(app_model: AppModel, analysis: Analysis, sa_block: int) -> Analysis:
     """The same analysis with the self-attention of another block (one more forward)."""
-    trace = trace_input(app_model.model, analysis.x)
+    with app_model.autocast():
+        trace = trace_input(app_model.model, analysis.x)
     return with_sa_block(analysis, trace, app_model.model.config.num_class_tokens, sa_block)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from cait import runtime
 from cait.data import build_val_dataset, eval_transform
 from cait.models.build import load_for_inference
+from cait.precision import quantize_int8
 
 __all__ = ["checkpoint_precision_agreement", "precision_agreement"]
 
@@ -32,13 +33,18 @@ def precision_agreement(
     """Top-1 of ``model`` in fp32 and in ``dtype`` on the same images, and their agreement.
 
     The low-precision model is a cast copy (or, with ``autocast``, the fp32 model under
-    autocast); ``model`` itself is left unchanged. ``agreement`` is the fraction of images
+    autocast; for ``int8``, a quantized copy, :func:`cait.precision.quantize_int8`);
+    ``model`` itself is left unchanged. ``agreement`` is the fraction of images
     whose predicted class is the same in both; ``max_abs_prob_diff`` compares the softmax
     probabilities.
     """
-    low_dtype = runtime.DTYPES[dtype]
+    int8 = dtype == "int8"
+    low_dtype = torch.float32 if int8 else runtime.DTYPES[dtype]
     device = next(model.parameters()).device
-    low = model if autocast else copy.deepcopy(model).to(low_dtype)
+    if int8:
+        low, autocast = quantize_int8(model), False
+    else:
+        low = model if autocast else copy.deepcopy(model).to(low_dtype)
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low_dtype, "none")
     preds, low_preds, diffs = [], [], []
     model.eval()

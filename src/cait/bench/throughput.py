@@ -11,7 +11,9 @@ pairs measurements taken seconds apart and so resists slow drifts of the machine
 A step is ``model(images)`` under ``torch.inference_mode`` for inference, or forward, cross
 entropy, backward and an AdamW step for training. ``dtype`` bf16/fp16 casts the model and
 the images for inference (``autocast=True`` keeps fp32 weights and autocasts instead) and
-always autocasts for training, which keeps fp32 master weights.
+always autocasts for training, which keeps fp32 master weights; ``int8`` (inference on the
+CPU only) times a copy with dynamically quantized linear layers
+(:func:`cait.precision.quantize_int8`, what ``--precision int8`` runs), on fp32 images.
 
 Model FLOP utilisation: each model's FLOPs per image are counted once, on a ``meta`` copy
 (:mod:`cait.bench.flops`); TFLOP/s is that times the median images/s, and MFU its share of
@@ -54,6 +56,7 @@ from cait.bench.compare import (
 )
 from cait.bench.flops import flops_per_image, peak_tflops
 from cait.models.registry import create_model, get_variant
+from cait.precision import check_precision, quantize_int8
 from cait.threads import adapt as adapt_threads
 from cait.threads import use_threads
 
@@ -67,7 +70,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DTYPES = runtime.DTYPES  # the precisions a benchmark runs in
+# the precisions a benchmark runs in; int8 has no torch dtype of its own to cast to (the
+# images stay fp32): it names the quantized model
+DTYPES = {**runtime.DTYPES, "int8": torch.qint8}
 
 
 @dataclass
@@ -137,7 +142,9 @@ def _make_step(
         return step
 
     model.eval()
-    if not autocast:
+    if dtype == torch.qint8:
+        model = quantize_int8(model)
+    elif not autocast:
         model.to(dtype)
         images = images.to(dtype)
 
@@ -329,6 +336,10 @@ def benchmark(
     compare_dtype = compare_dtype or dtype
     _check_options(dtype, compare_dtype, compare, batch_size, rounds, steps, warmup)
     dev = runtime.inference_device(device, "fp16" if "fp16" in (dtype, compare_dtype) else "none")
+    if "int8" in (dtype, compare_dtype):
+        if train:
+            raise ValueError("int8 is an inference precision: training runs in fp32, bf16, fp16")
+        check_precision("int8", dev)
     runtime.seed_everything(seed)
     if threads is not None:
         use_threads(threads)

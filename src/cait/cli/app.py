@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cait.cli._common import MODEL_HELP, threads_flag
+from cait.cli.predict import precision_flag
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
@@ -23,6 +24,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--share", action="store_true", help="also a public gradio.live link")
+    precision_flag(p)
     threads_flag(p)
 
 
@@ -31,9 +33,15 @@ def run(args: argparse.Namespace) -> int:
 
     use_threads(args.threads)
     try:  # gradio is an optional dependency (cait[app])
-        from cait.app import launch_app
+        from cait.app import build_app, launch_app, load_app_models, serve
     except ImportError as err:
         raise ValueError(f"cait app needs `pip install cait[app]` ({err})") from err
 
-    launch_app(args.checkpoint, args.model, host=args.host, port=args.port, share=args.share)
+    if args.precision == "fp32":
+        launch_app(args.checkpoint, args.model, host=args.host, port=args.port, share=args.share)
+        return 0
+    if not 0 < args.port < 65536:  # before the models load, as launch_app checks it
+        raise ValueError(f"port must be in [1, 65535], got {args.port}")
+    models = load_app_models(args.checkpoint, args.model, precision=args.precision)
+    serve(build_app(models), args.host, args.port, args.share)
     return 0

@@ -13,20 +13,29 @@ from cait.cli._common import (
     positive_int,
     threads_flag,
 )
+from cait.cli.predict import precision_flag
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
-PURPOSE = "evaluate a checkpoint on a validation split"
+PURPOSE = "evaluate checkpoints on a validation split"
 EXAMPLES = """
 cait eval --checkpoint runs/demo/model.safetensors --data digits
 cait eval --checkpoint XXS24_224.pth --model cait_xxs24_224 --data /data/imagenet
+cait eval --checkpoint runs/a/best.pt runs/b/best.pt --data digits --precision fp32 int8 \\
+    --results-file compare.csv
 """
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     from cait.runtime import Amp, Device
 
-    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        action="extend",
+        help=CHECKPOINT_HELP + "; several give one row each",
+    )
     p.add_argument("--data", required=True, help="an image folder (its val/ is used) or digits")
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
@@ -45,18 +54,37 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="map the data's classes to the checkpoint's by index even where their names "
         "differ (a warning, not a refusal)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    precision_flag(
+        p,
+        nargs="+",
+        default=None,
+        metavar="PRECISION",
+        help="fp32, bf16 (autocast; on a CPU with avx512_bf16 or amx_bf16), int8 (the linear "
+        "layers dynamically quantized, CPU only); several give one row each (default: fp32, "
+        "or --amp)",
+    )
+    p.add_argument(
+        "--results-file",
+        metavar="FILE",
+        help="write one row per checkpoint and precision to FILE (.csv, .jsonl or .parquet): "
+        "checkpoint, precision, top1, top5, loss, images, images_per_s, skipped",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object (one per line for several)"
+    )
     threads_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cait.inference import evaluate_checkpoint
+    from cait.inference import evaluate_checkpoints
     from cait.threads import use_threads
 
     use_threads(args.threads)
-    r = evaluate_checkpoint(
+    rows = evaluate_checkpoints(
         args.checkpoint,
         args.data,
+        precisions=args.precision or ["fp32"],
+        results_file=args.results_file,
         model_name=args.model,
         batch_size=args.batch_size,
         workers=args.workers,
@@ -65,14 +93,19 @@ def run(args: argparse.Namespace) -> int:
         crop_pct=args.crop_pct,
         classes_by_position=args.classes_by_position,
     )
-    summary = {k: r[k] for k in ("top1", "top5", "loss", "images")}
-    if args.json:
-        print(json.dumps(summary))
-    else:
+    several = len(rows) > 1
+    for r in rows:
+        if args.json:
+            keys = ("checkpoint", "precision", "top1", "top5", "loss", "images", "images_per_s")
+            print(json.dumps({k: r[k] for k in (keys if several else keys[2:6])}))
+            continue
+        name = f"{r['checkpoint']} {r['precision']}: " if several else ""
         print(
-            f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
+            f"{name}top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
             f"on {r['images']} images  ({r['images_per_s']:.0f} images/s)"
         )
         if r["skipped"]:
-            print(f"skipped {len(r['skipped'])} unreadable file(s)")
+            print(f"skipped {r['skipped']} unreadable file(s)")
+    if args.results_file:
+        print(f"{len(rows)} rows in {args.results_file}")
     return 0

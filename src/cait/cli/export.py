@@ -13,6 +13,7 @@ PURPOSE = "export to ONNX, torch.export (.pt2) or a folder timm loads"
 EXAMPLES = """
 cait export runs/demo/model.safetensors --format onnx --output demo.onnx --dynamic-size
 cait export runs/demo/model.safetensors --format timm --output demo_timm
+cait export runs/demo/model.safetensors --format onnx --output demo_int8.onnx --quantize int8
 """
 
 
@@ -31,6 +32,12 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
     p.add_argument("--dynamic-size", action="store_true", help="any height and width too")
+    p.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="ONNX only: int8 weights, dynamic activations (ONNX Runtime), refused when its "
+        "top-1 agreement with fp32 is low",
+    )
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the timm folder to this repo")
     force_flag(p, "an earlier export at --output (never a folder of other files)")
     threads_flag(p)
@@ -52,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             dynamic_size=args.dynamic_size,
             overwrite=args.force,
             push_to_hub=args.push_to_hub,
+            quantize=args.quantize,
         )
     except ValueError as err:  # a multi-line message (a weights mismatch) on one line
         raise ValueError("; ".join(s.strip() for s in str(err).splitlines() if s.strip())) from err
@@ -63,7 +71,16 @@ def run(args: argparse.Namespace) -> int:
     figures = ", ".join(
         f"batch {c.batch} at {c.size[0]}x{c.size[1]}: {c.max_abs_diff:.2e}" for c in r.checks
     )
-    print(f"max |logits - eager logits| ({r.reference}): {figures} (tolerance {r.tolerance:.0e})")
+    if r.quantized is not None:
+        q = r.quantized
+        print(
+            f"{r.quantize}: top-1 agreement {q.agreement:.1%} with fp32 on {q.images} random "
+            f"images, max |logits - eager logits| {q.max_abs_diff:.3g}"
+        )
+    else:
+        print(
+            f"max |logits - eager logits| ({r.reference}): {figures} (tolerance {r.tolerance:.0e})"
+        )
     if r.pushed_to:
         print(f"pushed to {r.pushed_to}")
     return 0

@@ -25,6 +25,7 @@ from cait.models.hub import check_repo_id
 __all__ = [
     "FORMATS",
     "OPTIONS",
+    "QUANTIZE",
     "TOLERANCES",
     "ExportFormat",
     "File",
@@ -49,7 +50,10 @@ OPTIONS: Mapping[str, str] = {
     "dynamic_size": "format {fmt!r} takes one image size: dynamic height and width mean "
     "nothing for it",
     "push_to_hub": "pushing to the Hub needs the timm format (a folder timm reads), got {fmt!r}",
+    "quantize": "int8 quantization is ONNX Runtime's: it needs format 'onnx', got {fmt!r}",
 }
+# What an export can be quantized to (``quantize``): int8 weights, dynamic activations.
+QUANTIZE = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ register_format(
         "onnx",
         File(),
         tolerance=1e-4,
-        options=frozenset({"opset", "dynamic_size"}),
+        options=frozenset({"opset", "dynamic_size", "quantize"}),
         write=write_onnx,
         load=load_onnx,
         reference="onnxruntime",
@@ -188,6 +192,7 @@ def check_request(
     dynamic_size: bool = False,
     overwrite: bool = False,
     push_to_hub: str | None = None,
+    quantize: str | None = None,
 ) -> ExportFormat:
     """The row of ``fmt``, once the options and the output suit it (see
     :func:`cait.export.export_model`); ``ValueError`` in one line otherwise."""
@@ -199,9 +204,12 @@ def check_request(
         )
     given = {"opset": opset is not None, "dynamic_size": dynamic_size}
     given["push_to_hub"] = push_to_hub is not None
+    given["quantize"] = quantize is not None
     for option in OPTIONS:
         if given[option] and option not in entry.options:
             raise ValueError(OPTIONS[option].format(fmt=fmt))
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {list(QUANTIZE)}, got {quantize!r}")
     if opset is not None:
         check_opset(opset)
     if push_to_hub is not None:

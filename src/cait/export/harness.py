@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,14 @@ from torch import nn
 
 from cait.export.formats import ExportFormat, Folder, check_output, check_request
 from cait.export.job import DEFAULT_EXAMPLE_BATCH, ExportError, ExportJob
-from cait.export.parity import ParityCheck, check_sizes, parity
+from cait.export.onnx import quantize_onnx
+from cait.export.parity import (
+    ParityCheck,
+    QuantizedParity,
+    check_sizes,
+    parity,
+    quantized_parity,
+)
 from cait.files import (
     OutputLock,
     atomic_write,
@@ -38,7 +47,8 @@ class ExportResult:
     ``reference`` names what ran the exported model in the checks; ``checks`` hold the
     largest absolute logit difference per batch and image size, all within ``tolerance``.
     ``opset`` is the ONNX opset written, ``architecture`` the timm model name, and
-    ``pushed_to`` the Hub commit URL after a push.
+    ``pushed_to`` the Hub commit URL after a push. A quantized export (``quantize``) is
+    held to ``quantized`` (top-1 agreement with the fp32 model) instead of ``tolerance``.
     """
 
     format: str
@@ -50,6 +60,8 @@ class ExportResult:
     opset: int | None = None
     architecture: str | None = None
     pushed_to: str | None = None
+    quantize: str | None = None
+    quantized: QuantizedParity | None = None
 
     @property
     def max_abs_diff(self) -> float:
@@ -99,6 +111,7 @@ def export_model(
     dynamic_size: bool = False,
     overwrite: bool = False,
     push_to_hub: str | None = None,
+    quantize: str | None = None,
 ) -> ExportResult:
     """Export ``model`` (put in eval mode) as ``fmt`` to ``output`` and check the export
     against it (see :mod:`cait.export`); a failed check or Ctrl-C writes nothing.
@@ -107,7 +120,10 @@ def export_model(
     preprocessing written into a timm folder); ``batch`` is the example's batch size, the
     export takes any. ``dynamic_size`` also leaves height and width free (multiples of the
     patch size) where the format and the model allow it, and raises :class:`ExportError`
-    where they do not. ``opset`` is ONNX's; ``push_to_hub`` uploads a timm folder to that
+    where they do not. ``quantize="int8"`` writes an ONNX file quantized by ONNX Runtime
+    (:func:`~cait.export.onnx.quantize_onnx`), refused when its top-1 agreement with the
+    model falls below :data:`~cait.export.parity.QUANTIZED_MIN_AGREEMENT`. ``opset`` is
+    ONNX's; ``push_to_hub`` uploads a timm folder to that
     Hub repo. ``class_names`` and ``folder_names`` (the labels of the model's indices)
     become the timm folder's label names and descriptions. ``overwrite`` replaces an
     earlier export (never a folder holding anything else); one process at a time writes
@@ -121,11 +137,19 @@ def export_model(
         dynamic_size=dynamic_size,
         overwrite=overwrite,
         push_to_hub=push_to_hub,
+        quantize=quantize,
     )
     output = Path(output)
     model.eval()
     job = ExportJob(
-        model, input_spec, batch, opset, dynamic_size, folder_names or class_names, class_names
+        model,
+        input_spec,
+        batch,
+        opset,
+        dynamic_size,
+        folder_names or class_names,
+        class_names,
+        quantize,
     )
     with OutputLock(output, what="cait export"):
         check_output(entry, output, overwrite)  # again: it may have changed meanwhile
@@ -147,10 +171,23 @@ def _write_and_check(entry: ExportFormat, job: ExportJob, output: Path) -> Expor
     checks: list[ParityCheck] = []
 
     def write(path: Path) -> None:
-        details.update(entry.write(job, path))
+        if job.quantize is None:
+            details.update(entry.write(job, path))
+        else:  # the fp32 export, then ONNX Runtime's quantization of it into place
+            with tempfile.TemporaryDirectory(prefix="cait-quantize-") as folder:
+                fp32 = Path(folder) / "model.onnx"
+                details.update(entry.write(job, fp32))
+                quantize_onnx(fp32, path)
+            details["quantize"] = job.quantize
         run = entry.load(path)
         sizes = check_sizes(job, entry.other_size)
-        checks.extend(parity(job.model, run, entry.reference, sizes, job.in_chans, entry.tolerance))
+        # a quantized export differs by its rounding: held to its top-1 agreement instead
+        tolerance = entry.tolerance if job.quantize is None else math.inf
+        checks.extend(parity(job.model, run, entry.reference, sizes, job.in_chans, tolerance))
+        if job.quantize is not None:
+            details["quantized"] = quantized_parity(
+                job.model, run, entry.reference, sizes[0], job.in_chans
+            )
 
     if isinstance(entry.writes, Folder):
         write_folder_atomically(output, write, interruptible=True)
@@ -160,7 +197,7 @@ def _write_and_check(entry: ExportFormat, job: ExportJob, output: Path) -> Expor
         entry.name,
         output,
         entry.reference,
-        entry.tolerance,
+        entry.tolerance if job.quantize is None else math.inf,
         tuple(checks),
         job.dynamic_size,
         **details,

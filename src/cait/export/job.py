@@ -29,6 +29,7 @@ class ExportJob:
     preprocessing a format may record); ``batch`` is the traced example's batch size.
     ``dynamic_size`` leaves height and width free (multiples of the patch size); ``opset``
     is ONNX's. ``label_names`` and ``label_descriptions`` name the model's indices.
+    ``quantize`` (``int8``) quantizes what is written (ONNX only).
     """
 
     model: nn.Module
@@ -38,6 +39,7 @@ class ExportJob:
     dynamic_size: bool = False
     label_names: Sequence[str] | None = None
     label_descriptions: Sequence[str] | None = None
+    quantize: str | None = None
 
     @property
     def in_chans(self) -> int:

@@ -17,7 +17,7 @@ from cait.export.job import ExportError, ExportJob
 from cait.export.tracing import example_and_shapes, size_oblivious
 from cait.files import error_line
 
-__all__ = ["MIN_ONNX_OPSET", "check_opset", "load_onnx", "write_onnx"]
+__all__ = ["MIN_ONNX_OPSET", "check_opset", "load_onnx", "quantize_onnx", "write_onnx"]
 
 # LayerNormalization, in every block, entered the default ONNX domain in opset 17
 # (onnx/docs/Changelog.md); torch.onnx's exporter writes opset 18 and converts down from it.
@@ -106,17 +106,40 @@ def load_onnx(path: Path) -> Callable[[Tensor], Tensor]:
     return run
 
 
+def quantize_onnx(source: Path, path: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantization of ``source`` into ``path``: the weights of
+    every ``MatMul`` with a constant operand (qkv, projections, MLP, head) in int8, one
+    scale per output channel, activations quantized as they come (``MatMulInteger``). The
+    attention's products of two activations, the softmax, LayerNorm, GELU and the patch
+    embedding stay in fp32, as in :func:`cait.precision.quantize_int8`."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as err:
+        raise ExportError(f"--quantize needs `pip install cait[export]` ({err})") from err
+    # it suggests shape pre-processing at WARNING on the root logger; dynamic
+    # quantization of MatMul does not need it
+    with _quiet_loggers({"root": logging.ERROR}):
+        quantize_dynamic(
+            source,
+            path,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+        )
+
+
 @contextmanager
 def _quiet_loggers(levels: Mapping[str, int]) -> Iterator[None]:
     """Raise these loggers to at least these levels for the block."""
-    saved = {name: logging.getLogger(name).level for name in levels}
+    loggers = {name: logging.getLogger(None if name == "root" else name) for name in levels}
+    saved = {name: logger.level for name, logger in loggers.items()}
     for name, level in levels.items():
-        logging.getLogger(name).setLevel(max(saved[name], level))
+        loggers[name].setLevel(max(saved[name], level))
     try:
         yield
     finally:
         for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
+            loggers[name].setLevel(level)
 
 
 def _onnx_opset(model_proto: Any) -> int:

@@ -1,5 +1,5 @@
-"""Inference from a checkpoint: one image at a time (``cait predict``, and the app's model
-runs) and a whole validation split (``cait eval``).
+"""Inference from a checkpoint: one image at a time (``cait predict IMAGE``, and the app's
+model runs) and a whole validation split (``cait eval``).
 
 One image goes one way, whoever asks: its file is checked and read
 (:func:`read_checked_image`: a decompression bomb and an image smaller than one patch of the
@@ -10,6 +10,7 @@ input, and the model gives the top-k classes (:func:`predict_image`), with its t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
@@ -34,17 +35,21 @@ from cait.data import (
 from cait.data.classes import check_class_names
 from cait.data.images import UnreadableImage, check_image_file
 from cait.files import first_line
+from cait.inference.results import result_format, write_rows
 from cait.models.build import LoadedModel, load_for_inference
 from cait.models.cait import CaiT, ModelTrace
+from cait.precision import prepare_model
 from cait.threads import adapt as adapt_threads
 from cait.training.engine import evaluate
 
 # LoadedModel and load_for_inference live in cait.models.build; named here too because
 # cait.inference exported them before the package layout
 __all__ = [
+    "EVAL_COLUMNS",
     "ImagePrediction",
     "LoadedModel",
     "evaluate_checkpoint",
+    "evaluate_checkpoints",
     "load_for_inference",
     "patch_size",
     "predict",
@@ -67,13 +72,21 @@ def evaluate_checkpoint(
     amp: str = "none",
     crop_pct: float | None = None,
     classes_by_position: bool = False,
+    precision: str = "fp32",
 ) -> dict:
     """Top-1, top-5, loss and image count on the validation split (fp32 by default).
 
     The data's classes must be the checkpoint's (:func:`_val_dataset`);
-    ``classes_by_position`` maps them by index instead, with a warning."""
+    ``classes_by_position`` maps them by index instead, with a warning. ``precision``
+    (:mod:`cait.precision`) is the other way to ask for bf16, and the way to int8."""
+    if precision != "fp32" and amp != "none":
+        raise ValueError(f"give either amp ({amp}) or precision ({precision}), not both")
     dev = runtime.inference_device(device, amp)
     loaded = load_for_inference(checkpoint, model_name)
+    prepared = prepare_model(loaded.model, precision, dev)
+    if amp != "none":  # --amp, the older name of a precision
+        precision = amp
+    amp = "bf16" if precision == "bf16" else amp
     settings = loaded.settings.replace(crop_pct=crop_pct)
     dataset = _val_dataset(data, eval_transform(settings), loaded, checkpoint, classes_by_position)
     loader = DataLoader(
@@ -83,7 +96,8 @@ def evaluate_checkpoint(
         collate_fn=collate_samples,
         pin_memory=dev.type == "cuda",
     )
-    result = evaluate(loaded.model.to(dev), loader, dev, amp, progress=True)
+    result = evaluate(prepared.model, loader, dev, amp, progress=True)
+    result["precision"] = precision
     if result["skipped"]:
         logger.warning(
             "skipped %d unreadable file(s):\n  %s",
@@ -91,6 +105,41 @@ def evaluate_checkpoint(
             "\n  ".join(result["skipped"]),
         )
     return result
+
+
+EVAL_COLUMNS = ("checkpoint", "precision", "top1", "top5", "loss", "images", "images_per_s")
+
+
+def evaluate_checkpoints(
+    checkpoints: Sequence[str],
+    data: str,
+    precisions: Sequence[str] = ("fp32",),
+    results_file: str | Path | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """:func:`evaluate_checkpoint` for every checkpoint in every precision on one split:
+    one row each (:data:`EVAL_COLUMNS`), in order. ``results_file`` (``.csv``, ``.jsonl``,
+    ``.parquet``) is rewritten whole after each row, so a stopped run keeps what it did."""
+    if results_file is not None:
+        result_format(results_file)  # a bad name fails before the first evaluation
+    rows: list[dict[str, Any]] = []
+    for checkpoint in checkpoints:
+        for precision in precisions:
+            result = evaluate_checkpoint(checkpoint, data, precision=precision, **options)
+            row = {"checkpoint": str(checkpoint), "precision": result["precision"]}
+            row.update({k: result[k] for k in EVAL_COLUMNS[2:]})
+            row["skipped"] = len(result["skipped"])
+            rows.append(row)
+            logger.info(
+                "%s %s: top-1 %.2f%%, %.0f images/s",
+                checkpoint,
+                precision,
+                row["top1"],
+                row["images_per_s"],
+            )
+            if results_file is not None:
+                write_rows(results_file, rows)
+    return rows
 
 
 def _val_dataset(
@@ -222,15 +271,19 @@ def predict(
     topk: int = 5,
     model_name: str | None = None,
     device: str = "auto",
+    precision: str = "fp32",
 ) -> list[dict]:
     """Top-k classes with names and probabilities for each image file (each read and
-    checked by :func:`read_checked_image`: a one-line error naming a file it cannot use)."""
+    checked by :func:`read_checked_image`: a one-line error naming a file it cannot use),
+    the model in ``precision`` (:mod:`cait.precision`)."""
     dev = runtime.inference_device(device, "none")
     loaded = load_for_inference(checkpoint, model_name)
-    loaded.model.to(dev)
+    prepared = prepare_model(loaded.model, precision, dev)
+    loaded = dataclasses.replace(loaded, model=prepared.model)
     results = []
     for image in images:
         picture = read_checked_image(image, patch_size(loaded.model))
-        answer = predict_image(loaded, picture, topk)
+        with prepared.autocast():
+            answer = predict_image(loaded, picture, topk)
         results.append({"image": str(image), "predictions": answer.predictions})
     return results

@@ -1,0 +1,85 @@
+"""Images/s of cait_xxs24_224 on the CPU in each inference precision, beside timm's model in
+fp32, eager and compiled: the figures of docs/DEPLOY.md.
+
+All models run in one process on the same random batch, in alternating rounds whose order
+flips every round (cait.bench's protocol); each figure is a median over rounds and each
+ratio is to our fp32 model in the same rounds. The load average before and after is printed:
+the machine is shared.
+
+    python examples/precision_speed.py [--batch-size 32] [--rounds 6] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from cait.bench.compare import build_reference
+from cait.bench.throughput import _make_step, _model_and_batch, _timed_rounds
+from cait.precision import check_precision, quantize_int8
+from cait.threads import use_threads
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="cait_xxs24_224")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--no-compile", action="store_true", help="leave timm compiled out")
+    args = p.parse_args()
+    use_threads(None)
+    cpu = torch.device("cpu")
+    check_precision("bf16", cpu)
+    load_before = os.getloadavg()
+    ours, images, targets = _model_and_batch(args.model, args.batch_size, 0, {})
+    timm_eager = build_reference(args.model, ours.state_dict())
+
+    def step(model: torch.nn.Module, autocast: bool = False) -> Callable[[], None]:
+        """One inference step; ``autocast`` in bf16 (the model keeps its fp32 weights)."""
+        dtype = torch.bfloat16 if autocast else torch.float32
+        return _make_step(model, images, targets, False, dtype, autocast, cpu)
+
+    steps = {
+        "cait fp32": step(ours),
+        "cait bf16 (autocast)": step(ours, autocast=True),
+        "cait int8": step(quantize_int8(ours)),
+        "timm fp32 eager": step(timm_eager),
+    }
+    if not args.no_compile:
+        timm_compiled = torch.compile(build_reference(args.model, ours.state_dict()))
+        steps["timm fp32 compiled"] = step(timm_compiled)
+    for fn in steps.values():  # warm-up, compilation included
+        fn()
+        fn()
+    per_round = _timed_rounds(steps, args.rounds, args.steps, args.batch_size, cpu)
+    base = per_round["cait fp32"]
+    result = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "images_per_s": {k: statistics.median(v) for k, v in per_round.items()},
+        "vs_cait_fp32": {
+            k: statistics.median(a / b for a, b in zip(v, base, strict=True))
+            for k, v in per_round.items()
+        },
+    }
+    for name in ("timm fp32 eager", "timm fp32 compiled"):
+        if name in per_round:
+            result[f"vs_{name.replace(' ', '_')}"] = {
+                k: statistics.median(a / b for a, b in zip(v, per_round[name], strict=True))
+                for k, v in per_round.items()
+            }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
