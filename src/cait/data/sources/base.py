@@ -24,12 +24,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from PIL import Image
+from torch.utils.data import Dataset
 
 from cait.data.images import UNREADABLE_IMAGE_ERRORS, decode_image_bytes
 from cait.files import first_line
 
 __all__ = [
     "SPLITS",
+    "IndexedSplit",
     "KeyedSample",
     "Sample",
     "Source",
@@ -89,6 +91,37 @@ class Source(ABC):
         """Refuse a validation split that shares files with training (where it can)."""
 
 
+class IndexedSplit(Dataset):
+    """An indexed split: sample ``i`` is ``_read(i)`` (the image, or why it cannot be read)
+    through ``transform``, labelled ``targets[i]``. ``substitute`` (training): an unreadable
+    sample is replaced by the next readable one, its problem named, so that batches keep
+    their size; otherwise (evaluation) it has no image and the problem is named."""
+
+    targets: list[int]
+    transform: Callable | None = None
+    substitute: bool = False
+
+    def _read(self, index: int) -> tuple[Image.Image | None, str]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Sample:
+        skipped: list[str] = []
+        for offset in range(len(self.targets)):
+            i = (index + offset) % len(self.targets)
+            img, problem = self._read(i)
+            if img is not None:
+                if self.transform is not None:
+                    img = self.transform(img)
+                return img, self.targets[i], tuple(skipped)
+            skipped.append(problem)
+            if not self.substitute:
+                return None, self.targets[index], tuple(skipped)
+        raise ValueError(f"{self}: no readable image among its {len(self.targets)} samples")
+
+
 def class_mapping(own: Sequence[str], given: Sequence[str] | None, where: str) -> list[int]:
     """For each of a split's own classes, its index among ``given`` (training's classes);
     the identity without ``given``. A class ``given`` lacks is a one-line error."""
@@ -102,9 +135,9 @@ def class_mapping(own: Sequence[str], given: Sequence[str] | None, where: str) -
 
 
 def read_sample(
-    data: bytes, key: str, transform: Callable | None
+    data: bytes, key: str, transform: Callable | None = None
 ) -> tuple[Image.Image | Any | None, str]:
-    """Decode and transform one sample's image bytes: ``(image, "")``, or ``(None,
+    """Decode (and transform) one sample's image bytes: ``(image, "")``, or ``(None,
     problem)`` naming ``key`` when the bytes are not a whole image."""
     try:
         img = decode_image_bytes(data)

@@ -18,10 +18,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image
-from torch.utils.data import Dataset
 
 from cait.data.images import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, load_image, read_bytes
-from cait.data.sources.base import Sample, Source, SplitName
+from cait.data.sources.base import IndexedSplit, Source, SplitName
 from cait.files import first_line
 
 __all__ = [
@@ -103,7 +102,7 @@ def find_images(folder: Path) -> list[Path]:
     return [Path(f) for f in sorted(files, key=lambda f: f.split(os.sep))]
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(IndexedSplit):
     """``root/<class>/<image>`` with unreadable files skipped and reported.
 
     ``substitute=True`` (training) replaces an unreadable sample by the next readable one, so
@@ -160,8 +159,8 @@ class ImageFolderDataset(Dataset):
         self.transform = transform
         self.substitute = substitute
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def __str__(self) -> str:
+        return str(self.root)
 
     def key(self, index: int) -> str:
         return str(self.samples[index][0])
@@ -226,21 +225,6 @@ class ImageFolderDataset(Dataset):
             return load_image(path), ""
         except UNREADABLE_IMAGE_ERRORS as err:
             return None, f"{path}: {first_line(err)}"
-
-    def __getitem__(self, index: int) -> Sample:
-        skipped: list[str] = []
-        for offset in range(len(self.samples)):
-            i = (index + offset) % len(self.samples)
-            img, problem = self._read(i)
-            if img is not None:
-                target = self.samples[i][1]
-                if self.transform is not None:
-                    img = self.transform(img)
-                return img, target, tuple(skipped)
-            skipped.append(problem)
-            if not self.substitute:
-                return None, self.samples[index][1], tuple(skipped)
-        raise ValueError(f"no readable image under {self.root}")
 
 
 class FolderSource(Source):

@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
-from cait.data.sources.base import Sample, Source, SplitName, class_mapping, read_sample
+from cait.data.sources.base import IndexedSplit, Source, SplitName, class_mapping, read_sample
 
 __all__ = ["HFDataset", "HFSource"]
 
@@ -175,7 +174,7 @@ class _Rows:
         return self._cache[group][index - self._starts[group]].as_py()
 
 
-class HFDataset(Dataset):
+class HFDataset(IndexedSplit):
     """One split: rows decoded through :func:`read_sample`; ``substitute`` as in a folder."""
 
     def __init__(
@@ -206,8 +205,8 @@ class HFDataset(Dataset):
         self.targets = mapping[labels].tolist()
         self.skipped: list[str] = []
 
-    def __len__(self) -> int:
-        return len(self.targets)
+    def __str__(self) -> str:
+        return self.rows.where
 
     def key(self, index: int) -> str:
         return f"{self.rows.where}[{index}]"
@@ -222,19 +221,7 @@ class HFDataset(Dataset):
         data = self.rows.image_bytes(index)
         if data is None:
             return None, f"{self.key(index)}: no image bytes in column {self.rows.image}"
-        return read_sample(data, self.key(index), self.transform)
-
-    def __getitem__(self, index: int) -> Sample:
-        skipped: list[str] = []
-        for offset in range(len(self.targets)):
-            i = (index + offset) % len(self.targets)
-            img, problem = self._read(i)
-            if img is not None:
-                return img, self.targets[i], tuple(skipped)
-            skipped.append(problem)
-            if not self.substitute:
-                return None, self.targets[index], tuple(skipped)
-        raise ValueError(f"{self.rows.where}: no readable image")
+        return read_sample(data, self.key(index))
 
 
 class HFSource(Source):

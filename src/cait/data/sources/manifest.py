@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import Dataset
+from PIL import Image
 
 from cait.data.images import UNREADABLE_IMAGE_ERRORS, load_image, read_bytes
-from cait.data.sources.base import SPLITS, Sample, Source, SplitName, class_mapping
+from cait.data.sources.base import SPLITS, IndexedSplit, Source, SplitName, class_mapping
 from cait.files import first_line
 
 __all__ = ["ListDataset", "ListSource", "read_manifest"]
@@ -105,7 +105,7 @@ def read_manifest(file: str | Path) -> tuple[list[Row], bool]:
     return rows, has_split
 
 
-class ListDataset(Dataset):
+class ListDataset(IndexedSplit):
     """The rows of one split; ``substitute`` as in a folder (training replaces an unreadable
     sample by the next readable one, evaluation leaves it out and reports it)."""
 
@@ -132,11 +132,12 @@ class ListDataset(Dataset):
         if not self.rows:
             raise ValueError(f"{where}: none of its {len(rows)} listed files exists")
         self.targets = [mapping[r.label] for r in self.rows]
+        self.where = where
         self.transform = transform
         self.substitute = substitute
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def __str__(self) -> str:
+        return self.where
 
     def key(self, index: int) -> str:
         return str(self.rows[index].path)
@@ -146,21 +147,12 @@ class ListDataset(Dataset):
         for row, label in zip(self.rows, self.targets, strict=True):
             yield str(row.path), read_bytes(row.path), label
 
-    def __getitem__(self, index: int) -> Sample:
-        skipped: list[str] = []
-        for offset in range(len(self.rows)):
-            i = (index + offset) % len(self.rows)
-            try:
-                img = load_image(self.rows[i].path)
-            except UNREADABLE_IMAGE_ERRORS as err:
-                skipped.append(f"{self.rows[i].path}: {first_line(err)}")
-                if not self.substitute:
-                    return None, self.targets[index], tuple(skipped)
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, self.targets[i], tuple(skipped)
-        raise ValueError(f"no readable image among the {len(self.rows)} listed files")
+    def _read(self, index: int) -> tuple[Image.Image | None, str]:
+        path = self.rows[index].path
+        try:
+            return load_image(path), ""
+        except UNREADABLE_IMAGE_ERRORS as err:
+            return None, f"{path}: {first_line(err)}"
 
 
 class ListSource(Source):
