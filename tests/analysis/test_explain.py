@@ -91,6 +91,45 @@ def test_grad_cam_reads_the_gradient_of_the_blocks_output():
     torch.testing.assert_close(via_branch, via_next)
 
 
+@pytest.mark.parametrize(
+    "kw", [{}, {"distilled": True}, {"branch_scale": "rezero"}, {"talking_heads": False}]
+)
+def test_grad_cam_is_token_wise_on_the_patches_as_the_class_stage_reads_them(kw):
+    """The map is ``ReLU(sum_k sum_c Z_k * dy/dZ_k)`` with ``Z_k`` the patch rows that CA
+    block ``k``'s norm1 outputs, read here with hooks as a reference."""
+    model = _model(**kw)
+    x = torch.randn(2, 3, 16, 16)
+    read = []
+
+    def keep(module, args, out):
+        patches = out.shape[1] == GRID * GRID  # norm1 also sees the class tokens
+        if patches and not any(out is z for z in read):  # rezero: both blocks read X itself
+            out.retain_grad()
+            read.append(out)
+
+    handles = [b.norm1.register_forward_hook(keep) for b in model.blocks_token_only]
+    logits = model(x)
+    for h in handles:
+        h.remove()
+    assert len(read) == (1 if "branch_scale" in kw else len(model.blocks_token_only))
+    targets = torch.tensor([1, 3])
+    logits.gather(1, targets[:, None]).sum().backward()
+    expected = sum((z * z.grad).sum(-1) for z in read).clamp(min=0)
+    maps, _, _ = explain_batch(model, x, "gradcam", targets)
+    torch.testing.assert_close(maps.flatten(1), expected.detach())
+
+
+def test_grad_cam_of_an_earlier_block_is_token_wise_on_its_output():
+    model = _model()
+    x = torch.randn(1, 3, 16, 16)
+    trace = model.forward_trace(x)
+    (grad,) = torch.autograd.grad(trace.logits[0, 2], trace.sa[1].stream)  # block 0's output
+    expected = (trace.sa[1].stream * grad).sum(-1).clamp(min=0)
+    torch.testing.assert_close(
+        explain(model, x[0], "gradcam", 2, block=0).map.ravel(), expected[0].detach().numpy()
+    )
+
+
 def test_areas_by_the_trapezoid_rule():
     fractions = np.array([0.0, 0.5, 1.0])
     assert curve_area(fractions, np.array([1.0, 0.5, 0.0])) == pytest.approx(0.5)
