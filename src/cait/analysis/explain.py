@@ -18,7 +18,9 @@ class (by default the predicted one):
   CA block's ``norm1``), or on those a chosen earlier SA block outputs.
 
 Everything comes from :meth:`cait.CaiT.forward_trace`, never from hooks: the trace's
-attention tensors and branches stay in the autograd graph when gradients are on.
+attention tensors and branches stay in the autograd graph when gradients are on
+(``gradcam`` reruns the class-attention stage from the trace's patch tokens, to hold
+what each CA block's ``norm1`` makes of them as tensors of their own).
 """
 
 from __future__ import annotations
