@@ -12,11 +12,15 @@ class (by default the predicted one):
 - ``gradient``: attention weighted by its gradient with respect to the class logit,
   positive part, averaged over heads and chained the same way with the residual path but
   without the normalisation (Chefer et al. 2021, Eq. 5-6: ``R <- R + A R``);
-- ``gradcam``: Grad-CAM (Selvaraju et al. 2017) on the patch tokens a chosen SA block
-  outputs, channel weights the mean gradient over the tokens.
+- ``gradcam``: Grad-CAM (Selvaraju et al. 2017) in its token-wise form (HiResCAM,
+  Draelos & Carin 2020: gradient times activation summed over the channels of each token,
+  positive part) on the patch tokens as the class-attention stage reads them (after each
+  CA block's ``norm1``), or on those a chosen earlier SA block outputs.
 
 Everything comes from :meth:`cait.CaiT.forward_trace`, never from hooks: the trace's
-attention tensors and branches stay in the autograd graph when gradients are on.
+attention tensors and branches stay in the autograd graph when gradients are on
+(``gradcam`` reruns the class-attention stage from the trace's patch tokens, to hold
+what each CA block's ``norm1`` makes of them as tensors of their own).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from cait.analysis.output_folder import check_output_folder, write_output_folder
 from cait.data import eval_transform, read_image
 from cait.models.build import LoadedModel, load_for_inference
 from cait.models.cait import CaiT, ModelTrace
+from cait.models.layers import layer_scale
 
 __all__ = [
     "DESCRIPTIONS",
@@ -67,7 +72,7 @@ METHODS: tuple[str, ...] = get_args(Method)
 DESCRIPTIONS = {
     "rollout": "rollout: the CA row carried back through the SA blocks' attention",
     "gradient": "gradient: attention x its gradient (positive part), chained (Chefer et al.)",
-    "gradcam": "gradcam: Grad-CAM on the patch tokens of an SA block",
+    "gradcam": "gradcam: token-wise Grad-CAM on the patch tokens the CA stage reads",
     "ca": "ca: the class token's attention in the CA blocks, chained",
 }
 # The files save_explanations writes per image: STEM_explain.png and STEM_METHOD.npy.
@@ -220,8 +225,47 @@ def _attention_maps(model: CaiT, trace: ModelTrace, method: str, score: Tensor) 
     return rollout_map(sa, ca_rows, normalise=method != "gradient")[:, -n:]
 
 
-def _grad_cam(trace: ModelTrace, score: Tensor, block: int) -> Tensor:
-    """Grad-CAM on the patch tokens SA block ``block`` outputs: ``(B, N)``.
+def _token_wise(tokens: Tensor, grad: Tensor) -> Tensor:
+    """The token-wise form of Grad-CAM (HiResCAM, Draelos & Carin 2020): per token, the sum
+    over channels of gradient times activation, positive part. ``(B, N, C) -> (B, N)``."""
+    return (grad * tokens).sum(dim=-1).clamp(min=0)
+
+
+def _class_stage_logits(model: CaiT, trace: ModelTrace, read: list[Tensor]) -> Tensor:
+    """The logits recomputed from the class-attention stage on, with ``read[k]``
+    ``(B, N, C)`` standing for the patch rows of ``norm1(u)`` in CA block ``k``: the
+    equations of :class:`~cait.models.layers.ClassAttentionBlock` in eval mode (drop-path
+    is the identity); a test checks the maps against hooks on the model's own norms."""
+    tokens = trace.ca[0].stream.detach()  # (B, T, C): the class token(s), learned constants
+    for block, patches in zip(model.blocks_token_only, read, strict=True):
+        queries = block.norm1(tokens)
+        u = torch.cat((queries, patches), dim=1)  # norm1(u): the class tokens, the patches
+        update, _ = block.attn(u, num_queries=tokens.shape[1], queries=queries)
+        tokens = tokens + layer_scale(update, block.gamma_1)
+        tokens = tokens + layer_scale(block.mlp(block.norm2(tokens)), block.gamma_2)
+    # the head reads the class token(s) only: a late CA stage goes with token pooling
+    return model.forward_head(model.norm(tokens))
+
+
+def _grad_cam_class_stage(model: CaiT, trace: ModelTrace, targets: Tensor) -> Tensor:
+    """Token-wise Grad-CAM on the patch tokens as the class-attention stage reads them,
+    ``Z_k = norm1_k(X)`` in each CA block ``k``, the sums over channels added over the
+    blocks before the positive part: ``(B, N)``.
+
+    Not on ``X``, the last SA block's output, itself: only LayerNorms read it, whose output
+    does not change when a token is scaled, so ``sum_c X * dy/dX`` vanishes (up to the
+    norm's epsilon) for every token.
+    """
+    patches = trace.sa[-1].output.detach()  # (B, N, C): the CA stage's frozen patches
+    read = [block.norm1(patches).detach().requires_grad_() for block in model.blocks_token_only]
+    logits = _class_stage_logits(model, trace, read)
+    grads = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), read)
+    # each token's first-order contribution through all the blocks, then its positive part
+    return _token_wise(torch.cat(read, dim=-1), torch.cat(grads, dim=-1))
+
+
+def _grad_cam_block(trace: ModelTrace, score: Tensor, block: int) -> Tensor:
+    """Token-wise Grad-CAM on the patch tokens SA block ``block`` outputs: ``(B, N)``.
 
     The gradient with respect to the block's output is that with respect to its MLP
     branch, the last term added to it (the trace holds that exact tensor).
@@ -229,9 +273,7 @@ def _grad_cam(trace: ModelTrace, score: Tensor, block: int) -> Tensor:
     traced = trace.sa[block]
     (grad,) = torch.autograd.grad(score, traced.mlp_branch)  # (B, N', C)
     n = trace.grid[0] * trace.grid[1]
-    tokens, grad = traced.output[:, -n:], grad[:, -n:]  # the patch tokens (B, N, C)
-    weights = grad.mean(dim=1, keepdim=True)  # (B, 1, C): one weight per channel
-    return (tokens * weights).sum(dim=-1).clamp(min=0)
+    return _token_wise(traced.output[:, -n:], grad[:, -n:])  # the patch tokens
 
 
 def explain_batch(
@@ -245,8 +287,9 @@ def explain_batch(
     ``(B, grid_h, grid_w)``, the classes explained ``(B,)`` and the logits ``(B, classes)``.
 
     ``target``: one class for all images, one per image, or ``None`` (each image's top
-    class); ``block``: the SA block (from 0) whose tokens Grad-CAM reads (default: the
-    last one, whose patch tokens the class-attention stage reads). The model runs in eval
+    class); ``block``: the SA block (from 0) whose patch tokens Grad-CAM reads (default:
+    the last one, whose tokens it takes as the class-attention stage reads them, after each
+    CA block's ``norm1``; a model without CA blocks: its output). The model runs in eval
     mode; its training mode is restored after.
     """
     _check_input(model, images, method, block)
@@ -257,9 +300,11 @@ def explain_batch(
             trace = model.forward_trace(images)
             targets = _targets(trace.logits, target)
             score = trace.logits.gather(1, targets[:, None]).sum()  # images are independent
-            if method == "gradcam":
-                last = len(model.blocks) - 1
-                maps = _grad_cam(trace, score, last if block is None else block)
+            last = len(model.blocks) - 1
+            if method == "gradcam" and trace.ca and block in (None, last):
+                maps = _grad_cam_class_stage(model, trace, targets)
+            elif method == "gradcam":
+                maps = _grad_cam_block(trace, score, last if block is None else block)
             else:
                 maps = _attention_maps(model, trace, method, score)
     finally:
