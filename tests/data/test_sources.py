@@ -161,3 +161,13 @@ def test_our_shards_are_webdataset_shards(sources):
     assert samples[0]["__key__"] == "val_000000000" and set(samples[0]) >= {"png", "cls"}
     labels = [int(s["cls"]) for s in samples]
     assert labels == DigitsDataset("val").targets
+
+
+@pytest.mark.parametrize("form", ("shards", "folder"))
+def test_take_gives_the_first_samples_of_any_split_in_evaluation_order(sources, form):
+    from cait.data import take
+
+    val = build_val_dataset(sources[form], to_tensor)
+    first = _samples(take(val, 5))
+    assert len(first) == 5
+    assert [label for _, label, _ in first] == [label for _, label, _ in _samples(val)[:5]]
