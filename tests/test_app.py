@@ -251,23 +251,31 @@ def test_ctrl_c_stops_cait_app_with_130_and_one_line(checkpoints, capsys, caplog
             if record.getMessage() == "Ctrl+C stops it":
                 serving.set()
 
+    returned = threading.Event()
+
     def press_ctrl_c():  # once the server waits for it, as a user at the terminal
-        if serving.wait(timeout=120):
-            time.sleep(0.5)
+        serving.wait(timeout=600)  # a server that never says so is stopped all the same
+        time.sleep(0.5)
+        if not returned.is_set():
             os.kill(os.getpid(), signal.SIGINT)
 
     caplog.set_level(logging.INFO, logger="cait.app")
     started = Started()
     logging.getLogger("cait.app").addHandler(started)
     port = free_port()
+    # Ctrl-C as at a terminal, whatever started the tests: a shell's background job (`&`)
+    # ignores SIGINT, and the test would wait for a server that never stops
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = threading.Thread(target=press_ctrl_c, daemon=True)
     thread.start()
     try:
         status = main(["app", "--checkpoint", str(checkpoints[0]), "--port", str(port)])
     finally:
+        returned.set()
         logging.getLogger("cait.app").removeHandler(started)
         serving.set()
         thread.join()
+        signal.signal(signal.SIGINT, previous)
     out, err = capsys.readouterr()
     assert status == 130
     assert err.strip().splitlines()[-1] == "cait app: interrupted"
