@@ -22,6 +22,18 @@ from cait.training.run import train
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _source(form: str, out: Path) -> str:
+    """The ``--data`` text of the digits as ``form``, written under ``out`` the first time
+    (a rerun, with ``resume=auto``, continues the runs on the same files)."""
+    if form == "digits":
+        return "digits"
+    where = out / form
+    if not where.exists():
+        return write_as(open_source("digits"), form, where)
+    written = {"list": f"list:{where / 'list.csv'}", "hf": f"hf:{where / 'dataset'}"}
+    return written.get(form, f"shards:{where}" if form == "shards" else str(where))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -36,19 +48,7 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     for form in args.forms.split(","):
-        data = "digits"
-        if form != "digits":
-            where = args.out / form
-            data = write_as(open_source("digits"), form, where) if not where.exists() else None
-            data = (
-                data
-                or {
-                    "folder": str(where),
-                    "list": f"list:{where / 'list.csv'}",
-                    "hf": f"hf:{where / 'dataset'}",
-                    "shards": f"shards:{where}",
-                }[form]
-            )
+        data = _source(form, args.out)
         start = time.perf_counter()
         overrides = [
             f"output={args.out / ('run-' + form)}",
@@ -65,9 +65,8 @@ def main() -> None:
         result = train(config)
         top1 = evaluate_checkpoint(str(result.output / "model.safetensors"), data)["top1"]
         last = result.history[-1]
-        rows.append(
-            f"| `{form}` | {top1:.2f} | {last['images_per_s']:.0f} | {100 * last['data_wait_share']:.0f}% |"
-        )
+        wait = 100 * last["data_wait_share"]
+        rows.append(f"| `{form}` | {top1:.2f} | {last['images_per_s']:.0f} | {wait:.0f}% |")
         print(rows[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
     table = "\n".join(rows) + "\n"
     (args.out / "table.md").write_text(table)

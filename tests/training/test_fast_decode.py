@@ -15,7 +15,11 @@ def test_the_fast_decode_path_gives_uint8_batches_that_the_objective_normalises(
     config = digits_config(tmp_path, "data.decode=fast", "augment.re_prob=0.5")
     data = load_data(config)
     image, _, _ = data.train[0]
-    assert image.dtype == torch.uint8 and image.shape == (3, data.settings.img_size, data.settings.img_size)
+    assert image.dtype == torch.uint8 and image.shape == (
+        3,
+        data.settings.img_size,
+        data.settings.img_size,
+    )
     objective = build_objective(config, data, torch.device("cpu"))
     batch = torch.stack([data.train[i][0] for i in range(8)])
     out = objective.on_device(batch)

@@ -42,9 +42,7 @@ def _stopped_and_resumed_equals_whole(tmp_path, monkeypatch, data: str, *extra: 
     assert_same_weights(tmp_path / "run" / "model.safetensors", full / "run" / "model.safetensors")
 
 
-def test_a_run_from_shards_stopped_within_an_epoch_resumes_exactly(
-    sources, tmp_path, monkeypatch
-):
+def test_a_run_from_shards_stopped_within_an_epoch_resumes_exactly(sources, tmp_path, monkeypatch):
     # one epoch: the stop and the resume are within it; loader workers plan their parts
     _stopped_and_resumed_equals_whole(
         tmp_path, monkeypatch, sources["shards"], "data.workers=2", "epochs=1"
