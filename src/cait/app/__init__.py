@@ -433,8 +433,7 @@ def serve(
 ) -> str:
     """Serve a page from :func:`build_app` on ``host:port`` (and on a public Gradio link
     with ``share``) and return its address. ``block=True`` serves until interrupted
-    (Ctrl+C); ``block=False`` returns once the server runs (``app.close()`` ends it).
-    """
+    (Ctrl+C); ``block=False`` returns once the server runs (``app.close()`` ends it)."""
     if not 0 < port < 65536:
         raise ValueError(f"port must be in [1, 65535], got {port}")
     # Gradio checks its own start through httpx, which logs every request at INFO
@@ -493,8 +492,9 @@ def launch_app(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     share: bool = False,
+    precision: str = "fp32",
 ) -> None:
-    """``cait app``: load the checkpoints, then serve their page until interrupted."""
+    """``cait app``: load the checkpoints (to run in ``precision``), then serve their page."""
     if not 0 < port < 65536:  # before the models load
         raise ValueError(f"port must be in [1, 65535], got {port}")
-    serve(build_app(load_app_models(checkpoints, model_name)), host, port, share)
+    serve(build_app(load_app_models(checkpoints, model_name, precision)), host, port, share)

@@ -10,10 +10,12 @@ import argparse
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Any, get_args
 
 __all__ = [
     "CHECKPOINT_HELP",
     "DATA_HELP",
+    "PRECISION_HELP",
     "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
     "EXIT_USER_ERROR",
@@ -22,6 +24,8 @@ __all__ = [
     "Stopped",
     "crop_ratio",
     "force_flag",
+    "picture_flags",
+    "precision_flag",
     "positive_int",
     "threads_flag",
     "training_stops",
@@ -92,6 +96,40 @@ def crop_ratio(text: str) -> float:
 
 # what --data may name (cait.data.sources)
 DATA_HELP = "digits, an image folder, shards:DIR, hf:DIR or list:FILE"
+
+
+PRECISION_HELP = (
+    "fp32; bf16 (autocast: a CPU with avx512_bf16 or amx_bf16, or CUDA); int8 (the linear "
+    "layers dynamically quantized, CPU only). The checkpoint file is not changed"
+)
+
+
+def precision_flag(p: argparse.ArgumentParser, **kwargs: Any) -> None:
+    """``--precision fp32|bf16|int8`` (:mod:`cait.precision`; no torch import here)."""
+    kwargs.setdefault("default", "fp32")
+    kwargs.setdefault("help", PRECISION_HELP)
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), **kwargs)
+
+
+def picture_flags(p: argparse.ArgumentParser) -> None:
+    """What a command that draws maps over images takes (attention, explain): the style,
+    the resolution, the device, ``--force`` and ``--threads``."""
+    from cait.analysis.attention import MapStyle  # light: the picture code loads when drawn
+    from cait.runtime import DeviceType
+
+    p.add_argument(
+        "--style",
+        choices=get_args(MapStyle),
+        default="blocks",
+        help="each token as a block of pixels, or a smoothed overlay",
+    )
+    p.add_argument(
+        "--img-size", type=positive_int, help="run at this resolution (default: the model's)"
+    )
+    # no "auto": a picture is computed where asked
+    p.add_argument("--device", choices=get_args(DeviceType), default="cpu", help="where to run")
+    force_flag(p, "the earlier outputs in --output (never a folder holding other files)")
+    threads_flag(p)
 
 
 def force_flag(p: argparse.ArgumentParser, what: str) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from cait.cli._common import MODEL_HELP, threads_flag
-from cait.cli.predict import precision_flag
+from cait.cli._common import (
+    MODEL_HELP,
+    precision_flag,
+    threads_flag,
+)
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
@@ -33,15 +36,16 @@ def run(args: argparse.Namespace) -> int:
 
     use_threads(args.threads)
     try:  # gradio is an optional dependency (cait[app])
-        from cait.app import build_app, launch_app, load_app_models, serve
+        from cait.app import launch_app
     except ImportError as err:
         raise ValueError(f"cait app needs `pip install cait[app]` ({err})") from err
 
-    if args.precision == "fp32":
-        launch_app(args.checkpoint, args.model, host=args.host, port=args.port, share=args.share)
-        return 0
-    if not 0 < args.port < 65536:  # before the models load, as launch_app checks it
-        raise ValueError(f"port must be in [1, 65535], got {args.port}")
-    models = load_app_models(args.checkpoint, args.model, precision=args.precision)
-    serve(build_app(models), args.host, args.port, args.share)
+    launch_app(
+        args.checkpoint,
+        args.model,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        precision=args.precision,
+    )
     return 0

@@ -4,9 +4,13 @@ images."""
 from __future__ import annotations
 
 import argparse
-from typing import get_args
 
-from cait.cli._common import CHECKPOINT_HELP, MODEL_HELP, force_flag, positive_int, threads_flag
+from cait.cli._common import (
+    CHECKPOINT_HELP,
+    MODEL_HELP,
+    picture_flags,
+    positive_int,
+)
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
@@ -18,8 +22,6 @@ cait attention --checkpoint runs/demo/model.safetensors runs/demo/samples/*.png 
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    from cait.analysis.attention import MapStyle
-    from cait.runtime import DeviceType
 
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
@@ -31,19 +33,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="also draw self-attention block N, counted from 1 as in the pictures and the "
         "paper (default: class attention only)",
     )
-    p.add_argument(
-        "--style",
-        choices=get_args(MapStyle),
-        default="blocks",
-        help="each token as a block of pixels, or a smoothed overlay",
-    )
-    p.add_argument(
-        "--img-size", type=positive_int, help="run at this resolution (default: the model's)"
-    )
-    # no "auto": a picture is computed where asked
-    p.add_argument("--device", choices=get_args(DeviceType), default="cpu", help="where to run")
-    force_flag(p, "the earlier outputs in --output (never a folder holding other files)")
-    threads_flag(p)
+    picture_flags(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,9 +11,9 @@ from cait.cli._common import (
     MODEL_HELP,
     crop_ratio,
     positive_int,
+    precision_flag,
     threads_flag,
 )
-from cait.cli.predict import precision_flag
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 

@@ -5,9 +5,14 @@ insertion areas)."""
 from __future__ import annotations
 
 import argparse
-from typing import get_args
 
-from cait.cli._common import CHECKPOINT_HELP, MODEL_HELP, force_flag, positive_int, threads_flag
+from cait.cli._common import (
+    CHECKPOINT_HELP,
+    DATA_HELP,
+    MODEL_HELP,
+    picture_flags,
+    positive_int,
+)
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "run"]
 
@@ -22,9 +27,7 @@ METHOD_NAMES = ("rollout", "gradient", "gradcam", "ca")  # cait.analysis.explain
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    from cait.analysis.attention import MapStyle
     from cait.analysis.faithfulness import DEFAULT_LIMIT, DEFAULT_STEPS
-    from cait.runtime import DeviceType
 
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files to explain")
@@ -68,18 +71,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         "--steps", type=positive_int, default=DEFAULT_STEPS, help="points per curve, at most"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random ordering")
-    p.add_argument(
-        "--style",
-        choices=get_args(MapStyle),
-        default="blocks",
-        help="each token as a block of pixels, or a smoothed overlay",
-    )
-    p.add_argument(
-        "--img-size", type=positive_int, help="run at this resolution (default: the model's)"
-    )
-    p.add_argument("--device", choices=get_args(DeviceType), default="cpu", help="where to run")
-    force_flag(p, "the earlier outputs in --output (never a folder holding other files)")
-    threads_flag(p)
+    picture_flags(p)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -87,7 +79,7 @@ def _check(args: argparse.Namespace) -> None:
         if args.images:
             raise ValueError("--faithfulness scores --data; give no images with it")
         if args.data is None:
-            raise ValueError("--faithfulness needs --data (digits or an image folder)")
+            raise ValueError(f"--faithfulness needs --data ({DATA_HELP})")
         if args.target is not None:
             raise ValueError("--faithfulness explains each image's prediction; drop --class")
     else:

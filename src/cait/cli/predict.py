@@ -8,7 +8,14 @@ import json
 import os
 from typing import Any, get_args
 
-from cait.cli._common import CHECKPOINT_HELP, MODEL_HELP, force_flag, positive_int, threads_flag
+from cait.cli._common import (
+    CHECKPOINT_HELP,
+    MODEL_HELP,
+    force_flag,
+    positive_int,
+    precision_flag,
+    threads_flag,
+)
 
 __all__ = ["EXAMPLES", "PURPOSE", "add_flags", "precision_flag", "run"]
 
@@ -20,18 +27,6 @@ cait predict --checkpoint runs/demo/model.safetensors photos/ --output results.c
 cait predict --checkpoint runs/demo/model.safetensors photos/ --output r.parquet --precision int8
 cait predict --checkpoint runs/demo/model.safetensors --data digits --output digits.csv
 """
-
-PRECISION_HELP = (
-    "fp32; bf16 (autocast: a CPU with avx512_bf16 or amx_bf16, or CUDA); int8 (the linear "
-    "layers dynamically quantized, CPU only). The checkpoint file is not changed"
-)
-
-
-def precision_flag(p: argparse.ArgumentParser, **kwargs: Any) -> None:
-    """``--precision fp32|bf16|int8`` (:mod:`cait.precision`; no torch import here)."""
-    kwargs.setdefault("default", "fp32")
-    kwargs.setdefault("help", PRECISION_HELP)
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), **kwargs)
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
+
+from cait.data.images import upright_rgb
 
 __all__ = [
     "ERASE_AREA",
@@ -89,14 +91,8 @@ def open_image(source: str | Path | bytes) -> Image.Image:
 
 def finish_image(img: Image.Image) -> Image.Image:
     """Decode ``img`` if it is not yet, and make it upright RGB as
-    :func:`cait.data.load_image` does (EXIF orientation, transparency, 16-bit grey)."""
-    img.load()  # decode now, so that truncated files fail here
-    ImageOps.exif_transpose(img, in_place=True)
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode.startswith("I;16"):
-        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
-    return img if img.mode == "RGB" else img.convert("RGB")
+    :func:`cait.data.load_image` does, without copying an RGB image."""
+    return upright_rgb(img, copy=False)
 
 
 def _undecoded_jpeg(img: Image.Image) -> bool:

@@ -24,6 +24,7 @@ __all__ = [
     "load_image",
     "read_bytes",
     "read_image",
+    "upright_rgb",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -39,8 +40,11 @@ UNREADABLE_IMAGE_ERRORS = (
 )
 
 
-def _upright_rgb(img: Image.Image) -> Image.Image:
-    """Decode now (so that truncated data fails here), turn as EXIF says, make RGB."""
+def upright_rgb(img: Image.Image, copy: bool = True) -> Image.Image:
+    """Decode ``img`` now (so that truncated data fails here), turn it as EXIF says and make
+    it RGB (transparency, 16-bit grey). ``copy=False``: an image that is RGB already is
+    returned itself, not copied (for one that stays open; a file closed after it needs
+    the copy)."""
     img.load()
     # phones store pictures as the sensor saw them and say how to turn them in EXIF
     ImageOps.exif_transpose(img, in_place=True)
@@ -50,7 +54,7 @@ def _upright_rgb(img: Image.Image) -> Image.Image:
         # 16-bit grayscale (PNG, TIFF): PIL's conversion clips at 255, which turns most
         # of the picture white; keep the top 8 bits instead
         img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
-    return img.convert("RGB")
+    return img if img.mode == "RGB" and not copy else img.convert("RGB")
 
 
 def decode_image_bytes(data: bytes) -> Image.Image:
@@ -63,7 +67,7 @@ def decode_image_bytes(data: bytes) -> Image.Image:
     except UnidentifiedImageError:  # PIL's message names the buffer object: say what it is
         raise UnidentifiedImageError("not an image format PIL can read") from None
     with img:
-        return _upright_rgb(img)
+        return upright_rgb(img)
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -77,7 +81,7 @@ def load_image(path: str | Path) -> Image.Image:
     if path.stat().st_size == 0:
         raise ValueError("empty file")
     with Image.open(path) as img:
-        return _upright_rgb(img)
+        return upright_rgb(img)
 
 
 URL_SCHEMES = ("http://", "https://")

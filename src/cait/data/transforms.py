@@ -189,9 +189,10 @@ def check_crop_pct(crop_pct: float, where: str = "crop_pct") -> float:
         raise ValueError(f"{err}: {CROP_PCT_WHY}") from None
 
 
-def eval_transform(settings: InputSpec) -> Callable:
+def eval_transform(settings: InputSpec, uint8: bool = False) -> Callable:
     """Resize to ``img_size / crop_pct`` and center-crop (crop 1.0 for CaiT, 0.875 DeiT);
-    a crop ratio outside ``CROP_PCT_RANGE`` (or not finite) is refused."""
+    a crop ratio outside ``CROP_PCT_RANGE`` (or not finite) is refused. ``uint8``: a uint8
+    ``(C, H, W)`` tensor out (the same pixels), normalised later on the device, batched."""
     return create_transform(
         settings.img_size,
         is_training=False,
@@ -200,6 +201,7 @@ def eval_transform(settings: InputSpec) -> Callable:
         std=settings.std,
         # checked: timm reads crop_pct=0 as "not given" (its default, 0.875)
         crop_pct=check_crop_pct(settings.crop_pct),
+        use_prefetcher=uint8,  # uint8 CHW out: no ToTensor or Normalize
     )
 
 
@@ -207,15 +209,7 @@ def fast_eval_transform(settings: InputSpec) -> Callable:
     """:func:`eval_transform`'s resize and centre crop (the same PIL operations, so the same
     pixels), returning a uint8 ``(C, H, W)`` tensor: normalising moves to the device,
     batched (:class:`cait.data.decode.DeviceAugment` with the model's mean and std)."""
-    return create_transform(
-        settings.img_size,
-        is_training=False,
-        interpolation=settings.interpolation,
-        mean=settings.mean,
-        std=settings.std,
-        crop_pct=check_crop_pct(settings.crop_pct),
-        use_prefetcher=True,  # uint8 CHW out: no ToTensor or Normalize
-    )
+    return eval_transform(settings, uint8=True)
 
 
 def build_mixup(augment: AugmentConfig, num_classes: int) -> Mixup | None:
