@@ -19,6 +19,7 @@ from cait.inference import evaluate_checkpoint
 from cait.kernels import native
 from cait.models.registry import create_model
 from cait.precision import check_precision, cpu_flags, prepare_model, quantize_int8
+from cait.precision.int8 import Int8Linear
 
 CPU = torch.device("cpu")
 
@@ -60,15 +61,21 @@ def test_unknown_precision_is_refused():
     one_line(err, "fp32, bf16, int8", "'fp8'")
 
 
-def test_int8_quantizes_the_linear_layers_but_the_mixing_and_leaves_the_model_alone():
+@pytest.mark.parametrize("flags", [{"avx512_vnni"}, {"avx2"}], ids=["onednn", "torch.ao"])
+def test_int8_quantizes_the_linear_layers_but_the_mixing_and_leaves_the_model_alone(
+    flags, monkeypatch
+):
+    """oneDNN's engine with VNNI, torch.ao's without (cait.precision.int8)."""
+    monkeypatch.setattr(cait.precision, "cpu_flags", lambda: flags)
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     quantized = quantize_int8(model)
     kinds = dict(quantized.named_modules())
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    engine = Int8Linear if "avx512_vnni" in flags else quantized_dynamic.Linear
     for name in linears:
         mixing = name.endswith(("proj_l", "proj_w"))
-        want = nn.Linear if mixing else quantized_dynamic.Linear
+        want = nn.Linear if mixing else engine
         assert type(kinds[name]) is want, name
     assert any(n.endswith("head") for n in linears) and any("qkv" in n for n in linears)
     # the caller's model is unchanged: still float linears with the same weights
@@ -153,7 +160,8 @@ def test_the_app_serves_a_model_in_a_precision(precision, tmp_path, monkeypatch)
     monkeypatch.setattr(cait.precision, "cpu_flags", lambda: {"avx512_bf16"})
     ckpt = str(tiny_checkpoint(tmp_path, "cait_digits_16", list("0123456789"), seed=1))
     fp32, low = (load_app_models([ckpt], precision=p)[0] for p in ("fp32", precision))
-    quantized = any(isinstance(m, quantized_dynamic.Linear) for m in low.model.modules())
+    engines = (quantized_dynamic.Linear, Int8Linear)
+    quantized = any(isinstance(m, engines) for m in low.model.modules())
     assert quantized == (precision == "int8")
     image = Image.new("RGB", (16, 16), (200, 30, 90))
     want, got = analyse(fp32, image), analyse(low, image)

@@ -16,6 +16,8 @@ __all__ = [
     "CHECKPOINT_HELP",
     "DATA_HELP",
     "PRECISION_HELP",
+    "calibrate_flags",
+    "calibration",
     "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
     "EXIT_USER_ERROR",
@@ -100,7 +102,8 @@ DATA_HELP = "digits, an image folder, shards:DIR, hf:DIR or list:FILE"
 
 PRECISION_HELP = (
     "fp32; bf16 (autocast: a CPU with avx512_bf16 or amx_bf16, or CUDA); int8 (the linear "
-    "layers dynamically quantized, CPU only). The checkpoint file is not changed"
+    "layers quantized, CPU only; activation scales per batch, or fixed by --calibrate). The "
+    "checkpoint file is not changed"
 )
 
 
@@ -109,6 +112,33 @@ def precision_flag(p: argparse.ArgumentParser, **kwargs: Any) -> None:
     kwargs.setdefault("default", "fp32")
     kwargs.setdefault("help", PRECISION_HELP)
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), **kwargs)
+
+
+def calibrate_flags(p: argparse.ArgumentParser) -> None:
+    """``--calibrate SOURCE`` and ``--calibrate-images N``: int8's static activation scales
+    (:mod:`cait.inference.calibration`)."""
+    p.add_argument(
+        "--calibrate",
+        metavar="SOURCE",
+        help="int8 only: fix the activation scales from images of this source's train split "
+        f"({DATA_HELP}), for faster int8 whose predictions do not depend on the batch",
+    )
+    p.add_argument(
+        "--calibrate-images",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="how many images --calibrate reads (a seeded sample)",
+    )
+
+
+def calibration(args: argparse.Namespace) -> Any:
+    """The :class:`~cait.inference.calibration.Calibration` the flags ask for, or ``None``."""
+    if args.calibrate is None:
+        return None
+    from cait.inference.calibration import Calibration
+
+    return Calibration(args.calibrate, args.calibrate_images)
 
 
 def picture_flags(p: argparse.ArgumentParser) -> None:

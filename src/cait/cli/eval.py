@@ -9,6 +9,8 @@ from typing import get_args
 from cait.cli._common import (
     CHECKPOINT_HELP,
     MODEL_HELP,
+    calibrate_flags,
+    calibration,
     crop_ratio,
     positive_int,
     precision_flag,
@@ -60,9 +62,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PRECISION",
         help="fp32, bf16 (autocast; on a CPU with avx512_bf16 or amx_bf16), int8 (the linear "
-        "layers dynamically quantized, CPU only); several give one row each (default: fp32, "
-        "or --amp)",
+        "layers quantized, CPU only); several give one row each (default: fp32, or --amp)",
     )
+    calibrate_flags(p)
     p.add_argument(
         "--results-file",
         metavar="FILE",
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         crop_pct=args.crop_pct,
         classes_by_position=args.classes_by_position,
+        calibration=calibration(args),
     )
     several = len(rows) > 1
     for r in rows:

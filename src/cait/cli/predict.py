@@ -11,6 +11,8 @@ from typing import Any, get_args
 from cait.cli._common import (
     CHECKPOINT_HELP,
     MODEL_HELP,
+    calibrate_flags,
+    calibration,
     force_flag,
     positive_int,
     precision_flag,
@@ -25,6 +27,7 @@ cait predict --checkpoint runs/demo/model.safetensors runs/demo/samples/*.png
 cait predict --checkpoint runs/demo/model.safetensors photos/ --output results.csv
 cait predict --checkpoint runs/demo/model.safetensors photos/ --output results.csv --resume
 cait predict --checkpoint runs/demo/model.safetensors photos/ --output r.parquet --precision int8
+cait predict --checkpoint runs/demo/model.safetensors photos/ --precision int8 --calibrate digits
 cait predict --checkpoint runs/demo/model.safetensors --data digits --output digits.csv
 """
 
@@ -55,6 +58,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--device", choices=get_args(Device), default="auto", help="where to run")
     precision_flag(p)
+    calibrate_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
         "--output",
@@ -101,6 +105,7 @@ def _batched(args: argparse.Namespace) -> int:
         on_rows=None if args.output else lambda rows: _print_rows(rows, args.json),
         data=args.data,
         split=args.split,
+        calibration=calibration(args),
     )
     if args.output:
         print(
@@ -130,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model,
         device=args.device,
         precision=args.precision,
+        calibration=calibration(args),
     )
     if args.json:
         print(json.dumps(results, indent=2))

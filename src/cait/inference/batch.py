@@ -27,10 +27,11 @@ from cait.data.datasets import find_images
 from cait.data.sources import is_streamed
 from cait.data.sources.base import KeyedSample
 from cait.files import first_line
+from cait.inference.calibration import Calibration, prepare_loaded
 from cait.inference.image import patch_size, read_checked_image
 from cait.inference.results import ResultsJournal
 from cait.models.build import LoadedModel, load_for_inference
-from cait.precision import PreparedModel, prepare_model
+from cait.precision import PreparedModel
 from cait.progress import progress_bar
 from cait.threads import adapt as adapt_threads
 
@@ -153,11 +154,15 @@ def predict_batches(
 
 
 def _prepare(
-    checkpoint: str, model_name: str | None, device: str, precision: str
+    checkpoint: str,
+    model_name: str | None,
+    device: str,
+    precision: str,
+    calibration: Calibration | None,
 ) -> tuple[LoadedModel, PreparedModel]:
     dev = runtime.inference_device(device, "none")
     loaded = load_for_inference(checkpoint, model_name)
-    prepared = prepare_model(loaded.model, precision, dev)
+    prepared = prepare_loaded(loaded, precision, dev, calibration)
     return dataclasses.replace(loaded, model=prepared.model), prepared
 
 
@@ -200,13 +205,15 @@ def predict_to_file(
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
     data: str | None = None,
     split: str = "eval",
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """Predict every image of ``inputs`` (files and folders), or of the ``split`` of source
     ``data`` (``digits``, a folder, ``shards:DIR``, ``hf:DIR``, ``list:FILE``; its labels
     fill a ``label`` column), in batches, into ``output`` (``.csv``, ``.jsonl`` or
     ``.parquet``; see :mod:`cait.inference.results`) and/or to ``on_rows``. With ``resume``
     the rows a stopped run wrote are kept and their images not run again. Returns
-    ``images`` (run now), ``rows`` (in the output), ``skipped`` and ``images_per_s``."""
+    ``images`` (run now), ``rows`` (in the output), ``skipped`` and ``images_per_s``.
+    ``calibration`` fixes int8's activation scales (:mod:`cait.inference.calibration`)."""
     if resume and output is None:
         raise ValueError("--resume continues a results file: give --output")
     if (data is None) == (not inputs):
@@ -215,7 +222,7 @@ def predict_to_file(
         list_images(inputs)  # a missing path fails before the model loads
     stats: dict[str, Any] = {}
     if output is None:
-        loaded, prepared = _prepare(checkpoint, model_name, device, precision)
+        loaded, prepared = _prepare(checkpoint, model_name, device, precision, calibration)
         dataset = _dataset(loaded, inputs, data, split)
         for rows in predict_batches(
             prepared, dataset, loaded.class_names, topk, batch_size, workers, stats
@@ -225,7 +232,7 @@ def predict_to_file(
         return {**stats, "rows": stats["images"], "output": None}
     # the output is checked (and locked) before the model loads: a refusal costs nothing
     with ResultsJournal(output, resume=resume, overwrite=overwrite) as journal:
-        loaded, prepared = _prepare(checkpoint, model_name, device, precision)
+        loaded, prepared = _prepare(checkpoint, model_name, device, precision, calibration)
         dataset = _remaining(_dataset(loaded, inputs, data, split), journal.done)
         for rows in predict_batches(
             prepared, dataset, loaded.class_names, topk, batch_size, workers, stats

@@ -35,10 +35,10 @@ from cait.data import (
 from cait.data.classes import check_class_names
 from cait.data.images import UnreadableImage, check_image_file
 from cait.files import first_line
+from cait.inference.calibration import Calibration, prepare_loaded
 from cait.inference.results import result_format, write_rows
 from cait.models.build import LoadedModel, load_for_inference
 from cait.models.cait import CaiT, ModelTrace
-from cait.precision import prepare_model
 from cait.threads import adapt as adapt_threads
 from cait.training.engine import evaluate
 
@@ -73,17 +73,19 @@ def evaluate_checkpoint(
     crop_pct: float | None = None,
     classes_by_position: bool = False,
     precision: str = "fp32",
+    calibration: Calibration | None = None,
 ) -> dict:
     """Top-1, top-5, loss and image count on the validation split (fp32 by default).
 
     The data's classes must be the checkpoint's (:func:`_val_dataset`);
     ``classes_by_position`` maps them by index instead, with a warning. ``precision``
-    (:mod:`cait.precision`) is the other way to ask for bf16, and the way to int8."""
+    (:mod:`cait.precision`) is the other way to ask for bf16, and the way to int8, whose
+    activation scales ``calibration`` fixes (:mod:`cait.inference.calibration`)."""
     if precision != "fp32" and amp != "none":
         raise ValueError(f"give either amp ({amp}) or precision ({precision}), not both")
     dev = runtime.inference_device(device, amp)
     loaded = load_for_inference(checkpoint, model_name)
-    prepared = prepare_model(loaded.model, precision, dev)
+    prepared = prepare_loaded(loaded, precision, dev, calibration)
     if amp != "none":  # --amp, the older name of a precision
         precision = amp
     amp = "bf16" if precision == "bf16" else amp
@@ -119,13 +121,23 @@ def evaluate_checkpoints(
 ) -> list[dict[str, Any]]:
     """:func:`evaluate_checkpoint` for every checkpoint in every precision on one split:
     one row each (:data:`EVAL_COLUMNS`), in order. ``results_file`` (``.csv``, ``.jsonl``,
-    ``.parquet``) is rewritten whole after each row, so a stopped run keeps what it did."""
+    ``.parquet``) is rewritten whole after each row, so a stopped run keeps what it did.
+    A ``calibration`` option applies to the int8 rows."""
     if results_file is not None:
         result_format(results_file)  # a bad name fails before the first evaluation
+    calibration = options.pop("calibration", None)
+    if calibration is not None and "int8" not in precisions:
+        raise ValueError(f"--calibrate is for precision int8, not {', '.join(precisions)}")
     rows: list[dict[str, Any]] = []
     for checkpoint in checkpoints:
         for precision in precisions:
-            result = evaluate_checkpoint(checkpoint, data, precision=precision, **options)
+            result = evaluate_checkpoint(
+                checkpoint,
+                data,
+                precision=precision,
+                calibration=calibration if precision == "int8" else None,
+                **options,
+            )
             row = {"checkpoint": str(checkpoint), "precision": result["precision"]}
             row.update({k: result[k] for k in EVAL_COLUMNS[2:]})
             row["skipped"] = len(result["skipped"])
@@ -272,13 +284,15 @@ def predict(
     model_name: str | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    calibration: Calibration | None = None,
 ) -> list[dict]:
     """Top-k classes with names and probabilities for each image file (each read and
     checked by :func:`read_checked_image`: a one-line error naming a file it cannot use),
-    the model in ``precision`` (:mod:`cait.precision`)."""
+    the model in ``precision`` (:mod:`cait.precision`; int8's scales fixed by
+    ``calibration``)."""
     dev = runtime.inference_device(device, "none")
     loaded = load_for_inference(checkpoint, model_name)
-    prepared = prepare_model(loaded.model, precision, dev)
+    prepared = prepare_loaded(loaded, precision, dev, calibration)
     loaded = dataclasses.replace(loaded, model=prepared.model)
     results = []
     for image in images:

@@ -1,5 +1,5 @@
-"""Inference precisions: fp32, bf16 (autocast) and int8 (dynamically quantized linear layers),
-checked against the device and the CPU before a model runs in them.
+"""Inference precisions: fp32, bf16 (autocast) and int8 (quantized linear layers), checked
+against the device and the CPU before a model runs in them.
 
 - ``bf16``: the model keeps its fp32 weights and runs under :func:`torch.autocast`; matrix
   products run in bf16, and the talking-heads kernel mixes heads and takes the softmax in
@@ -8,11 +8,14 @@ checked against the device and the CPU before a model runs in them.
   emulated and slower than fp32, so it is refused rather than run slowly.
 - ``int8``: a quantized copy of the model (the caller's model is left as it is) in which
   every ``nn.Linear`` but the talking-heads mixing (``proj_l``, ``proj_w``: ``H x H``
-  weights applied to attention logits and probabilities) becomes
-  :class:`torch.ao.nn.quantized.dynamic.Linear`: int8 weights with one scale per output
-  channel, activations quantized per batch as they come, the result in fp32. The attention
-  (logits, softmax, mixing), LayerNorm, GELU and the patch embedding stay in fp32. CPU only
-  (torch's quantized kernels, fbgemm/oneDNN, have no CUDA version).
+  weights applied to attention logits and probabilities) runs in int8 with one weight
+  scale per output channel. On a CPU with VNNI (``avx512_vnni``, ``avx_vnni`` or
+  ``amx_int8``) they are oneDNN's int8 products with the MLP's GELU fused
+  (:mod:`cait.precision.int8`), their activations quantized per batch as they come or, given
+  calibration images, at scales fixed from those; elsewhere (logged) torch.ao's dynamic
+  quantization (:func:`quantize_int8_ao`). The attention (logits, softmax, mixing),
+  LayerNorm and the patch embedding stay in fp32. CPU only (neither engine has a CUDA
+  version).
 
 A checkpoint file is never changed: both are applied to the loaded model.
 """
@@ -23,7 +26,7 @@ import contextlib
 import copy
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,8 @@ from torch.ao.nn.quantized import dynamic as quantized_dynamic
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
 from cait import runtime
+from cait.precision import int8
+from cait.precision.int8 import KEEP_FLOAT
 
 __all__ = [
     "PRECISIONS",
@@ -45,6 +50,7 @@ __all__ = [
     "cpu_flags",
     "prepare_model",
     "quantize_int8",
+    "quantize_int8_ao",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,9 +60,6 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 # CPU instructions that run bf16 products natively (Linux /proc/cpuinfo names, as `lscpu`
 # shows them); without one of them oneDNN emulates bf16 in fp32, slower than fp32 itself.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-# The talking-heads mixing layers: (H, H) weights over attention logits and probabilities,
-# applied through their .weight by the attention kernels; kept in floating point.
-KEEP_FLOAT = ("proj_l", "proj_w")
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
@@ -90,9 +93,32 @@ def check_precision(precision: str, device: torch.device) -> None:
             )
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose linear layers (but the talking-heads mixing) are dynamically
-    quantized to int8 with per-channel weights (see the module docstring)."""
+def quantize_int8(model: nn.Module, calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
+    """A copy of ``model`` whose linear layers (but the talking-heads mixing) run in int8
+    (see the module docstring): oneDNN's where the CPU has VNNI, torch.ao's elsewhere
+    (logged). ``calibration`` (batches of images as the model takes them) fixes the
+    activation scales; without it they are measured on every batch."""
+    if not int8.supported(cpu_flags()):
+        logger.warning(
+            "int8: this CPU has none of %s (see `lscpu`), or torch has no oneDNN: torch.ao's "
+            "dynamic quantization instead, slower%s",
+            ", ".join(int8.VNNI_FLAGS),
+            "; the calibration images are not used" if calibration is not None else "",
+        )
+        return quantize_int8_ao(model)
+    quantized = copy.deepcopy(model).float().eval()
+    count = int8.quantize_linear_layers(quantized)
+    logger.info("int8: %d linear layers in oneDNN int8 (per-channel weights)", count)
+    if calibration is not None:
+        int8.calibrate(quantized, calibration)
+    return quantized
+
+
+def quantize_int8_ao(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose linear layers (but the talking-heads mixing) are
+    torch.ao's dynamically quantized ``Linear`` (fbgemm or oneDNN kernels, per-channel
+    weights, activations quantized per batch, outputs in fp32): the int8 engine of CPUs
+    without VNNI."""
     spec = {
         name: per_channel_dynamic_qconfig
         for name, module in model.named_modules()
@@ -105,7 +131,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
         quantized = quantize_dynamic(copy.deepcopy(model).float().eval(), spec, dtype=torch.qint8)
     count = sum(isinstance(m, quantized_dynamic.Linear) for m in quantized.modules())
-    logger.info("int8: %d linear layers quantized (per-channel weights, dynamic inputs)", count)
+    logger.info("int8: %d linear layers quantized (torch.ao, dynamic inputs)", count)
     return quantized
 
 
@@ -118,16 +144,27 @@ class PreparedModel:
     autocast: Callable[[], AbstractContextManager[object]]
 
 
-def prepare_model(model: nn.Module, precision: str, device: torch.device) -> PreparedModel:
+def prepare_model(
+    model: nn.Module,
+    precision: str,
+    device: torch.device,
+    calibration: Iterable[torch.Tensor] | None = None,
+) -> PreparedModel:
     """``model`` (on ``device``) made ready to run in ``precision``, after
-    :func:`check_precision`; the precision is logged. int8 gives a quantized copy; fp32
-    and bf16 give ``model`` itself."""
+    :func:`check_precision`; the precision is logged. int8 gives a quantized copy, its
+    activation scales fixed from ``calibration`` when given (:func:`quantize_int8`); fp32
+    and bf16 give ``model`` itself, and refuse ``calibration``."""
     check_precision(precision, device)
+    if calibration is not None and precision != "int8":
+        raise ValueError(f"calibration is for precision int8, not {precision}")
     if precision == "int8":
-        prepared = PreparedModel(quantize_int8(model.cpu()), precision, contextlib.nullcontext)
+        quantized = quantize_int8(model.cpu(), calibration)
+        prepared = PreparedModel(quantized, precision, contextlib.nullcontext)
     else:
         amp = "bf16" if precision == "bf16" else "none"
         prepared = PreparedModel(model.to(device), precision, lambda: runtime.autocast(device, amp))
     how = {"fp32": "fp32", "bf16": "bf16 autocast", "int8": "int8 dynamic quantization"}
+    if calibration is not None:
+        how["int8"] = "int8 static quantization (calibrated)"
     logger.info("precision: %s on %s", how[precision], device)
     return prepared
