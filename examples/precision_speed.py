@@ -1,6 +1,11 @@
 """Images/s of cait_xxs24_224 on the CPU in each inference precision, beside timm's model in
 fp32, eager and compiled: the figures of docs/DEPLOY.md.
 
+int8 runs three ways: oneDNN's engine with dynamic activation scales (what ``--precision
+int8`` runs), the same with static scales (``--calibrate``; calibrated here on the timed
+batch itself: the scales change no timing), and torch.ao's dynamic quantization (the
+engine of CPUs without VNNI, and this project's before).
+
 All models run in one process on the same random batch, in alternating rounds whose order
 flips every round (cait.bench's protocol); each figure is a median over rounds and each
 ratio is to our fp32 model in the same rounds. The load average before and after is printed:
@@ -21,7 +26,7 @@ import torch
 
 from cait.bench.compare import build_reference
 from cait.bench.throughput import _make_step, _model_and_batch, _timed_rounds
-from cait.precision import check_precision, quantize_int8
+from cait.precision import check_precision, quantize_int8, quantize_int8_ao
 from cait.threads import use_threads
 
 
@@ -49,6 +54,8 @@ def main() -> None:
         "cait fp32": step(ours),
         "cait bf16 (autocast)": step(ours, autocast=True),
         "cait int8": step(quantize_int8(ours)),
+        "cait int8 calibrated": step(quantize_int8(ours, calibration=[images])),
+        "cait int8 torch.ao": step(quantize_int8_ao(ours)),
         "timm fp32 eager": step(timm_eager),
     }
     if not args.no_compile:

@@ -10,6 +10,7 @@ the data pipeline imports timm, which ``cait bench`` does not need.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +30,13 @@ def precision_agreement(
     dtype: str = "bf16",
     batch_size: int = 256,
     autocast: bool = False,
+    calibration: Sequence[Tensor] | None = None,
 ) -> dict[str, float]:
     """Top-1 of ``model`` in fp32 and in ``dtype`` on the same images, and their agreement.
 
     The low-precision model is a cast copy (or, with ``autocast``, the fp32 model under
-    autocast; for ``int8``, a quantized copy, :func:`cait.precision.quantize_int8`);
+    autocast; for ``int8``, a quantized copy, :func:`cait.precision.quantize_int8`, its
+    activation scales fixed from the ``calibration`` batches when given);
     ``model`` itself is left unchanged. ``agreement`` is the fraction of images
     whose predicted class is the same in both; ``max_abs_prob_diff`` compares the softmax
     probabilities.
@@ -42,7 +45,7 @@ def precision_agreement(
     low_dtype = torch.float32 if int8 else runtime.DTYPES[dtype]
     device = next(model.parameters()).device
     if int8:
-        low, autocast = quantize_int8(model), False
+        low, autocast = quantize_int8(model, calibration), False
     else:
         low = model if autocast else copy.deepcopy(model).to(low_dtype)
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low_dtype, "none")
@@ -72,7 +75,11 @@ def precision_agreement(
 
 
 def checkpoint_precision_agreement(
-    checkpoint: str, data: str = "digits", dtype: str = "bf16", autocast: bool = False
+    checkpoint: str,
+    data: str = "digits",
+    dtype: str = "bf16",
+    autocast: bool = False,
+    calibration: Sequence[Tensor] | None = None,
 ) -> dict[str, float]:
     """:func:`precision_agreement` for a checkpoint on its validation split (e.g. the demo
     model on the digits test split), with the checkpoint's eval transform."""
@@ -82,4 +89,6 @@ def checkpoint_precision_agreement(
     samples = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([s[0] for s in samples])
     targets = torch.tensor([s[1] for s in samples])
-    return precision_agreement(loaded.model, images, targets, dtype, autocast=autocast)
+    return precision_agreement(
+        loaded.model, images, targets, dtype, autocast=autocast, calibration=calibration
+    )

@@ -107,6 +107,7 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.input_qparams: tuple[float, int] | None = None
         self.output_qparams: tuple[float, int] | None = None
+        self.output_dtype = torch.float32  # when not uint8: fp32, or bf16 for the attention
         self.observed: tuple[float, float] | None = None  # input range seen while calibrating
         self.observing = False
 
@@ -150,7 +151,7 @@ class Int8Linear(nn.Module):
             self.bias,
             out_scale,
             out_zero_point,
-            None if self.output_qparams else torch.float32,  # None: uint8 out
+            None if self.output_qparams else self.output_dtype,  # None: uint8 out
             self.post_op,
             [None],
             "none" if self.post_op == "gelu" else "",  # "none": erf GELU, not tanh
