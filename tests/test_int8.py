@@ -219,3 +219,24 @@ def test_calibration_asks_for_int8_and_a_readable_source(tmp_path, capsys):
         with pytest.raises(ValueError) as err:
             Calibration("digits", **bad)
         one_line(err, "calibration")
+
+
+@pytest.mark.parametrize("flags", [{"avx512_vnni", "avx512_bf16"}, {"avx512_vnni"}])
+def test_the_attention_runs_in_bf16_only_where_the_cpu_has_it(flags, monkeypatch):
+    """qkv writes bf16 for the attention's products on a CPU with bf16 instructions; the
+    traced (plain) attention path then runs too, and agrees with the fast path."""
+    monkeypatch.setattr(cait.precision, "cpu_flags", lambda: flags)
+    model = _model(seed=4)
+    quantized = quantize_int8(model, calibration=[torch.randn(8, 3, 16, 16)])
+    want = torch.bfloat16 if "avx512_bf16" in flags else torch.float32
+    qkv = [m.attn.qkv for m in quantized.blocks]
+    assert qkv and all(layer.output_dtype == want for layer in qkv)
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        fast, reference = quantized(x), model(x)
+        traced = quantized.forward_trace(x).logits
+    assert fast.dtype == torch.float32
+    assert (fast - reference).abs().max() < 0.1 * reference.abs().max()
+    # the traced path rounds the mixed logits to bf16 where the kernel keeps them in fp32
+    assert (traced - fast).abs().max() < 0.05 * fast.abs().max()
+    assert torch.equal(traced.argmax(-1), fast.argmax(-1))

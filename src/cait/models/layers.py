@@ -184,8 +184,10 @@ def _mix_heads(attn: Tensor, mix: nn.Linear) -> Tensor:
     """Talking heads: each output head is a learned combination of all input heads.
 
     ``(B, H, N, N) -> (B, H, N, N)``, ``out[b, g] = sum_h W[g, h] attn[b, h] + bias[g]``.
+    The weight is taken in ``attn``'s dtype (what autocast does too): int8 models run the
+    attention on bf16 ``q, k, v`` with fp32 mixing layers (``cait.precision.int8``).
     """
-    out = torch.einsum("bhij,gh->bgij", attn, mix.weight)
+    out = torch.einsum("bhij,gh->bgij", attn, mix.weight.to(attn.dtype))
     return out + mix.bias[None, :, None, None]
 
 
@@ -279,7 +281,7 @@ class TalkingHeadAttention(nn.Module):
                 logits = _mix_heads(logits, self.proj_l)
             attn = logits.softmax(dim=-1)
             weights = _mix_heads(attn, self.proj_w) if self.talking_heads else attn
-            x = self.attn_drop(weights) @ v  # (B, H, N, hd)
+            x = self.attn_drop(weights).to(v.dtype) @ v  # (B, H, N, hd)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x)), attn
 

@@ -13,9 +13,10 @@ against the device and the CPU before a model runs in them.
   ``amx_int8``) they are oneDNN's int8 products with the MLP's GELU fused
   (:mod:`cait.precision.int8`), their activations quantized per batch as they come or, given
   calibration images, at scales fixed from those; elsewhere (logged) torch.ao's dynamic
-  quantization (:func:`quantize_int8_ao`). The attention (logits, softmax, mixing),
-  LayerNorm and the patch embedding stay in fp32. CPU only (neither engine has a CUDA
-  version).
+  quantization (:func:`quantize_int8_ao`). With oneDNN's engine on a CPU that also has
+  the bf16 flags, the attention's products take bf16 ``q, k, v`` (as ``bf16`` runs them);
+  the softmax, the talking-heads mixing, LayerNorm and the patch embedding stay in fp32.
+  CPU only (neither engine has a CUDA version).
 
 A checkpoint file is never changed: both are applied to the loaded model.
 """
@@ -107,8 +108,14 @@ def quantize_int8(model: nn.Module, calibration: Iterable[torch.Tensor] | None =
         )
         return quantize_int8_ao(model)
     quantized = copy.deepcopy(model).float().eval()
-    count = int8.quantize_linear_layers(quantized)
-    logger.info("int8: %d linear layers in oneDNN int8 (per-channel weights)", count)
+    bf16 = bool(cpu_flags().intersection(BF16_CPU_FLAGS))
+    attention = torch.bfloat16 if bf16 else torch.float32
+    count = int8.quantize_linear_layers(quantized, attention)
+    logger.info(
+        "int8: %d linear layers in oneDNN int8 (per-channel weights), the attention in %s",
+        count,
+        "bf16 (the CPU has it)" if bf16 else "fp32",
+    )
     if calibration is not None:
         int8.calibrate(quantized, calibration)
     return quantized

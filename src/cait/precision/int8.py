@@ -13,8 +13,9 @@ Each ``nn.Linear`` (but the talking-heads mixing) becomes an :class:`Int8Linear`
 
 Against :func:`torch.ao.quantization.quantize_dynamic` (fbgemm), which this replaced as the
 int8 engine, the GELU pass and the ``int_repr`` copy of every input are gone (docs/DEPLOY.md
-has the figures and the command). The attention (logits, softmax, mixing), LayerNorm and the
-patch embedding stay in fp32.
+has the figures and the command). The attention's softmax and mixing, LayerNorm and the
+patch embedding stay in fp32; its products take ``q, k, v`` in the dtype ``qkv`` writes
+(:func:`quantize_linear_layers`: bf16 where the CPU has it).
 
 oneDNN multiplies uint8 by int8 exactly in int32 only with the VNNI instructions
 (:data:`VNNI_FLAGS`); without them it uses ``vpmaddubsw``, whose int16 sums can saturate, so
@@ -34,7 +35,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from cait.models.layers import Mlp
+from cait.models.layers import Mlp, TalkingHeadAttention
 
 __all__ = [
     "KEEP_FLOAT",
@@ -159,10 +160,13 @@ class Int8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
-def quantize_linear_layers(model: nn.Module) -> int:
+def quantize_linear_layers(model: nn.Module, attention_dtype: torch.dtype = torch.float32) -> int:
     """Replace, in place, every ``nn.Linear`` of ``model`` (an fp32 model in eval mode) but
     the talking-heads mixing by an :class:`Int8Linear`, the GELU of each :class:`Mlp` fused
-    into its ``fc1``; returns how many were replaced. Activations start dynamic."""
+    into its ``fc1``; returns how many were replaced. Activations start dynamic. The
+    self-attention's ``qkv`` layers write ``attention_dtype`` (bf16: the attention's
+    products then run in bf16, as ``--precision bf16`` runs them; the softmax and the
+    mixing stay fp32 in the talking-heads kernel)."""
     count = 0
     for module in list(model.modules()):
         if (
@@ -177,6 +181,9 @@ def quantize_linear_layers(model: nn.Module) -> int:
             if type(child) is nn.Linear and name not in KEEP_FLOAT:
                 setattr(module, name, Int8Linear(child))
                 count += 1
+    for module in model.modules():
+        if isinstance(module, TalkingHeadAttention) and isinstance(module.qkv, Int8Linear):
+            module.qkv.output_dtype = attention_dtype
     return count
 
 
