@@ -1,7 +1,10 @@
 """Images/s of cait_xxs24_224 on the CPU in each inference precision, beside timm's model in
 fp32, eager and compiled: the figures of docs/DEPLOY.md.
 
-int8 runs three ways: oneDNN's engine with dynamic activation scales (what ``--precision
+bf16 runs two ways: what ``--precision bf16`` runs on a CPU (autocast over a copy whose
+linear layers hold packed bf16 weights, GELU fused: ``cait.precision.bf16``), and plain
+autocast over the fp32 model (what it ran before, and what it runs on CUDA). int8 runs
+three ways: oneDNN's engine with dynamic activation scales (what ``--precision
 int8`` runs), the same with static scales (``--calibrate``; calibrated here on the timed
 batch itself: the scales change no timing), and torch.ao's dynamic quantization (the
 engine of CPUs without VNNI, and this project's before).
@@ -11,7 +14,10 @@ flips every round (cait.bench's protocol); each figure is a median over rounds a
 ratio is to our fp32 model in the same rounds. The load average before and after is printed:
 the machine is shared.
 
-    python examples/precision_speed.py [--batch-size 32] [--rounds 6] [--no-compile]
+    python examples/precision_speed.py [--batch-size 32] [--rounds 6] [--no-compile] [--threads N]
+
+``--threads N`` pins torch's thread count; by default it follows the machine's load as the
+CLI does (``cait.threads``), and the count at the end is printed.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 
 from cait.bench.compare import build_reference
 from cait.bench.throughput import _make_step, _model_and_batch, _timed_rounds
-from cait.precision import check_precision, quantize_int8, quantize_int8_ao
+from cait.precision import check_precision, pack_bf16, quantize_int8, quantize_int8_ao
 from cait.threads import use_threads
 
 
@@ -37,8 +43,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="leave timm compiled out")
+    p.add_argument("--threads", type=int, help="pin torch's threads (default: follow the load)")
     args = p.parse_args()
-    use_threads(None)
+    use_threads(args.threads)
     cpu = torch.device("cpu")
     check_precision("bf16", cpu)
     load_before = os.getloadavg()
@@ -52,7 +59,8 @@ def main() -> None:
 
     steps = {
         "cait fp32": step(ours),
-        "cait bf16 (autocast)": step(ours, autocast=True),
+        "cait bf16": step(pack_bf16(ours), autocast=True),
+        "cait bf16 autocast alone": step(ours, autocast=True),
         "cait int8": step(quantize_int8(ours)),
         "cait int8 calibrated": step(quantize_int8(ours, calibration=[images])),
         "cait int8 torch.ao": step(quantize_int8_ao(ours)),

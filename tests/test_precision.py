@@ -19,6 +19,7 @@ from cait.inference import evaluate_checkpoint
 from cait.kernels import native
 from cait.models.registry import create_model
 from cait.precision import check_precision, cpu_flags, prepare_model, quantize_int8
+from cait.precision.bf16 import Bf16Linear
 from cait.precision.int8 import Int8Linear
 
 CPU = torch.device("cpu")
@@ -111,11 +112,17 @@ def test_bf16_runs_under_autocast_and_logs_the_precision(monkeypatch, caplog):
     monkeypatch.setattr(cait.precision, "cpu_flags", lambda: {"avx512_bf16"})
     caplog.set_level(logging.INFO, logger="cait.precision")
     model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     prepared = prepare_model(model, "bf16", CPU)
-    assert prepared.model is model  # fp32 weights kept, nothing copied
+    # on the CPU a copy whose linear layers hold packed bf16 weights (cait.precision.bf16)
+    packed = [m for m in prepared.model.modules() if isinstance(m, Bf16Linear)]
+    assert prepared.model is not model and packed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.inference_mode(), prepared.autocast():
         out = prepared.model(_images())
+        plain = model(_images())  # autocast over the fp32 model, as on CUDA
     assert out.dtype == torch.bfloat16
+    assert (out.float() - plain.float()).abs().max() < 0.05 * plain.float().abs().max()
     assert "precision: bf16 autocast on cpu" in caplog.text
 
 

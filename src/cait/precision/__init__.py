@@ -39,6 +39,7 @@ from torch.ao.nn.quantized import dynamic as quantized_dynamic
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
 from cait import runtime
+from cait.precision import bf16 as bf16_engine
 from cait.precision import int8
 from cait.precision.int8 import KEEP_FLOAT
 
@@ -52,6 +53,7 @@ __all__ = [
     "prepare_model",
     "quantize_int8",
     "quantize_int8_ao",
+    "pack_bf16",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +144,19 @@ def quantize_int8_ao(model: nn.Module) -> nn.Module:
     return quantized
 
 
+def pack_bf16(model: nn.Module) -> nn.Module:
+    """A CPU copy of ``model`` whose linear layers (but the talking-heads mixing) hold their
+    weights in bf16, packed for oneDNN, the MLP's GELU fused (:mod:`cait.precision.bf16`); it
+    runs under bf16 autocast like the model itself. ``model`` is returned as it is where
+    torch has no oneDNN."""
+    if not bf16_engine.supported():
+        return model
+    packed = copy.deepcopy(model).cpu().float().eval()
+    count = bf16_engine.pack_linear_layers(packed)
+    logger.info("bf16: %d linear layers packed in bf16 for oneDNN (GELU fused)", count)
+    return packed
+
+
 @dataclass
 class PreparedModel:
     """A model ready to run in ``precision``: call it inside ``autocast()``."""
@@ -169,6 +184,8 @@ def prepare_model(
         prepared = PreparedModel(quantized, precision, contextlib.nullcontext)
     else:
         amp = "bf16" if precision == "bf16" else "none"
+        if precision == "bf16" and device.type == "cpu":
+            model = pack_bf16(model)
         prepared = PreparedModel(model.to(device), precision, lambda: runtime.autocast(device, amp))
     how = {"fp32": "fp32", "bf16": "bf16 autocast", "int8": "int8 dynamic quantization"}
     if calibration is not None:

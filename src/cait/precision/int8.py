@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from cait.models.layers import Mlp, TalkingHeadAttention
+from cait.precision.swap import KEEP_FLOAT, replace_linear_layers
 
 __all__ = [
     "KEEP_FLOAT",
@@ -52,9 +53,6 @@ logger = logging.getLogger(__name__)
 # CPU instructions (Linux /proc/cpuinfo names) that multiply uint8 by int8 into int32 without
 # intermediate int16 saturation: AVX-512 VNNI, AVX-VNNI, and AMX's int8 tiles.
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-# The talking-heads mixing layers: (H, H) weights over attention logits and probabilities,
-# applied through their .weight by the attention kernels; kept in floating point.
-KEEP_FLOAT = ("proj_l", "proj_w")
 # Symmetric int8 weights use [-127, 127]: -128 has no positive twin.
 WEIGHT_QMAX = 127
 UINT8_MAX = 255
@@ -167,20 +165,7 @@ def quantize_linear_layers(model: nn.Module, attention_dtype: torch.dtype = torc
     self-attention's ``qkv`` layers write ``attention_dtype`` (bf16: the attention's
     products then run in bf16, as ``--precision bf16`` runs them; the softmax and the
     mixing stay fp32 in the talking-heads kernel)."""
-    count = 0
-    for module in list(model.modules()):
-        if (
-            isinstance(module, Mlp)
-            and type(module.act) is nn.GELU
-            and module.act.approximate == "none"
-        ):
-            module.fc1 = Int8Linear(module.fc1, post_op="gelu")
-            module.act = nn.Identity()
-            count += 1
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and name not in KEEP_FLOAT:
-                setattr(module, name, Int8Linear(child))
-                count += 1
+    count = replace_linear_layers(model, Int8Linear)
     for module in model.modules():
         if isinstance(module, TalkingHeadAttention) and isinstance(module.qkv, Int8Linear):
             module.qkv.output_dtype = attention_dtype
