@@ -17,7 +17,6 @@ anything but a bicubic RGB image with a fill colour goes to timm's own function.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -28,24 +27,21 @@ from PIL import Image
 __all__ = ["FAST_OPS", "FastOp", "shear_x", "shear_y", "translate_x_rel", "translate_y_rel"]
 
 
-def _resample_lines(pixels: torch.Tensor, offsets: torch.Tensor, across: bool) -> torch.Tensor:
-    """Each line of uint8 ``(H, W, C)`` ``pixels`` (a row, or with ``across`` a column)
-    resampled at ``j + offsets[line]`` for its positions ``j`` (PIL's ``xin - 0.5``) by
-    PIL's bicubic (a = -1; neighbours past the ends clipped to them, as ``XCLIP``), as
-    float32 ``(C, lines, positions)`` planes, not yet truncated."""
-    h, w, c = pixels.shape
-    n, m = (w, h) if across else (h, w)
+def _resample_rows(bands: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Each row ``i`` of uint8 ``(C, H, W)`` ``bands`` resampled at ``x + offsets[i]`` for
+    its positions ``x`` (PIL's ``xin - 0.5``) by PIL's bicubic (a = -1, neighbours past the
+    ends clipped to them as ``XCLIP``), as float32 ``(C, H, W)``, not yet truncated."""
+    c, h, w = bands.shape
     start = torch.floor(offsets)
-    d = (offsets - start).to(torch.float32).view(1, n, 1)
-    taps = torch.arange(m + 3, dtype=torch.int32)
-    index = (start.to(torch.int32).view(n, 1) - 1 + taps).clamp_(0, m - 1)
-    lines = torch.arange(n, dtype=torch.int32).view(n, 1)
-    index = (index * w + lines if across else index + lines * w).view(-1).mul_(c)
-    flat = pixels.view(-1)
-    g = torch.empty((c, n * (m + 3)), dtype=torch.uint8)
+    d = (offsets - start).to(torch.float32).view(1, h, 1)
+    taps = torch.arange(w + 3, dtype=torch.int32)
+    index = (start.to(torch.int32).view(h, 1) - 1 + taps).clamp_(0, w - 1)
+    index += torch.arange(0, h * w, w, dtype=torch.int32).view(h, 1)  # flat pixel numbers
+    flat = bands.view(c, h * w)
+    g = torch.empty((c, h * (w + 3)), dtype=torch.uint8)
     for band in range(c):  # one 1-D gather per band: 4x faster than a 2-D one
-        torch.index_select(flat, 0, index + band, out=g[band])
-    g = g.view(c, n, m + 3).float()
+        torch.index_select(flat[band], 0, index.view(-1), out=g[band])
+    g = g.view(c, h, w + 3).float()
     v1, v2, v3, v4 = g[..., :-3], g[..., 1:-2], g[..., 2:-1], g[..., 3:]
     # Geometry.c's BICUBIC, v2 + d (p2 + d (p3 + d p4)), as weights of the differences
     # from v2 (so that a flat region stays exactly flat, as there)
@@ -56,23 +52,32 @@ def _resample_lines(pixels: torch.Tensor, offsets: torch.Tensor, across: bool) -
     return out.addcmul_(v3 - v2, w3).addcmul_(v4 - v2, w4)
 
 
-def _shift_lines(
-    img: Image.Image, offsets: torch.Tensor, across: bool, fill: tuple[int, ...]
+def _shift_rows(
+    img: Image.Image, offsets: torch.Tensor, fill: tuple[int, ...], across: bool = False
 ) -> Image.Image:
-    """PIL's bicubic ``AFFINE`` transform of RGB ``img`` for a map that moves line ``i``
-    (a row, or with ``across`` a column) by ``offsets[i]`` pixels (float64): positions
-    whose source falls outside the image take ``fill``, as with PIL's ``fillcolor``."""
-    with warnings.catch_warnings():  # PIL's array is read-only; it is only read here
-        warnings.simplefilter("ignore", UserWarning)
-        pixels = torch.from_numpy(np.asarray(img))  # (H, W, C)
-    m = pixels.shape[0] if across else pixels.shape[1]
-    out = _resample_lines(pixels, offsets, across).clamp_(0, 255).to(torch.uint8)  # truncates
-    source = offsets.view(-1, 1) + (torch.arange(m, dtype=torch.float64) + 0.5)
-    outside = (source < 0) | (source >= m)
-    for band, value in zip(out, fill, strict=True):
-        band.masked_fill_(outside, value)
-    planes = [Image.fromarray(band.numpy()) for band in out]
-    shifted = Image.merge("RGB", planes)
+    """PIL's bicubic ``AFFINE`` transform of RGB ``img`` for a map that moves row ``i`` by
+    ``offsets[i]`` pixels (float64; with ``across``, column ``i``: the image is turned
+    first and back after): positions whose source falls outside the image take ``fill``,
+    as with PIL's ``fillcolor``."""
+    if across:
+        img = img.transpose(Image.Transpose.TRANSPOSE)
+    bands = torch.from_numpy(np.stack([np.asarray(band) for band in img.split()]))
+    c, h, w = bands.shape
+    out = _resample_rows(bands, offsets)
+    # where the source is outside the row (a prefix and a suffix of it), the fill
+    first = torch.ceil(-0.5 - offsets).clamp_(0, w).to(torch.int32)
+    end = torch.ceil(w - 0.5 - offsets).clamp_(0, w).to(torch.int32)
+    colour = torch.tensor(fill, dtype=torch.float32).view(c, 1, 1)
+    if bool((first == first[0]).all() and (end == end[0]).all()):  # a translation
+        out[..., : int(first[0])] = colour
+        out[..., int(end[0]) :] = colour
+    else:
+        x = np.arange(w, dtype=np.int32)  # numpy's broadcast compares are 4x torch's here
+        keep = (x >= first.numpy()[:, None]) & (x < end.numpy()[:, None])
+        out.sub_(colour).mul_(torch.from_numpy(keep.astype(np.float32))).add_(colour)
+    # truncated as PIL's (UINT8) cast; numpy's clip and cast are 3x torch's here
+    planes = np.clip(out.numpy(), 0, 255).astype(np.uint8)
+    shifted = Image.merge("RGB", [Image.fromarray(plane) for plane in planes])
     return shifted.transpose(Image.Transpose.TRANSPOSE) if across else shifted
 
 
@@ -84,24 +89,25 @@ def _lines(count: int) -> torch.Tensor:
 def shear_x(img: Image.Image, factor: float, fill: tuple[int, ...]) -> Image.Image:
     """timm's ``shear_x``: ``AFFINE (1, factor, 0, 0, 1, 0)``, row ``y`` read from
     ``x + factor * (y + 0.5)``."""
-    return _shift_lines(img, factor * _lines(img.size[1]), False, fill)
+    return _shift_rows(img, factor * _lines(img.size[1]), fill)
 
 
 def shear_y(img: Image.Image, factor: float, fill: tuple[int, ...]) -> Image.Image:
     """timm's ``shear_y``: ``AFFINE (1, 0, 0, factor, 1, 0)``."""
-    return _shift_lines(img, factor * _lines(img.size[0]), True, fill)
+    return _shift_rows(img, factor * _lines(img.size[0]), fill, across=True)
 
 
 def translate_x_rel(img: Image.Image, pct: float, fill: tuple[int, ...]) -> Image.Image:
     """timm's ``translate_x_rel``: ``AFFINE (1, 0, pct * width, 0, 1, 0)``."""
     pixels = pct * img.size[0]
-    return _shift_lines(img, torch.full((img.size[1],), pixels, dtype=torch.float64), False, fill)
+    return _shift_rows(img, torch.full((img.size[1],), pixels, dtype=torch.float64), fill)
 
 
 def translate_y_rel(img: Image.Image, pct: float, fill: tuple[int, ...]) -> Image.Image:
     """timm's ``translate_y_rel``: ``AFFINE (1, 0, 0, 0, 1, pct * height)``."""
     pixels = pct * img.size[1]
-    return _shift_lines(img, torch.full((img.size[0],), pixels, dtype=torch.float64), True, fill)
+    rows = torch.full((img.size[0],), pixels, dtype=torch.float64)
+    return _shift_rows(img, rows, fill, across=True)
 
 
 # timm's op name -> our kernel for it
