@@ -144,3 +144,18 @@ def test_fast_randaugment_draws_what_timms_draws():
         differ = np.abs(got - want)
         assert (differ > 0).mean() < 0.01 and differ.mean() < 0.1, seed
     assert len(ran) >= 5  # about 60 x 2 x 0.5 x 4 / 15 = 16 expected
+
+
+def test_op_and_decoder_tables_time_each_op_and_decoder(tmp_path):
+    """The tables docs/DATA.md quotes: a row per op (timm's and ours) and per decoder."""
+    from cait.bench.stages import decoder_table, randaugment_op_table
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            photo((64, 48)).save(tmp_path / split / label / "0.jpg", quality=90)
+    ops = randaugment_op_table(str(tmp_path), images=2, rounds=2).splitlines()
+    assert len(ops) == 2 + 15 + 2 and ops[2].split()[0] == "AutoContrast"
+    assert all(float(x) >= 0 for line in ops[2:17] for x in line.split()[1:])
+    decoders = decoder_table(str(tmp_path), images=2, rounds=1).splitlines()
+    assert decoders[2].split()[0] == "pil" and decoders[2].split()[2:] == ["0", "0.000"]

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,13 @@ from cait.data.decode import DeviceAugment, ResizedCrop, open_image
 from cait.data.transforms import device_augment, fast_train_transform, train_transform
 from cait.models.registry import InputSpec, get_variant
 
-__all__ = ["StageResult", "decoder_table", "format_stage_table", "stage_breakdown"]
+__all__ = [
+    "StageResult",
+    "decoder_table",
+    "format_stage_table",
+    "randaugment_op_table",
+    "stage_breakdown",
+]
 
 
 @dataclass
@@ -55,13 +62,17 @@ def _stage_transforms(spec: InputSpec, augment: AugmentConfig) -> dict[str, tupl
     """The transforms :func:`stage_breakdown` compares: (transform, batch step)."""
     fast = fast_train_transform
     dev = device_augment(spec, augment)
+    plain = {"fast_ops": False}  # RandAugment by timm's kernels, as in today's
     return {
         "today": (train_transform(spec, augment), None),
-        "pil-1-resize": (fast(spec, augment, draft=False, engine="pil"), dev),
-        "pil+gap3": (fast(spec, augment, draft=False, engine="pil", reducing_gap=3.0), dev),
-        "torch-resize": (fast(spec, augment, draft=False, decoder="pil"), dev),
-        "torch+draft": (fast(spec, augment, decoder="pil"), dev),
-        "simplejpeg": (fast(spec, augment, fast_ops=False), dev),
+        "pil-1-resize": (fast(spec, augment, draft=False, engine="pil", **plain), dev),
+        "pil+gap3": (
+            fast(spec, augment, draft=False, engine="pil", reducing_gap=3.0, **plain),
+            dev,
+        ),
+        "torch-resize": (fast(spec, augment, draft=False, decoder="pil", **plain), dev),
+        "torch+draft": (fast(spec, augment, decoder="pil", **plain), dev),
+        "simplejpeg": (fast(spec, augment, **plain), dev),
         "+fast-ops": (fast(spec, augment), dev),
         "crop+flip": (fast(spec, augment, randaugment=False), DeviceAugment(spec.mean, spec.std)),
     }
@@ -246,3 +257,48 @@ def decoder_table(data: str, images: int = 300, rounds: int = 3) -> str:
             f"{max(int(d.max()) for d in diffs):>10}{np.mean([d.mean() for d in diffs]):>11.3f}"
         )
     return "\n".join(lines)
+
+
+def randaugment_op_table(data: str, images: int = 100, rounds: int = 4) -> str:
+    """CPU milliseconds of each RandAugment op of the recipe on ``images`` 224 x 224 crops
+    of folder ``data``'s training files (one thread), by timm's kernel and by the fast
+    training transform's (:mod:`cait.data.randaugment` where it has one), taking turns."""
+    train, _, _ = build_datasets(data, None, None)
+    if not isinstance(train, ImageFolderDataset):
+        raise ValueError(f"the op table reads the files of a folder, not {data}")
+    chosen = random.Random(0).sample(train.samples, min(images, len(train.samples)))
+    crops = [load_image(p).resize((224, 224), Image.Resampling.BICUBIC) for p, _ in chosen]
+    spec, augment = get_variant("cait_xxs24_224").input_spec, AugmentConfig()
+    timm_ops = _randaugment(train_transform(spec, augment)).ops
+    fast_ops = _randaugment(fast_train_transform(spec, augment)).ops
+    seconds = {(op.name, which): 0.0 for op in timm_ops for which in ("timm", "fast")}
+    load = [os.getloadavg()[0]]
+    for r in range(rounds):
+        for theirs, ours in zip(timm_ops, fast_ops, strict=True):
+            for which, op in (("timm", theirs), ("fast", ours))[:: 1 if r % 2 else -1]:
+                random.seed(r)
+                start = _cpu()
+                level = op.level_fn(op.magnitude, op.hparams) if op.level_fn else ()
+                for crop in crops:
+                    op.aug_fn(crop, *level, **op.kwargs)
+                seconds[op.name, which] += _cpu() - start
+    load.append(os.getloadavg()[0])
+    per_call = 1000 / (len(crops) * rounds)
+    lines = [
+        f"RandAugment ops at magnitude {timm_ops[0].magnitude}, {len(crops)} crops x {rounds} "
+        "rounds, one thread, load average " + " -> ".join(f"{x:.2f}" for x in load),
+        f"{'op':<22}{'timm ms':>9}{'fast ms':>9}",
+    ]
+    for op in timm_ops:
+        timm_ms, fast_ms = seconds[op.name, "timm"] * per_call, seconds[op.name, "fast"] * per_call
+        lines.append(f"{op.name:<22}{timm_ms:>9.3f}{fast_ms:>9.3f}")
+    share = 2 * timm_ops[0].prob / len(timm_ops)  # two ops drawn, each run with prob
+    for which in ("timm", "fast"):
+        mean = share * sum(v for (_, w), v in seconds.items() if w == which) * per_call
+        lines.append(f"expected per image ({which}): {mean:.3f} ms")
+    return "\n".join(lines)
+
+
+def _randaugment(transform: Callable) -> Any:
+    """The RandAugment step of a timm transform."""
+    return next(t for t in transform.transforms if type(t).__name__ == "RandAugment")
