@@ -215,3 +215,91 @@ def test_fast_eval_transform_is_the_eval_transform_in_uint8(tmp_path):
     assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 224, 224)
     want = torch.stack([eval_transform(SPEC)(img) for img in images])
     torch.testing.assert_close(normalize_batch(batch, SPEC.mean, SPEC.std), want, atol=1e-5, rtol=0)
+
+
+def jpeg_variants(tmp_path: Path) -> list[Path]:
+    """JPEGs of each kind the fast decoder takes: 4:2:0 and 4:4:4 colour, progressive, grey."""
+    image = Image.open(PHOTO).convert("RGB").resize((300, 220), Image.Resampling.BICUBIC)
+    paths = []
+    for name, img, options in (
+        ("420", image, {}),
+        ("444", image, {"subsampling": 0}),
+        ("progressive", image, {"progressive": True}),
+        ("grey", image.convert("L"), {}),
+    ):
+        paths.append(tmp_path / f"{name}.jpg")
+        img.save(paths[-1], quality=90, **options)
+    return paths
+
+
+def test_simplejpeg_decodes_pils_pixels(tmp_path):
+    """simplejpeg's libjpeg-turbo gives PIL's pixels exactly, so the fast path with it
+    crops the same picture as without it."""
+    pytest.importorskip("simplejpeg")
+    fast, plain = ResizedCrop(224, decoder="simplejpeg"), ResizedCrop(224, decoder="pil")
+    for path in jpeg_variants(tmp_path):
+        img, box = fast.plan(open_image(path))
+        pixels = fast.decode(img, box)
+        assert isinstance(pixels, torch.Tensor), path.name  # simplejpeg decoded it
+        want = np.asarray(finish_image(open_image(path)))
+        np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), want, err_msg=path.name)
+        random.seed(5)
+        got = fast(open_image(path))
+        random.seed(5)
+        assert np.array_equal(np.asarray(got), np.asarray(plain(open_image(path)))), path.name
+
+
+def test_jpegs_libjpeg_warns_about_read_as_the_reference_reads_them(tmp_path):
+    """A JPEG with stray bytes (libjpeg warns; PIL decodes it) goes through PIL; a
+    truncated one raises one of the errors a skipped file is counted by."""
+    pytest.importorskip("simplejpeg")
+    from cait.data import UNREADABLE_IMAGE_ERRORS
+
+    data = photo_jpeg(tmp_path / "a.jpg", (300, 220)).read_bytes()
+    stray = tmp_path / "stray.jpg"
+    stray.write_bytes(data[:-2] + b"\0" * 16 + data[-2:])  # 16 bytes before the end marker
+    crop = ResizedCrop(224, decoder="simplejpeg")
+    random.seed(1)
+    got = crop(open_image(stray))
+    random.seed(1)
+    assert np.array_equal(np.asarray(got), np.asarray(ResizedCrop(224)(load_image(stray))))
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UNREADABLE_IMAGE_ERRORS):
+        fast_train_transform(SPEC, AugmentConfig(), decoder="simplejpeg")(open_image(truncated))
+
+
+def test_decoder_auto_falls_back_to_pil_and_says_so(monkeypatch, caplog):
+    from cait.data import decode
+
+    monkeypatch.setattr(decode, "simplejpeg", None)
+    decode._say_no_simplejpeg.cache_clear()
+    with caplog.at_level("INFO", logger="cait.data.decode"):
+        assert ResizedCrop(224).decoder == "pil"
+        assert ResizedCrop(224).decoder == "pil"
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "simplejpeg is not installed" in caplog.records[0].message
+    decode._say_no_simplejpeg.cache_clear()
+    with pytest.raises(ValueError, match="needs the simplejpeg package"):
+        ResizedCrop(224, decoder="simplejpeg")
+    with pytest.raises(ValueError, match="decoder must be one of auto, simplejpeg, pil"):
+        ResizedCrop(224, decoder="cv2")
+
+
+def test_planar_tensor_is_pil_to_tensor_contiguous(tmp_path):
+    """The training transform's last step gives timm's pixels, laid out band by band (so
+    that collating copies them whole), and passes a tensor through."""
+    from timm.data.transforms import MaybePILToTensor
+
+    from cait.data.decode import ToPlanarTensor
+
+    image = Image.open(PHOTO).convert("RGB").resize((61, 47))
+    got = ToPlanarTensor()(image)
+    assert got.is_contiguous() and got.dtype == torch.uint8
+    assert torch.equal(got, MaybePILToTensor()(image))
+    assert ToPlanarTensor()(got) is got
+    steps = fast_train_transform(SPEC, AugmentConfig()).transforms
+    assert isinstance(steps[-1], ToPlanarTensor)
+    path = photo_jpeg(tmp_path / "a.jpg", (500, 375))
+    out = fast_train_transform(SPEC, AugmentConfig())(open_image(path))
+    assert out.is_contiguous() and out.shape == (3, 224, 224)

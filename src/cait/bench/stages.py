@@ -12,16 +12,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cait.data import AugmentConfig, ImageFolderDataset, build_datasets, collate_samples, load_image
-from cait.data.decode import DeviceAugment, ResizedCrop, finish_image, open_image
+from cait.data.decode import DeviceAugment, ResizedCrop, open_image
 from cait.data.transforms import device_augment, fast_train_transform, train_transform
 from cait.models.registry import InputSpec, get_variant
 
-__all__ = ["StageResult", "format_stage_table", "stage_breakdown"]
+__all__ = [
+    "StageResult",
+    "decoder_table",
+    "format_stage_table",
+    "randaugment_op_table",
+    "stage_breakdown",
+]
 
 
 @dataclass
@@ -44,6 +52,7 @@ _STAGE_NAMES = {
     "MaybeToTensor": "to-tensor",
     "ToTensor": "to-tensor",
     "MaybePILToTensor": "to-tensor",
+    "ToPlanarTensor": "to-tensor",
     "Normalize": "normalize",
     "RandomErasing": "erasing",
 }
@@ -53,12 +62,18 @@ def _stage_transforms(spec: InputSpec, augment: AugmentConfig) -> dict[str, tupl
     """The transforms :func:`stage_breakdown` compares: (transform, batch step)."""
     fast = fast_train_transform
     dev = device_augment(spec, augment)
+    plain = {"fast_ops": False}  # RandAugment by timm's kernels, as in today's
     return {
         "today": (train_transform(spec, augment), None),
-        "pil-1-resize": (fast(spec, augment, draft=False, engine="pil"), dev),
-        "pil+gap3": (fast(spec, augment, draft=False, engine="pil", reducing_gap=3.0), dev),
-        "torch-resize": (fast(spec, augment, draft=False), dev),
-        "torch+draft": (fast(spec, augment), dev),
+        "pil-1-resize": (fast(spec, augment, draft=False, engine="pil", **plain), dev),
+        "pil+gap3": (
+            fast(spec, augment, draft=False, engine="pil", reducing_gap=3.0, **plain),
+            dev,
+        ),
+        "torch-resize": (fast(spec, augment, draft=False, decoder="pil", **plain), dev),
+        "torch+draft": (fast(spec, augment, decoder="pil", **plain), dev),
+        "simplejpeg": (fast(spec, augment, **plain), dev),
+        "+fast-ops": (fast(spec, augment), dev),
         "crop+flip": (fast(spec, augment, randaugment=False), DeviceAugment(spec.mean, spec.std)),
     }
 
@@ -74,7 +89,7 @@ def _run_stages(path: Path, transform: Callable, clock: dict[str, float]) -> tor
     start = _cpu()
     if isinstance(steps[0], ResizedCrop):  # decoding happens in the crop step: split it
         img, box = steps[0].plan(open_image(path))
-        img = finish_image(img)
+        img = steps[0].decode(img, box)
         clock["decode"] += _cpu() - start
         start = _cpu()
         img = steps[0].resize(img, box)
@@ -138,7 +153,8 @@ def stage_breakdown(
     for r in range(rounds):
         for i in range(0, len(paths), batch_size):
             # the transforms take turns batch by batch, each drawing the same crops and ops
-            for name in names[i % len(names) :] + names[: i % len(names)]:
+            turn = (i // batch_size) % len(names)
+            for name in names[turn:] + names[:turn]:
                 _seed_all(r * len(paths) + i)
                 _time_batch(paths[i : i + batch_size], *transforms[name], clocks[name])
     load.append(os.getloadavg()[0])
@@ -170,3 +186,119 @@ def format_stage_table(result: StageResult) -> str:
         f"{'img/s/core':<14}" + "".join(f"{1000 / result.stages[n]['total']:>14.1f}" for n in names)
     )
     return "\n".join(lines)
+
+
+def _decoders() -> dict[str, Callable[[bytes], np.ndarray]]:
+    """Each JPEG decoder there is here, bytes to a ``(H, W, 3)`` uint8 array."""
+    import io
+    import warnings
+
+    def pil(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    found: dict[str, Callable[[bytes], np.ndarray]] = {"pil": pil}
+    try:
+        import simplejpeg
+
+        for name, fast in (("", {}), ("+fastdct", {"fastdct": True})):
+            for up, more in (("", {}), ("+fastupsample", {"fastupsample": True})):
+                options = {**fast, **more}
+                found[f"simplejpeg{name}{up}"] = lambda d, o=options: simplejpeg.decode_jpeg(d, **o)
+    except ImportError:
+        pass
+    try:
+        from torchvision.io import decode_jpeg
+
+        def tv(data: bytes) -> np.ndarray:
+            with warnings.catch_warnings():  # deprecated since torchvision 0.29
+                warnings.simplefilter("ignore")
+                raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return decode_jpeg(raw).permute(1, 2, 0).numpy()
+
+        found["torchvision.io"] = tv
+    except ImportError:
+        pass
+    return found
+
+
+def decoder_table(data: str, images: int = 300, rounds: int = 3) -> str:
+    """CPU milliseconds per image of decoding ``images`` training JPEGs of folder ``data``
+    whole (bytes in memory, one thread) by each decoder there is, the decoders taking
+    turns round by round, and each one's largest and mean difference from PIL's pixels."""
+    train, _, _ = build_datasets(data, None, None)
+    if not isinstance(train, ImageFolderDataset):
+        raise ValueError(f"the decoder table reads the files of a folder, not {data}")
+    chosen = random.Random(0).sample(train.samples, min(images, len(train.samples)))
+    blobs = [Path(p).read_bytes() for p, _ in chosen]
+    decoders = _decoders()
+    seconds = dict.fromkeys(decoders, 0.0)
+    load = [os.getloadavg()[0]]
+    for r in range(rounds):
+        names = list(decoders)[r % len(decoders) :] + list(decoders)[: r % len(decoders)]
+        for name in names:
+            start = _cpu()
+            for blob in blobs:
+                decoders[name](blob)
+            seconds[name] += _cpu() - start
+    load.append(os.getloadavg()[0])
+    lines = [
+        f"decode whole, {len(blobs)} files x {rounds} rounds, one thread, load average "
+        + " -> ".join(f"{x:.2f}" for x in load),
+        f"{'decoder':<32}{'ms/image':>9}{'max diff':>10}{'mean diff':>11}",
+    ]
+    reference = [decoders["pil"](b).astype(np.int16) for b in blobs[:100]]
+    for name, spent in seconds.items():
+        diffs = [
+            np.abs(decoders[name](b).astype(np.int16) - ref)
+            for b, ref in zip(blobs[:100], reference, strict=True)
+        ]
+        lines.append(
+            f"{name:<32}{1000 * spent / (len(blobs) * rounds):>9.3f}"
+            f"{max(int(d.max()) for d in diffs):>10}{np.mean([d.mean() for d in diffs]):>11.3f}"
+        )
+    return "\n".join(lines)
+
+
+def randaugment_op_table(data: str, images: int = 100, rounds: int = 4) -> str:
+    """CPU milliseconds of each RandAugment op of the recipe on ``images`` 224 x 224 crops
+    of folder ``data``'s training files (one thread), by timm's kernel and by the fast
+    training transform's (:mod:`cait.data.randaugment` where it has one), taking turns."""
+    train, _, _ = build_datasets(data, None, None)
+    if not isinstance(train, ImageFolderDataset):
+        raise ValueError(f"the op table reads the files of a folder, not {data}")
+    chosen = random.Random(0).sample(train.samples, min(images, len(train.samples)))
+    crops = [load_image(p).resize((224, 224), Image.Resampling.BICUBIC) for p, _ in chosen]
+    spec, augment = get_variant("cait_xxs24_224").input_spec, AugmentConfig()
+    timm_ops = _randaugment(train_transform(spec, augment)).ops
+    fast_ops = _randaugment(fast_train_transform(spec, augment)).ops
+    seconds = {(op.name, which): 0.0 for op in timm_ops for which in ("timm", "fast")}
+    load = [os.getloadavg()[0]]
+    for r in range(rounds):
+        for theirs, ours in zip(timm_ops, fast_ops, strict=True):
+            for which, op in (("timm", theirs), ("fast", ours))[:: 1 if r % 2 else -1]:
+                random.seed(r)
+                start = _cpu()
+                level = op.level_fn(op.magnitude, op.hparams) if op.level_fn else ()
+                for crop in crops:
+                    op.aug_fn(crop, *level, **op.kwargs)
+                seconds[op.name, which] += _cpu() - start
+    load.append(os.getloadavg()[0])
+    per_call = 1000 / (len(crops) * rounds)
+    lines = [
+        f"RandAugment ops at magnitude {timm_ops[0].magnitude}, {len(crops)} crops x {rounds} "
+        "rounds, one thread, load average " + " -> ".join(f"{x:.2f}" for x in load),
+        f"{'op':<22}{'timm ms':>9}{'fast ms':>9}",
+    ]
+    for op in timm_ops:
+        timm_ms, fast_ms = seconds[op.name, "timm"] * per_call, seconds[op.name, "fast"] * per_call
+        lines.append(f"{op.name:<22}{timm_ms:>9.3f}{fast_ms:>9.3f}")
+    share = 2 * timm_ops[0].prob / len(timm_ops)  # two ops drawn, each run with prob
+    for which in ("timm", "fast"):
+        mean = share * sum(v for (_, w), v in seconds.items() if w == which) * per_call
+        lines.append(f"expected per image ({which}): {mean:.3f} ms")
+    return "\n".join(lines)
+
+
+def _randaugment(transform: Callable) -> Any:
+    """The RandAugment step of a timm transform."""
+    return next(t for t in transform.transforms if type(t).__name__ == "RandAugment")

@@ -12,7 +12,9 @@ timm's ``RandomResizedCrop.get_params``, the same algorithm with the same calls 
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import math
 import random
 import warnings
@@ -26,17 +28,28 @@ from PIL.JpegImagePlugin import JpegImageFile
 
 from cait.data.images import upright_rgb
 
+try:  # the fastjpeg extra: the fast path decodes JPEGs with it where it is installed
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
+
 __all__ = [
     "ERASE_AREA",
     "ERASE_MIN_ASPECT",
     "DeviceAugment",
     "ResizedCrop",
+    "ToPlanarTensor",
     "crop_params",
     "erase_batch",
     "finish_image",
     "normalize_batch",
     "open_image",
 ]
+
+log = logging.getLogger(__name__)
+
+# Who decodes the JPEGs the fast path crops with torch ("auto": simplejpeg if installed).
+DECODERS = ("auto", "simplejpeg", "pil")
 
 # The EXIF tag that says how a camera held the picture (1: upright as stored).
 EXIF_ORIENTATION = 0x0112
@@ -109,21 +122,62 @@ def _undecoded_jpeg(img: Image.Image) -> bool:
 TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
 
 
+@functools.cache
+def _say_no_simplejpeg() -> None:
+    """Log, once, that the fast path decodes with PIL for want of simplejpeg."""
+    log.info(
+        "simplejpeg is not installed: the fast path decodes JPEGs with PIL, about 0.3 ms an "
+        "image slower (pip install simplejpeg; the same pixels either way)"
+    )
+
+
+def _jpeg_decoder(decoder: str) -> str:
+    """The decoder ``decoder`` names: ``"auto"`` is simplejpeg where it is installed (the
+    ``fastjpeg`` extra), else PIL (said once in the log)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if decoder == "simplejpeg" and simplejpeg is None:
+        raise ValueError("decoder simplejpeg needs the simplejpeg package: pip install simplejpeg")
+    if decoder != "auto":
+        return decoder
+    if simplejpeg is None:
+        _say_no_simplejpeg()
+    return "pil" if simplejpeg is None else "simplejpeg"
+
+
+def _decode_jpeg(img: JpegImageFile) -> torch.Tensor | Image.Image:
+    """All of an undecoded upright JPEG's pixels as a uint8 ``(C, H, W)`` RGB tensor
+    (channels-last in memory), decoded by simplejpeg's libjpeg-turbo: the same pixels as
+    PIL's (a test holds them equal) without PIL's copy into its 4-byte pixels and back.
+    A file libjpeg warns about (PIL decodes through such warnings, or says what is wrong)
+    goes to PIL instead, so that what is read or skipped is what the reference reads."""
+    img.fp.seek(0)
+    try:
+        pixels = simplejpeg.decode_jpeg(img.fp.read(), colorspace="RGB", strict=True)
+    except ValueError:
+        return finish_image(img)
+    img.close()
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
 def _torch_resize(
-    img: Image.Image, box: tuple[int, int, int, int], size: int, mode: str
+    pixels: torch.Tensor, box: tuple[int, int, int, int], size: int, mode: str
 ) -> torch.Tensor:
-    """The integer ``box`` of RGB ``img`` at ``size`` x ``size`` by torch's antialiased
-    uint8 resize, as a ``(C, size, size)`` tensor (channels-last in memory, as PIL's)."""
-    crop = img.crop(box)  # a copy of the box alone: the resize reads it contiguously
+    """The integer ``box`` of uint8 ``(C, H, W)`` ``pixels`` at ``size`` x ``size`` by torch's
+    antialiased uint8 resize, as a ``(C, size, size)`` tensor (channels-last in memory)."""
+    left, top, right, bottom = box
+    # the box alone, copied channels-last (1, C, H, W): the resize reads it contiguously, and
+    # torch then allocates the output channels-last too (pytorch#68430; torchvision's resize
+    # does the same), so that PIL gets its pixel order without a transposing copy
+    crop = pixels[None, :, top:bottom, left:right].contiguous(memory_format=torch.channels_last)
+    return torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True)[0]
+
+
+def _pil_pixels(img: Image.Image) -> torch.Tensor:
+    """An RGB image's pixels as a uint8 ``(C, H, W)`` view (channels-last in memory)."""
     with warnings.catch_warnings():  # PIL's array is read-only; it is only read here
         warnings.simplefilter("ignore", UserWarning)
-        pixels = torch.from_numpy(np.asarray(crop))  # (H, W, C)
-    h, w, c = pixels.shape
-    # (1, C, H, W) channels-last with the batch stride spelt out: torch then allocates the
-    # output channels-last too (pytorch#68430; torchvision's resize does the same), so that
-    # PIL gets its pixel order without a transposing copy
-    batch = pixels.permute(2, 0, 1).as_strided((1, c, h, w), (pixels.numel(), 1, w * c, c))
-    return torch.nn.functional.interpolate(batch, size=(size, size), mode=mode, antialias=True)[0]
+        return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
@@ -141,6 +195,9 @@ class ResizedCrop:
     decoded at the smallest DCT scale that keeps the crop at least ``size`` pixels on each
     side (``draft``), and resized from its box in one step, by torch's uint8 resize
     (``engine="torch"``, bicubic and bilinear) or PIL's (``"pil"``, with ``reducing_gap``).
+    With the torch engine an upright RGB or grey JPEG that is not drafted is decoded by
+    simplejpeg (``decoder="simplejpeg"``, or ``"auto"`` where it is installed: the same
+    pixels as PIL's ``"pil"``, sooner).
     Returns a PIL image, or with ``to_tensor`` a uint8 ``(C, H, W)`` tensor (for steps that
     take tensors: the flip), which saves a conversion each way.
 
@@ -156,6 +213,7 @@ class ResizedCrop:
         engine: str = "torch",
         reducing_gap: float | None = None,
         to_tensor: bool = False,
+        decoder: str = "auto",
     ) -> None:
         if engine not in ("torch", "pil"):
             raise ValueError(f"engine must be torch or pil, got {engine!r}")
@@ -167,6 +225,7 @@ class ResizedCrop:
         self.engine = engine if interpolation in TORCH_MODES else "pil"
         self.reducing_gap = reducing_gap
         self.to_tensor = to_tensor
+        self.decoder = _jpeg_decoder(decoder)
 
     def plan(self, img: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float]]:
         """Draw the crop on the full upright size, set the DCT scale on a JPEG not yet
@@ -186,15 +245,39 @@ class ResizedCrop:
             return img, (left, top, left + w, top + h)
         return img, (left / reduce, top / reduce, (left + w) / reduce, (top + h) / reduce)
 
-    def resize(
+    def _torch_box(self, box: tuple[float, float, float, float]) -> bool:
+        """Whether torch resizes ``box`` (an integer box; a drafted one is fractional)."""
+        return self.engine == "torch" and all(isinstance(v, int) for v in box)
+
+    def decode(
         self, img: Image.Image, box: tuple[float, float, float, float]
     ) -> Image.Image | torch.Tensor:
-        """The crop ``box`` of ``img`` (decoded now if it is not yet) at ``size`` x ``size``;
-        a fractional box (a drafted image) goes to PIL, which takes one."""
-        img = finish_image(img)
-        if self.engine == "torch" and all(isinstance(v, int) for v in box):
-            pixels = _torch_resize(img, box, self.size, TORCH_MODES[self.interpolation])
-            return pixels if self.to_tensor else _to_image(pixels)
+        """``img`` from :meth:`plan` decoded for its crop ``box``: by simplejpeg into a uint8
+        ``(C, H, W)`` tensor where torch resizes the box of an undecoded upright RGB or grey
+        JPEG (``decoder="simplejpeg"``), else by PIL (upright RGB, as :func:`finish_image`)."""
+        if (
+            self.decoder == "simplejpeg"
+            and self._torch_box(box)
+            and _undecoded_jpeg(img)
+            and img.mode in ("RGB", "L")
+        ):
+            return _decode_jpeg(img)
+        return finish_image(img)
+
+    def resize(
+        self, img: Image.Image | torch.Tensor, box: tuple[float, float, float, float]
+    ) -> Image.Image | torch.Tensor:
+        """The crop ``box`` of ``img`` (decoded now by :meth:`decode` if it is not yet) at
+        ``size`` x ``size``; a fractional box (a drafted image) goes to PIL, which takes one."""
+        if not isinstance(img, torch.Tensor):
+            img = self.decode(img, box)
+        if self._torch_box(box):
+            if isinstance(img, torch.Tensor):
+                pixels = img
+            else:  # PIL's box alone copied out, then read as RGB
+                pixels, box = _pil_pixels(img.crop(box)), (0, 0, box[2] - box[0], box[3] - box[1])
+            out = _torch_resize(pixels, box, self.size, TORCH_MODES[self.interpolation])
+            return out if self.to_tensor else _to_image(out)
         out = img.resize(
             (self.size, self.size), self.interpolation, box=box, reducing_gap=self.reducing_gap
         )
@@ -208,8 +291,26 @@ class ResizedCrop:
             f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio="
             f"{tuple(round(r, 4) for r in self.ratio)}, interpolation={self.interpolation.name}"
             f", draft={self.draft}, engine={self.engine}, reducing_gap={self.reducing_gap}"
-            f", to_tensor={self.to_tensor})"
+            f", to_tensor={self.to_tensor}, decoder={self.decoder})"
         )
+
+
+class ToPlanarTensor:
+    """A PIL image as a contiguous uint8 ``(C, H, W)`` tensor, band by band (PIL's
+    ``split``); a tensor passes through. timm's ``MaybePILToTensor`` gives the same pixels
+    as a channels-last view, which collating then transposes: this is 2-3x cheaper."""
+
+    def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
+        if isinstance(img, torch.Tensor):
+            return img
+        bands = img.split()
+        out = np.empty((len(bands), img.size[1], img.size[0]), dtype=np.uint8)
+        for k, band in enumerate(bands):
+            out[k] = np.asarray(band)
+        return torch.from_numpy(out)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 def normalize_batch(

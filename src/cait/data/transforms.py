@@ -17,7 +17,8 @@ from timm.data.transforms import MaybePILToTensor, str_to_pil_interp
 from torchvision.transforms import RandomHorizontalFlip
 
 from cait.data.config import AugmentConfig
-from cait.data.decode import DeviceAugment, ResizedCrop
+from cait.data.decode import DeviceAugment, ResizedCrop, ToPlanarTensor
+from cait.data.randaugment import FAST_OPS, FastOp
 from cait.models.checks import CROP_PCT_RANGE, number
 from cait.models.registry import InputSpec
 
@@ -61,6 +62,16 @@ def _allow_zero_bit_posterize(transform: Callable) -> None:
                 op.aug_fn = _posterize
 
 
+def _use_fast_ops(transform: Callable) -> None:
+    """Put :mod:`cait.data.randaugment`'s kernels in place of timm's for the ops it has
+    (shear and translate); which op runs, how often and how strongly stays timm's."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            kernel = FAST_OPS.get(getattr(op, "name", ""))
+            if kernel is not None and not isinstance(op.aug_fn, FastOp):
+                op.aug_fn = FastOp(kernel, op.aug_fn)
+
+
 def train_transform(settings: InputSpec, augment: AugmentConfig) -> Callable:
     """The recipe's training transform: RandomResizedCrop, flip, RandAugment, erasing."""
     transform = create_transform(
@@ -89,12 +100,17 @@ def fast_train_transform(
     engine: str = "torch",
     reducing_gap: float | None = None,
     randaugment: bool = True,
+    decoder: str = "auto",
+    fast_ops: bool = True,
 ) -> Callable:
     """:func:`train_transform` with the faster decode path of :mod:`cait.data.decode`: the
     same crop distribution, flip and RandAugment, on an image from
     :func:`cait.data.decode.open_image` (decoded in the crop step, at a DCT scale when the
     crop is shrunk 2x or more, and resized by ``engine``: torch or PIL), returning a uint8
-    ``(C, H, W)`` tensor. Normalising and
+    ``(C, H, W)`` tensor. ``decoder``: who decodes a JPEG that torch resizes (``"auto"``:
+    simplejpeg where it is installed, else PIL; the same pixels); ``fast_ops``: RandAugment's
+    shear and translate by :mod:`cait.data.randaugment` (PIL's pixels but for rare one-level
+    rounding flips, about 3x faster). Normalising and
     random erasing move to the device, batched: :func:`device_augment`.
     ``randaugment=False`` leaves out RandAugment (and colour jitter), for the benchmarks."""
     if settings.interpolation == "random":
@@ -127,8 +143,13 @@ def fast_train_transform(
         engine=engine,
         reducing_gap=reducing_gap,
         to_tensor=tensors_after,
+        decoder=decoder,
     )
+    if not tensors_after and isinstance(transform.transforms[-1], MaybePILToTensor):
+        transform.transforms[-1] = ToPlanarTensor()  # the same pixels, collated without a copy
     _allow_zero_bit_posterize(transform)
+    if fast_ops:
+        _use_fast_ops(transform)
     return transform
 
 
