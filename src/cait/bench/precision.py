@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from cait import runtime
 from cait.data import build_val_dataset, eval_transform
 from cait.models.build import load_for_inference
-from cait.precision import quantize_int8
+from cait.precision import pack_bf16, quantize_int8
 
 __all__ = ["checkpoint_precision_agreement", "precision_agreement"]
 
@@ -34,20 +34,22 @@ def precision_agreement(
 ) -> dict[str, float]:
     """Top-1 of ``model`` in fp32 and in ``dtype`` on the same images, and their agreement.
 
-    The low-precision model is a cast copy (or, with ``autocast``, the fp32 model under
-    autocast; for ``int8``, a quantized copy, :func:`cait.precision.quantize_int8`, its
-    activation scales fixed from the ``calibration`` batches when given);
-    ``model`` itself is left unchanged. ``agreement`` is the fraction of images
-    whose predicted class is the same in both; ``max_abs_prob_diff`` compares the softmax
-    probabilities.
+    The low-precision model is a cast copy; with ``autocast``, the model under autocast, its
+    linear layers packed in bf16 on the CPU as ``--precision bf16`` runs it; for ``int8``, a
+    quantized copy (:func:`cait.precision.quantize_int8`), its activation scales fixed from
+    the ``calibration`` batches when given. ``model`` itself is left unchanged.
+    ``agreement`` is the fraction of images whose predicted class is the same in both;
+    ``max_abs_prob_diff`` compares the softmax probabilities.
     """
     int8 = dtype == "int8"
     low_dtype = torch.float32 if int8 else runtime.DTYPES[dtype]
     device = next(model.parameters()).device
     if int8:
         low, autocast = quantize_int8(model, calibration), False
+    elif autocast:  # what --precision bf16 runs: on the CPU, packed bf16 linear layers
+        low = pack_bf16(model) if dtype == "bf16" and device.type == "cpu" else model
     else:
-        low = model if autocast else copy.deepcopy(model).to(low_dtype)
+        low = copy.deepcopy(model).to(low_dtype)
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low_dtype, "none")
     preds, low_preds, diffs = [], [], []
     model.eval()
