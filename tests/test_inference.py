@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 import cait.data.images
+import cait.inference.image
 from cait.cli import main
 from cait.data import eval_transform, read_image
 from cait.inference import (
@@ -99,10 +100,11 @@ def test_cait_predict_refuses_an_image_smaller_than_a_patch_in_one_line(
 
 
 def test_the_size_is_refused_from_the_header_before_decoding(tmp_path, monkeypatch):
-    def decode(path):
-        raise AssertionError(f"{path} was decoded")
+    def decode(img, **_):
+        raise AssertionError(f"{img.filename} was decoded")
 
-    monkeypatch.setattr(cait.data.images, "load_image", decode)
+    # the pixels are decoded by upright_rgb once the header passed (the file is opened once)
+    monkeypatch.setattr(cait.inference.image, "upright_rgb", decode)
     huge = png_claiming(tmp_path / "huge.png", 10_000, 10_000)
     with pytest.raises(ValueError) as err:
         read_checked_image(huge)

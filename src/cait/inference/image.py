@@ -30,10 +30,9 @@ from cait.data import (
     build_val_dataset,
     collate_samples,
     eval_transform,
-    read_image,
 )
 from cait.data.classes import check_class_names
-from cait.data.images import UnreadableImage, check_image_file
+from cait.data.images import UnreadableImage, check_image_file, upright_rgb
 from cait.files import first_line
 from cait.inference.calibration import Calibration, prepare_loaded
 from cait.inference.results import result_format, write_rows
@@ -184,40 +183,44 @@ def patch_size(model: nn.Module) -> int:
     return max(size) if isinstance(size, tuple) else int(size)
 
 
-def _header_size(path: str | Path) -> tuple[int, int]:
-    """Width and height from the header alone: nothing is decoded."""
-    try:
-        with warnings.catch_warnings():
-            # PIL warns above MAX_IMAGE_PIXELS (and refuses above twice that); refused below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as header:
-                return header.size
-    except PermissionError:
-        raise ValueError(f"permission denied: {path}") from None
-    except UNREADABLE_IMAGE_ERRORS as err:
-        raise UnreadableImage(path, first_line(err)) from err
-
-
-def read_checked_image(path: str | Path, patch: int = 1) -> Image.Image:
-    """An image file a user named, as RGB (:func:`cait.data.read_image`), once its header
-    shows it is no decompression bomb (at most ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, where
-    PIL itself only warns) and no smaller than one ``patch`` x ``patch`` patch. Anything
-    else is a one-line ``ValueError`` (``FileNotFoundError``) naming the file."""
-    if check_image_file(path).st_size == 0:  # nothing is opened before this check
-        raise UnreadableImage(path, "empty file")
-    width, height = _header_size(path)
+def _size_problem(path: str | Path, width: int, height: int, patch: int) -> str | None:
+    """Why an image of this size is refused (a decompression bomb, or smaller than a
+    patch), or ``None``."""
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
-        raise ValueError(
+        return (
             f"{path} is {width}x{height} pixels, more than the {limit:,} pixels cait decodes "
             "(it could be a decompression bomb)"
         )
     if min(width, height) < patch:
-        raise ValueError(
+        return (
             f"{path} is {width}x{height} pixels, smaller than one {patch}x{patch} patch of "
             "this model"
         )
-    return read_image(path)
+    return None
+
+
+def read_checked_image(path: str | Path, patch: int = 1) -> Image.Image:
+    """An image file a user named, as RGB (as :func:`cait.data.read_image` reads it), once its
+    header shows it is no decompression bomb (at most ``PIL.Image.MAX_IMAGE_PIXELS`` pixels,
+    where PIL itself only warns) and no smaller than one ``patch`` x ``patch`` patch. The
+    file is opened once: the header is read, checked, then the pixels decoded. Anything
+    else is a one-line ``ValueError`` (``FileNotFoundError``) naming the file."""
+    if check_image_file(path).st_size == 0:  # nothing is opened before this check
+        raise UnreadableImage(path, "empty file")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS (and refuses above twice that); refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # the header only: nothing is decoded yet
+                problem = _size_problem(path, *img.size, patch)
+                if problem is None:
+                    return upright_rgb(img)
+    except PermissionError:
+        raise ValueError(f"permission denied: {path}") from None
+    except UNREADABLE_IMAGE_ERRORS as err:
+        raise UnreadableImage(path, first_line(err)) from err
+    raise ValueError(problem)
 
 
 def top_classes(logits: Tensor, names: Sequence[str] | None, topk: int) -> list[dict[str, Any]]:
