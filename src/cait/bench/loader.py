@@ -1,7 +1,8 @@
 """Loader throughput (``cait bench --data``): images/s, and images/s per worker process, of
 the training and evaluation transforms through a torch ``DataLoader`` over the source's own
-split (read as training reads it), beside timm's loader on the same files, and a synthetic source (no decode) as the ceiling; rounds alternate in
-one process (:mod:`cait.bench.stages` times each step of a transform on one thread).
+split (read as training reads it), beside timm's loader on the same files, and a synthetic
+source (no decode) as the ceiling; rounds alternate in one process (:mod:`cait.bench.stages`
+times each step of a transform on one thread).
 
 This module loads timm (through :mod:`cait.data.transforms`): import it from here, not from
 :mod:`cait.bench`.
