@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cait.bench.loader import loader_benchmark
+from cait.bench.loader import _loaders, loader_benchmark
 from cait.cli import main
+from cait.data import AugmentConfig
+from cait.data.sources import open_source
+from cait.models.registry import get_variant
 
 PHOTO = Path(__file__).parent.parent / "src" / "cait" / "app_examples" / "coffee.jpg"
 
@@ -114,3 +117,34 @@ def test_bench_data_times_other_sources_of_the_same_images_beside_it(folder, tmp
         ("eval-today", "list"),
     }
     assert set(r["source_cpu_ratios"]) == {"shards eval-today", "list eval-today"}
+
+
+@pytest.mark.parametrize(
+    "form, decoder",
+    [
+        ("folder", "cait.data.sources.folder.load_image"),
+        ("list", "cait.data.sources.manifest.load_image"),
+        ("shards", "cait.data.sources.base.decode_image_bytes"),
+    ],
+)
+def test_bench_data_trains_through_the_sources_own_split_undecoded(
+    folder, tmp_path, monkeypatch, form, decoder
+):
+    """The train and crop+flip rows time what training reads: the source's own split, which
+    hands the fast transform its files undecoded (the source's decoder is never called)."""
+    text = {"folder": str(folder), "list": f"list:{folder / 'list.csv'}"}.get(form)
+    if form == "shards":
+        assert main(["shards", str(folder), str(tmp_path / "shards")]) == 0
+        text = f"shards:{tmp_path / 'shards'}"
+    spec = get_variant("cait_xxs24_224").input_spec
+    made = _loaders(text, spec, AugmentConfig(), ["train", "crop+flip"], None, 0, 2)
+    split_type = type(open_source(text).split("train"))
+
+    def no_decoding(data):
+        raise AssertionError("the source decoded an image")
+
+    monkeypatch.setattr(decoder, no_decoding)
+    for loader, step in made.values():
+        assert type(loader.dataset) is split_type and loader.dataset.transform.decodes_itself
+        images = step(next(iter(loader))[0])
+        assert images.shape == (2, 3, spec.img_size, spec.img_size)

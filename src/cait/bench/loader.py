@@ -1,7 +1,8 @@
 """Loader throughput (``cait bench --data``): images/s, and images/s per worker process, of
-the training and evaluation transforms through a torch ``DataLoader``, beside timm's loader
-on the same files, and a synthetic source (no decode) as the ceiling; rounds alternate in
-one process (:mod:`cait.bench.stages` times each step of a transform on one thread).
+the training and evaluation transforms through a torch ``DataLoader`` over the source's own
+split (read as training reads it), beside timm's loader on the same files, and a synthetic
+source (no decode) as the ceiling; rounds alternate in one process (:mod:`cait.bench.stages`
+times each step of a transform on one thread).
 
 This module loads timm (through :mod:`cait.data.transforms`): import it from here, not from
 :mod:`cait.bench`.
@@ -24,13 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from cait.data import (
     AugmentConfig,
-    ImageFolderDataset,
     build_datasets,
     collate_samples,
     make_loader,
     open_source,
 )
-from cait.data.decode import DeviceAugment, open_image
+from cait.data.decode import DeviceAugment
 from cait.data.sources import is_streamed
 from cait.data.sources.folder import FolderSource
 from cait.data.transforms import (
@@ -60,21 +60,6 @@ __all__ = [
 # - eval-today: the same with today's transform (float tensors out of the workers).
 PIPELINES = ("synthetic", "train", "train-today", "crop+flip", "eval", "eval-today")
 SYNTHETIC_SAMPLES = 4096  # the synthetic source's length (its images are all alike)
-
-
-class _Files(Dataset):
-    """``(path, label)`` samples opened lazily and given to ``transform`` (the fast path
-    decodes in its crop step), as :func:`cait.data.collate_samples` expects them."""
-
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable) -> None:
-        self.samples, self.transform = list(samples), transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[str, ...]]:
-        path, label = self.samples[index]
-        return self.transform(open_image(path)), label, ()
 
 
 class _Synthetic(Dataset):
@@ -174,11 +159,9 @@ def _forever(loader: DataLoader) -> Iterator:
         yield from loader
 
 
-def _with_transform(split: Any, transform: Callable, lazy: bool = False) -> Dataset:
-    """``split`` read through ``transform``; ``lazy``: a folder's files opened, not decoded,
-    for a transform that decodes in its crop step (the fast training path)."""
-    if lazy and isinstance(split, ImageFolderDataset):
-        return _Files(split.samples, transform)
+def _with_transform(split: Any, transform: Callable) -> Dataset:
+    """``split`` read through ``transform``, as training reads it (a transform that decodes
+    itself, the fast training path's, is given the files opened, not decoded)."""
     clone = copy.copy(split)
     clone.transform = transform
     return clone
@@ -227,13 +210,13 @@ def _loaders(
         if name == "synthetic":
             dataset, step = _Synthetic(spec.img_size, SYNTHETIC_SAMPLES), normalise
         elif name == "train":
-            dataset = _with_transform(train, fast_train_transform(spec, augment), lazy=True)
+            dataset = _with_transform(train, fast_train_transform(spec, augment))
             step = device_augment(spec, augment)
         elif name == "train-today":
             dataset, step = _with_transform(train, train_transform(spec, augment)), None
         elif name == "crop+flip":
             crop_flip = fast_train_transform(spec, augment, randaugment=False)
-            dataset, step = _with_transform(train, crop_flip, lazy=True), normalise
+            dataset, step = _with_transform(train, crop_flip), normalise
         elif name == "eval":
             dataset, step = _with_transform(val, fast_eval_transform(spec)), normalise
         else:  # eval-today

@@ -13,7 +13,6 @@ timm's ``RandomResizedCrop.get_params``, the same algorithm with the same calls 
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import math
 import random
@@ -26,7 +25,7 @@ import torch
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
-from cait.data.images import upright_rgb
+from cait.data.images import open_image_bytes, upright_rgb
 
 try:  # the fastjpeg extra: the fast path decodes JPEGs with it where it is installed
     import simplejpeg
@@ -96,7 +95,7 @@ def open_image(source: str | Path | bytes) -> Image.Image:
     if isinstance(source, bytes):
         if not source:
             raise ValueError("empty file")
-        return Image.open(io.BytesIO(source))
+        return open_image_bytes(source)
     if Path(source).stat().st_size == 0:
         raise ValueError("empty file")
     return Image.open(source)
@@ -202,6 +201,9 @@ class ResizedCrop:
     take tensors: the flip), which saves a conversion each way.
 
     Takes an image from :func:`open_image` (not decoded: the fast path) or a decoded one."""
+
+    #: the data sources hand it images opened, not decoded (cait.data.sources.base)
+    decodes_itself = True
 
     def __init__(
         self,

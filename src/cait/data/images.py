@@ -22,6 +22,7 @@ __all__ = [
     "check_image_file",
     "decode_image_bytes",
     "load_image",
+    "open_image_bytes",
     "read_bytes",
     "read_image",
     "upright_rgb",
@@ -57,16 +58,22 @@ def upright_rgb(img: Image.Image, copy: bool = True) -> Image.Image:
     return img if img.mode == "RGB" and not copy else img.convert("RGB")
 
 
-def decode_image_bytes(data: bytes) -> Image.Image:
-    """An image held in memory (a shard member, a parquet cell), as :func:`load_image`
-    makes it; raises one of ``UNREADABLE_IMAGE_ERRORS`` when it is not a whole image."""
+def open_image_bytes(data: bytes) -> Image.Image:
+    """An image held in memory (a shard member, a parquet cell) opened but not decoded (PIL
+    reads its header); raises one of ``UNREADABLE_IMAGE_ERRORS`` when it is empty or not
+    in a format PIL reads."""
     if not data:
         raise ValueError("empty image data")
     try:
-        img = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:  # PIL's message names the buffer object: say what it is
         raise UnidentifiedImageError("not an image format PIL can read") from None
-    with img:
+
+
+def decode_image_bytes(data: bytes) -> Image.Image:
+    """An image held in memory (a shard member, a parquet cell), as :func:`load_image`
+    makes it; raises one of ``UNREADABLE_IMAGE_ERRORS`` when it is not a whole image."""
+    with open_image_bytes(data) as img:
         return upright_rgb(img)
 
 

@@ -112,7 +112,8 @@ def fast_train_transform(
     shear and translate by :mod:`cait.data.randaugment` (PIL's pixels but for rare one-level
     rounding flips, about 3x faster). Normalising and
     random erasing move to the device, batched: :func:`device_augment`.
-    ``randaugment=False`` leaves out RandAugment (and colour jitter), for the benchmarks."""
+    ``randaugment=False`` leaves out RandAugment (and colour jitter), for the benchmarks.
+    It says ``decodes_itself``: the data sources hand it images opened, not decoded."""
     if settings.interpolation == "random":
         raise ValueError("the fast training transform needs one interpolation, not 'random'")
     transform = create_transform(
@@ -150,6 +151,8 @@ def fast_train_transform(
     _allow_zero_bit_posterize(transform)
     if fast_ops:
         _use_fast_ops(transform)
+    # the sources give it undecoded images, which its crop step decodes at the scale it needs
+    transform.decodes_itself = True
     return transform
 
 

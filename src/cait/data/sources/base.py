@@ -9,6 +9,14 @@ source (a file's path, ``SHARD#MEMBER``, ``hf:DIR[split][row]``), for results fi
 exactly-once counts: an indexed split's ``key(i)``; a keyed split (:func:`keyed`) yields
 ``(image, label, skipped, key)``.
 
+**A transform that decodes itself** (``transform.decodes_itself = True``, as
+:func:`cait.data.transforms.fast_train_transform` sets it) is handed each image opened but
+not decoded (:func:`cait.data.decode.open_image` on the file, or on the bytes of a tar
+member or a parquet cell), so that it can decode at the scale its crop needs; the errors
+of decoding (``UNREADABLE_IMAGE_ERRORS``) then come from the transform and are named skips
+as before. Other transforms get the decoded upright RGB image (:mod:`cait.data.images`);
+so do all transforms of sources without files (digits).
+
 Two kinds of split:
 - **indexed** (map-style: digits, folders, lists, Hugging Face folders): ``dataset[i]``
   reads sample ``i``; the samplers of :mod:`cait.data.samplers` decide the order;
@@ -26,7 +34,7 @@ from typing import Any, Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cait.data.images import UNREADABLE_IMAGE_ERRORS, decode_image_bytes
+from cait.data.images import UNREADABLE_IMAGE_ERRORS, decode_image_bytes, open_image_bytes
 from cait.files import first_line
 
 __all__ = [
@@ -37,6 +45,7 @@ __all__ = [
     "Source",
     "SplitName",
     "class_mapping",
+    "decodes_itself",
     "read_sample",
 ]
 
@@ -91,11 +100,18 @@ class Source(ABC):
         """Refuse a validation split that shares files with training (where it can)."""
 
 
+def decodes_itself(transform: Callable | None) -> bool:
+    """Whether ``transform`` takes images opened but not decoded (its ``decodes_itself``)."""
+    return getattr(transform, "decodes_itself", False) is True
+
+
 class IndexedSplit(Dataset):
     """An indexed split: sample ``i`` is ``_read(i)`` (the image, or why it cannot be read)
-    through ``transform``, labelled ``targets[i]``. ``substitute`` (training): an unreadable
-    sample is replaced by the next readable one, its problem named, so that batches keep
-    their size; otherwise (evaluation) it has no image and the problem is named."""
+    through ``transform``, labelled ``targets[i]``; for a transform that decodes itself,
+    ``_open(i)`` (the image opened, not decoded) through it. ``substitute`` (training): an
+    unreadable sample is replaced by the next readable one, its problem named, so that
+    batches keep their size; otherwise (evaluation) it has no image and the problem is
+    named."""
 
     targets: list[int]
     transform: Callable | None = None
@@ -104,6 +120,27 @@ class IndexedSplit(Dataset):
     def _read(self, index: int) -> tuple[Image.Image | None, str]:
         raise NotImplementedError
 
+    def _open(self, index: int) -> Image.Image:
+        """Sample ``index``'s image opened but not decoded; raises one of
+        ``UNREADABLE_IMAGE_ERRORS`` when it cannot be opened."""
+        raise NotImplementedError
+
+    def key(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _transformed(self, index: int) -> tuple[Any, str]:
+        """Sample ``index`` through the transform: ``(image, "")``, or ``(None, problem)``."""
+        if decodes_itself(self.transform):
+            try:
+                with self._open(index) as img:  # closes the file, whatever the transform did
+                    return self.transform(img), ""
+            except UNREADABLE_IMAGE_ERRORS as err:
+                return None, f"{self.key(index)}: {first_line(err)}"
+        img, problem = self._read(index)
+        if img is not None and self.transform is not None:
+            img = self.transform(img)
+        return img, problem
+
     def __len__(self) -> int:
         return len(self.targets)
 
@@ -111,10 +148,8 @@ class IndexedSplit(Dataset):
         skipped: list[str] = []
         for offset in range(len(self.targets)):
             i = (index + offset) % len(self.targets)
-            img, problem = self._read(i)
-            if img is not None:
-                if self.transform is not None:
-                    img = self.transform(img)
+            img, problem = self._transformed(i)
+            if not problem:
                 return img, self.targets[i], tuple(skipped)
             skipped.append(problem)
             if not self.substitute:
@@ -138,8 +173,13 @@ def read_sample(
     data: bytes, key: str, transform: Callable | None = None
 ) -> tuple[Image.Image | Any | None, str]:
     """Decode (and transform) one sample's image bytes: ``(image, "")``, or ``(None,
-    problem)`` naming ``key`` when the bytes are not a whole image."""
+    problem)`` naming ``key`` when the bytes are not a whole image. A transform that decodes
+    itself is given the image opened, not decoded, and its decoding errors are the
+    problem."""
     try:
+        if decodes_itself(transform):
+            with open_image_bytes(data) as img:
+                return transform(img), ""
         img = decode_image_bytes(data)
     except UNREADABLE_IMAGE_ERRORS as err:
         return None, f"{key}: {first_line(err)}"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from cait.data.decode import open_image
 from cait.data.images import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, load_image, read_bytes
 from cait.data.sources.base import IndexedSplit, Source, SplitName
 from cait.files import first_line
@@ -225,6 +226,9 @@ class ImageFolderDataset(IndexedSplit):
             return load_image(path), ""
         except UNREADABLE_IMAGE_ERRORS as err:
             return None, f"{path}: {first_line(err)}"
+
+    def _open(self, index: int) -> Image.Image:
+        return open_image(self.samples[index][0])
 
 
 class FolderSource(Source):

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from cait.data.images import open_image_bytes
 from cait.data.sources.base import IndexedSplit, Source, SplitName, class_mapping, read_sample
 
 __all__ = ["HFDataset", "HFSource"]
@@ -222,6 +224,12 @@ class HFDataset(IndexedSplit):
         if data is None:
             return None, f"{self.key(index)}: no image bytes in column {self.rows.image}"
         return read_sample(data, self.key(index))
+
+    def _open(self, index: int) -> Image.Image:
+        data = self.rows.image_bytes(index)
+        if data is None:
+            raise ValueError(f"no image bytes in column {self.rows.image}")
+        return open_image_bytes(data)
 
 
 class HFSource(Source):
