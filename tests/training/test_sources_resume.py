@@ -55,3 +55,15 @@ def test_a_run_from_an_indexed_source_stopped_within_an_epoch_resumes_exactly(
     sources, form, tmp_path, monkeypatch
 ):
     _stopped_and_resumed_equals_whole(tmp_path, monkeypatch, sources[form])
+
+
+@pytest.mark.slow
+def test_a_run_with_the_fast_decode_path_stopped_within_an_epoch_resumes_exactly(
+    sources, tmp_path, monkeypatch
+):
+    """data.decode=fast with the paper's augmentation: the sources hand the transform
+    undecoded files, RandAugment runs in the loader workers and the batches are normalised
+    and erased after the loader (DeviceAugment); the resume is still exact."""
+    augment = ("augment.auto_augment=rand-m9-mstd0.5-inc1", "augment.re_prob=0.5")
+    fast = ("data.decode=fast", "data.workers=2", "epochs=1", "augment.hflip=0.5", *augment)
+    _stopped_and_resumed_equals_whole(tmp_path, monkeypatch, sources["list"], *fast)
