@@ -1,11 +1,13 @@
 """Inference precisions: fp32, bf16 (autocast) and int8 (quantized linear layers), checked
 against the device and the CPU before a model runs in them.
 
-- ``bf16``: the model keeps its fp32 weights and runs under :func:`torch.autocast`; matrix
-  products run in bf16, and the talking-heads kernel mixes heads and takes the softmax in
-  fp32 on bf16 inputs (``cait/kernels/csrc/talking_heads.cpp``). On a CPU it needs the
-  ``avx512_bf16`` or ``amx_bf16`` instructions (``lscpu`` flags): without them bf16 is
-  emulated and slower than fp32, so it is refused rather than run slowly.
+- ``bf16``: the model runs under :func:`torch.autocast`; matrix products run in bf16, and
+  the talking-heads kernel mixes heads and takes the softmax in fp32 on bf16 inputs
+  (``cait/kernels/csrc/talking_heads.cpp``). On a CPU it runs a copy whose linear layers
+  hold their weights packed in bf16, the MLP's GELU fused (:mod:`cait.precision.bf16`:
+  autocast would cast every weight on every call); on CUDA the model itself. On a CPU it
+  needs the ``avx512_bf16`` or ``amx_bf16`` instructions (``lscpu`` flags): without them
+  bf16 is emulated and slower than fp32, so it is refused rather than run slowly.
 - ``int8``: a quantized copy of the model (the caller's model is left as it is) in which
   every ``nn.Linear`` but the talking-heads mixing (``proj_l``, ``proj_w``: ``H x H``
   weights applied to attention logits and probabilities) runs in int8 with one weight
@@ -41,7 +43,7 @@ from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from cait import runtime
 from cait.precision import bf16 as bf16_engine
 from cait.precision import int8
-from cait.precision.int8 import KEEP_FLOAT
+from cait.precision.swap import KEEP_FLOAT
 
 __all__ = [
     "PRECISIONS",
