@@ -53,7 +53,7 @@ def main() -> None:
     timm_eager = build_reference(args.model, ours.state_dict())
 
     def step(model: torch.nn.Module, autocast: bool = False) -> Callable[[], None]:
-        """One inference step; ``autocast`` in bf16 (the model keeps its fp32 weights)."""
+        """One inference step of ``model`` as given; ``autocast`` in bf16."""
         dtype = torch.bfloat16 if autocast else torch.float32
         return _make_step(model, images, targets, False, dtype, autocast, cpu)
 

@@ -28,7 +28,7 @@ from cait.precision.int8 import (
 )
 
 # the engine multiplies exactly only with VNNI; elsewhere cait.precision never builds it
-pytestmark = pytest.mark.skipif(
+needs_vnni = pytest.mark.skipif(
     not supported(cpu_flags()), reason="oneDNN int8 needs VNNI (avx512_vnni, avx_vnni, amx_int8)"
 )
 
@@ -65,6 +65,7 @@ def test_activation_qparams_cover_the_range_and_zero_exactly():
     assert scale > 0 and zero_point == 0
 
 
+@needs_vnni
 @pytest.mark.parametrize("post_op", ["none", "gelu"])
 def test_a_dynamic_layer_is_the_int8_formula(post_op):
     linear = _linear()
@@ -84,6 +85,7 @@ def test_a_dynamic_layer_is_the_int8_formula(post_op):
     assert (got - float_out).abs().max() < 0.05 * float_out.abs().max()
 
 
+@needs_vnni
 def test_a_static_layer_saturates_at_its_scales_and_can_write_uint8():
     linear = _linear(seed=1)
     layer = Int8Linear(linear)
@@ -112,6 +114,7 @@ def _model(seed: int = 0) -> nn.Module:
     return randomize_(create_model("cait_digits_16", depth=2), seed=seed).eval()
 
 
+@needs_vnni
 def test_every_linear_but_the_mixing_is_replaced_and_the_gelu_fused():
     model = _model()
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
@@ -131,6 +134,7 @@ def _calibrated(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
     return quantized
 
 
+@needs_vnni
 def test_calibration_fixes_the_scales_and_chains_the_mlp_in_uint8():
     model = _model()
     batches = [
@@ -150,6 +154,7 @@ def test_calibration_fixes_the_scales_and_chains_the_mlp_in_uint8():
     one_line(err, "at least one image")
 
 
+@needs_vnni
 def test_static_scales_make_an_image_s_prediction_independent_of_its_batch():
     """With dynamic scales one bright image in a batch coarsens every other image's
     quantization; calibrated scales do not move."""
@@ -181,6 +186,7 @@ def _checkpoint(tmp_path):
     return str(tiny_checkpoint(tmp_path, "cait_digits_16", list("0123456789"), seed=1))
 
 
+@needs_vnni
 def test_eval_and_predict_calibrate_from_a_source(tmp_path, capsys, caplog):
     from cait.cli import main
 
@@ -206,7 +212,7 @@ def test_calibration_asks_for_int8_and_a_readable_source(tmp_path, capsys):
     for precision in (["fp32"], ["fp32", "bf16"]):
         assert main([*base, "--precision", *precision]) == 2
         err = capsys.readouterr().err.strip()
-        assert "--calibrate is for precision int8" in err and "\n" not in err
+        assert "calibration is for precision int8" in err and "\n" not in err
     with pytest.raises(SystemExit) as stop:  # argparse's usage error
         main([*base, "--precision", "int8", "--calibrate-images", "0"])
     assert stop.value.code == 2
@@ -221,6 +227,7 @@ def test_calibration_asks_for_int8_and_a_readable_source(tmp_path, capsys):
         one_line(err, "calibration")
 
 
+@needs_vnni
 @pytest.mark.parametrize("flags", [{"avx512_vnni", "avx512_bf16"}, {"avx512_vnni"}])
 def test_the_attention_runs_in_bf16_only_where_the_cpu_has_it(flags, monkeypatch):
     """qkv writes bf16 for the attention's products on a CPU with bf16 instructions; the
@@ -240,3 +247,35 @@ def test_the_attention_runs_in_bf16_only_where_the_cpu_has_it(flags, monkeypatch
     # the traced path rounds the mixed logits to bf16 where the kernel keeps them in fp32
     assert (traced - fast).abs().max() < 0.05 * fast.abs().max()
     assert torch.equal(traced.argmax(-1), fast.argmax(-1))
+
+
+def test_calibration_reads_a_one_split_source_lazily_and_as_the_cli_counts(tmp_path):
+    """A folder of class folders (no train/) calibrates on its images; nothing is read
+    before the precision is checked; the CLI's default count is the library's."""
+    import argparse
+
+    from PIL import Image
+
+    from cait.cli._common import calibrate_flags
+    from cait.inference import load_for_inference
+    from cait.inference.calibration import (
+        CALIBRATION_IMAGES,
+        Calibration,
+        calibration_batches,
+        prepare_loaded,
+    )
+
+    folder = tmp_path / "photos"
+    for i in range(5):
+        (folder / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(folder / "ab"[i % 2] / f"{i}.png")
+    loaded = load_for_inference(_checkpoint(tmp_path))
+    batches = list(calibration_batches(Calibration(str(folder), images=4), loaded))
+    assert sum(len(b) for b in batches) == 4 and batches[0].shape[1:] == (3, 16, 16)
+    missing = Calibration(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError) as err:  # the device is refused before the source is read
+        prepare_loaded(loaded, "int8", torch.device("cuda"), missing)
+    one_line(err, "int8 runs on the CPU only")
+    parser = argparse.ArgumentParser()
+    calibrate_flags(parser)
+    assert parser.parse_args([]).calibrate_images == CALIBRATION_IMAGES

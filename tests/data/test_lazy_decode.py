@@ -217,10 +217,16 @@ def test_the_fast_training_transform_says_it_decodes_itself_and_the_source_does_
     assert image.shape == (3, SPEC.img_size, SPEC.img_size) and skipped == ()
 
 
-def test_only_unreadable_image_errors_become_skips(photos):
+@pytest.mark.parametrize("error", [RuntimeError, ValueError, OSError])
+@pytest.mark.parametrize("form", ["list", "shards"])
+def test_only_undecodable_pixels_become_skips(photos, form, error):
+    """A transform that decodes itself says a file is bad with PixelsUnreadable; anything
+    else it raises (a ValueError or an OSError too, which PIL also raises) is a bug."""
+
     def broken(img):
-        raise RuntimeError("a bug in the transform")
+        raise error("a bug in the transform")
 
     broken.decodes_itself = True
-    with pytest.raises(RuntimeError, match="a bug"):
-        open_source(photos["list"]).split("train", broken, train=True)[0]
+    with pytest.raises(error, match="a bug"):
+        sample = open_source(photos[form]).split("train", broken, train=True)
+        next(iter(sample)) if is_streamed(sample) else sample[0]

@@ -12,7 +12,7 @@ A step is ``model(images)`` under ``torch.inference_mode`` for inference, or for
 entropy, backward and an AdamW step for training. ``dtype`` bf16/fp16 casts the model and
 the images for inference (``autocast=True`` keeps fp32 weights and autocasts instead) and
 always autocasts for training, which keeps fp32 master weights; ``int8`` (inference on the
-CPU only) times a copy with dynamically quantized linear layers
+CPU only) times a copy with int8 linear layers, activation scales measured per batch
 (:func:`cait.precision.quantize_int8`, what ``--precision int8`` runs), on fp32 images.
 
 Model FLOP utilisation: each model's FLOPs per image are counted once, on a ``meta`` copy

@@ -10,7 +10,10 @@ import argparse
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
+
+if TYPE_CHECKING:  # no library import at run time: `cait --help` imports this module
+    from cait.inference.calibration import Calibration
 
 __all__ = [
     "CHECKPOINT_HELP",
@@ -120,19 +123,20 @@ def calibrate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calibrate",
         metavar="SOURCE",
-        help="int8 only: fix the activation scales from images of this source's train split "
-        f"({DATA_HELP}), for faster int8 whose predictions do not depend on the batch",
+        help="int8 only: fix the activation scales from images of this source's train split, "
+        f"or of the whole source where it is one split ({DATA_HELP}), for faster int8 whose "
+        "predictions do not depend on the batch",
     )
     p.add_argument(
         "--calibrate-images",
         type=positive_int,
-        default=256,
+        default=256,  # cait.inference.calibration.CALIBRATION_IMAGES (a test holds them equal)
         metavar="N",
         help="how many images --calibrate reads (a seeded sample)",
     )
 
 
-def calibration(args: argparse.Namespace) -> Any:
+def calibration(args: argparse.Namespace) -> Calibration | None:
     """The :class:`~cait.inference.calibration.Calibration` the flags ask for, or ``None``."""
     if args.calibrate is None:
         return None

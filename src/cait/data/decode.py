@@ -25,7 +25,13 @@ import torch
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
-from cait.data.images import open_image_bytes, upright_rgb
+from cait.data.images import (
+    UNREADABLE_IMAGE_ERRORS,
+    PixelsUnreadable,
+    open_image_bytes,
+    upright_rgb,
+)
+from cait.files import first_line
 
 try:  # the fastjpeg extra: the fast path decodes JPEGs with it where it is installed
     import simplejpeg
@@ -286,7 +292,14 @@ class ResizedCrop:
         return _to_tensor(out) if self.to_tensor else out
 
     def __call__(self, img: Image.Image) -> Image.Image | torch.Tensor:
-        return self.resize(*self.plan(img))
+        """The crop of ``img`` (opened, decoded or not); pixels that cannot be decoded raise
+        :class:`~cait.data.images.PixelsUnreadable`, and only those."""
+        try:
+            img, box = self.plan(img)
+            pixels = self.decode(img, box)
+        except UNREADABLE_IMAGE_ERRORS as err:
+            raise PixelsUnreadable(first_line(err)) from err
+        return self.resize(pixels, box)
 
     def __repr__(self) -> str:
         return (

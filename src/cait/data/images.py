@@ -18,6 +18,7 @@ from cait.files import first_line
 __all__ = [
     "IMAGE_EXTENSIONS",
     "UNREADABLE_IMAGE_ERRORS",
+    "PixelsUnreadable",
     "UnreadableImage",
     "check_image_file",
     "decode_image_bytes",
@@ -92,6 +93,12 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 URL_SCHEMES = ("http://", "https://")
+
+
+class PixelsUnreadable(ValueError):
+    """An opened image whose pixels cannot be decoded, raised by a transform that decodes
+    itself (:class:`cait.data.decode.ResizedCrop`) in place of PIL's or the decoder's error
+    (its first line), so that a source tells a bad file from a bug in the transform."""
 
 
 class UnreadableImage(ValueError):

@@ -1,6 +1,7 @@
 """Calibration images for int8 with static activation scales (``--calibrate SOURCE``): a
-seeded sample of a data source's split, read with the checkpoint's evaluation transform,
-and the loaded model made ready in its precision with them (:func:`prepare_loaded`).
+seeded sample of a data source's training split (or of the source, where it is one split),
+read with the checkpoint's evaluation transform, and the loaded model made ready in its
+precision with them (:func:`prepare_loaded`).
 
 With scales fixed from calibration an image's prediction no longer depends on the other
 images of its batch (dynamic scales are measured over the whole batch), and int8 runs
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +20,7 @@ from torch.utils.data import Subset
 
 from cait.data import eval_transform
 from cait.data.loaders import make_loader, take
-from cait.data.sources import SPLITS, is_streamed, open_split
+from cait.data.sources import SPLITS, is_streamed, open_source
 from cait.models.build import LoadedModel
 from cait.precision import PreparedModel, prepare_model
 
@@ -50,30 +52,31 @@ class Calibration:
             raise ValueError(f"calibration split must be one of {SPLITS}, got {self.split!r}")
 
 
-def calibration_batches(calibration: Calibration, loaded: LoadedModel) -> list[torch.Tensor]:
-    """The calibration images as batches the loaded model takes (its evaluation transform);
-    a ``ValueError`` where none can be read."""
-    dataset = open_split(calibration.source, calibration.split, eval_transform(loaded.settings))
+def calibration_batches(calibration: Calibration, loaded: LoadedModel) -> Iterator[torch.Tensor]:
+    """The calibration images as batches the loaded model takes (its evaluation transform),
+    read as they are used; a ``ValueError`` where none can be read. A source that is one
+    split (a folder of class folders, a list without a split column) gives its images."""
+    source = open_source(calibration.source)
+    transform = eval_transform(loaded.settings)
+    if source.single_split:
+        where = f"{source} (one split)"
+        dataset = source.eval_split(transform, None)
+    else:
+        where = f"the {calibration.split} split of {source}"
+        dataset = source.split(calibration.split, transform)
     if is_streamed(dataset):
         dataset = take(dataset, calibration.images)
     elif len(dataset) > calibration.images:  # a sample over all classes, not the first few
         picked = random.Random(calibration.seed).sample(range(len(dataset)), calibration.images)
         dataset = Subset(dataset, sorted(picked))
-    loader = make_loader(dataset, CALIBRATION_BATCH).loader
-    batches = [images for images, _, _ in loader if len(images)]
-    count = sum(len(b) for b in batches)
+    count = 0
+    for images, _, _ in make_loader(dataset, CALIBRATION_BATCH).loader:
+        if len(images):
+            count += len(images)
+            yield images
     if count == 0:
-        raise ValueError(
-            f"calibration: no readable image in the {calibration.split} split of "
-            f"{calibration.source}"
-        )
-    logger.info(
-        "calibration: %d images from the %s split of %s",
-        count,
-        calibration.split,
-        calibration.source,
-    )
-    return batches
+        raise ValueError(f"calibration: no readable image in {where}")
+    logger.info("calibration: %d images from %s", count, where)
 
 
 def prepare_loaded(
@@ -83,8 +86,10 @@ def prepare_loaded(
     calibration: Calibration | None = None,
 ) -> PreparedModel:
     """:func:`cait.precision.prepare_model` for a loaded checkpoint; ``calibration`` (int8
-    only: a one-line ``ValueError`` for another precision) fixes int8's activation scales."""
+    only: a one-line ``ValueError`` for another precision) fixes int8's activation scales
+    from images read through ``loaded.settings``' evaluation transform (nothing is read
+    before the precision is checked, nor where the int8 engine cannot use them)."""
     if calibration is not None and precision != "int8":
-        raise ValueError(f"--calibrate is for precision int8, not {precision}")
+        raise ValueError(f"calibration is for precision int8, not {precision}")
     batches = None if calibration is None else calibration_batches(calibration, loaded)
     return prepare_model(loaded.model, precision, device, batches)

@@ -84,11 +84,14 @@ def evaluate_checkpoint(
         raise ValueError(f"give either amp ({amp}) or precision ({precision}), not both")
     dev = runtime.inference_device(device, amp)
     loaded = load_for_inference(checkpoint, model_name)
-    prepared = prepare_loaded(loaded, precision, dev, calibration)
+    settings = loaded.settings.replace(crop_pct=crop_pct)
+    # calibration reads its images as evaluation does (the same crop)
+    prepared = prepare_loaded(
+        dataclasses.replace(loaded, settings=settings), precision, dev, calibration
+    )
     if amp != "none":  # --amp, the older name of a precision
         precision = amp
     amp = "bf16" if precision == "bf16" else amp
-    settings = loaded.settings.replace(crop_pct=crop_pct)
     dataset = _val_dataset(data, eval_transform(settings), loaded, checkpoint, classes_by_position)
     loader = DataLoader(
         dataset,
@@ -126,7 +129,7 @@ def evaluate_checkpoints(
         result_format(results_file)  # a bad name fails before the first evaluation
     calibration = options.pop("calibration", None)
     if calibration is not None and "int8" not in precisions:
-        raise ValueError(f"--calibrate is for precision int8, not {', '.join(precisions)}")
+        raise ValueError(f"calibration is for precision int8, not {', '.join(precisions)}")
     rows: list[dict[str, Any]] = []
     for checkpoint in checkpoints:
         for precision in precisions:

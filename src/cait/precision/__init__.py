@@ -111,7 +111,7 @@ def quantize_int8(model: nn.Module, calibration: Iterable[torch.Tensor] | None =
             "; the calibration images are not used" if calibration is not None else "",
         )
         return quantize_int8_ao(model)
-    quantized = copy.deepcopy(model).float().eval()
+    quantized = copy.deepcopy(model).cpu().float().eval()
     bf16 = bool(cpu_flags().intersection(BF16_CPU_FLAGS))
     attention = torch.bfloat16 if bf16 else torch.float32
     count = int8.quantize_linear_layers(quantized, attention)
@@ -140,7 +140,9 @@ def quantize_int8_ao(model: nn.Module) -> nn.Module:
         # favour of torchao; they are what its int8 CPU kernels run today
         warnings.filterwarnings("ignore", "torch.quantize_per_", UserWarning)
         warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
-        quantized = quantize_dynamic(copy.deepcopy(model).float().eval(), spec, dtype=torch.qint8)
+        quantized = quantize_dynamic(
+            copy.deepcopy(model).cpu().float().eval(), spec, dtype=torch.qint8
+        )
     count = sum(isinstance(m, quantized_dynamic.Linear) for m in quantized.modules())
     logger.info("int8: %d linear layers quantized (torch.ao, dynamic inputs)", count)
     return quantized
@@ -175,14 +177,16 @@ def prepare_model(
     calibration: Iterable[torch.Tensor] | None = None,
 ) -> PreparedModel:
     """``model`` (on ``device``) made ready to run in ``precision``, after
-    :func:`check_precision`; the precision is logged. int8 gives a quantized copy, its
-    activation scales fixed from ``calibration`` when given (:func:`quantize_int8`); fp32
-    and bf16 give ``model`` itself, and refuse ``calibration``."""
+    :func:`check_precision`; the precision is logged. int8 gives a quantized copy on the
+    CPU, its activation scales fixed from ``calibration`` when given (:func:`quantize_int8`;
+    the batches are read only then); bf16 on the CPU a packed copy (:func:`pack_bf16`);
+    fp32, and bf16 on CUDA, ``model`` itself. ``model`` is left as it is (but moved to
+    ``device`` where it is returned); ``calibration`` with another precision is refused."""
     check_precision(precision, device)
     if calibration is not None and precision != "int8":
         raise ValueError(f"calibration is for precision int8, not {precision}")
     if precision == "int8":
-        quantized = quantize_int8(model.cpu(), calibration)
+        quantized = quantize_int8(model, calibration)
         prepared = PreparedModel(quantized, precision, contextlib.nullcontext)
     else:
         amp = "bf16" if precision == "bf16" else "none"
@@ -190,7 +194,7 @@ def prepare_model(
             model = pack_bf16(model)
         prepared = PreparedModel(model.to(device), precision, lambda: runtime.autocast(device, amp))
     how = {"fp32": "fp32", "bf16": "bf16 autocast", "int8": "int8 dynamic quantization"}
-    if calibration is not None:
+    if any(getattr(m, "input_qparams", None) is not None for m in prepared.model.modules()):
         how["int8"] = "int8 static quantization (calibrated)"
     logger.info("precision: %s on %s", how[precision], device)
     return prepared

@@ -34,7 +34,12 @@ from typing import Any, Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cait.data.images import UNREADABLE_IMAGE_ERRORS, decode_image_bytes, open_image_bytes
+from cait.data.images import (
+    UNREADABLE_IMAGE_ERRORS,
+    PixelsUnreadable,
+    decode_image_bytes,
+    open_image_bytes,
+)
 from cait.files import first_line
 
 __all__ = [
@@ -132,10 +137,10 @@ class IndexedSplit(Dataset):
         """Sample ``index`` through the transform: ``(image, "")``, or ``(None, problem)``."""
         if decodes_itself(self.transform):
             try:
-                with self._open(index) as img:  # closes the file, whatever the transform did
-                    return self.transform(img), ""
+                img = self._open(index)
             except UNREADABLE_IMAGE_ERRORS as err:
                 return None, f"{self.key(index)}: {first_line(err)}"
+            return _decoded_by(self.transform, img, self.key(index))
         img, problem = self._read(index)
         if img is not None and self.transform is not None:
             img = self.transform(img)
@@ -177,10 +182,21 @@ def read_sample(
     itself is given the image opened, not decoded, and its decoding errors are the
     problem."""
     try:
-        if decodes_itself(transform):
-            with open_image_bytes(data) as img:
-                return transform(img), ""
-        img = decode_image_bytes(data)
+        img = open_image_bytes(data) if decodes_itself(transform) else decode_image_bytes(data)
     except UNREADABLE_IMAGE_ERRORS as err:
         return None, f"{key}: {first_line(err)}"
+    if decodes_itself(transform):
+        return _decoded_by(transform, img, key)
     return (transform(img) if transform is not None else img), ""
+
+
+def _decoded_by(transform: Callable, img: Image.Image, key: str) -> tuple[Any, str]:
+    """``img`` (opened, not decoded) through a transform that decodes itself: ``(sample,
+    "")``, or ``(None, problem)`` when its pixels cannot be decoded. Only that
+    (:class:`~cait.data.images.PixelsUnreadable`) is a skip: any other error of the
+    transform is a bug, and is raised."""
+    with img:  # closes the file, whatever the transform did
+        try:
+            return transform(img), ""
+        except PixelsUnreadable as err:
+            return None, f"{key}: {first_line(err)}"
