@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from cait import runtime
 from cait.data import build_val_dataset, eval_transform
 from cait.models.build import load_for_inference
-from cait.precision import pack_bf16, quantize_int8
+from cait.precision import bf16_model, quantize_int8
 
 __all__ = ["checkpoint_precision_agreement", "precision_agreement"]
 
@@ -47,7 +47,7 @@ def precision_agreement(
     if int8:
         low, autocast = quantize_int8(model, calibration), False
     elif autocast:  # what --precision bf16 runs: on the CPU, packed bf16 linear layers
-        low = pack_bf16(model) if dtype == "bf16" and device.type == "cpu" else model
+        low = bf16_model(model, device) if dtype == "bf16" else model
     else:
         low = copy.deepcopy(model).to(low_dtype)
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low_dtype, "none")

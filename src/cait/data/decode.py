@@ -275,10 +275,8 @@ class ResizedCrop:
     def resize(
         self, img: Image.Image | torch.Tensor, box: tuple[float, float, float, float]
     ) -> Image.Image | torch.Tensor:
-        """The crop ``box`` of ``img`` (decoded now by :meth:`decode` if it is not yet) at
-        ``size`` x ``size``; a fractional box (a drafted image) goes to PIL, which takes one."""
-        if not isinstance(img, torch.Tensor):
-            img = self.decode(img, box)
+        """The crop ``box`` of ``img`` (what :meth:`decode` gave) at ``size`` x ``size``; a
+        fractional box (a drafted image) goes to PIL, which takes one."""
         if self._torch_box(box):
             if isinstance(img, torch.Tensor):
                 pixels = img

@@ -55,6 +55,7 @@ __all__ = [
     "prepare_model",
     "quantize_int8",
     "quantize_int8_ao",
+    "bf16_model",
     "pack_bf16",
 ]
 
@@ -103,7 +104,8 @@ def quantize_int8(model: nn.Module, calibration: Iterable[torch.Tensor] | None =
     (see the module docstring): oneDNN's where the CPU has VNNI, torch.ao's elsewhere
     (logged). ``calibration`` (batches of images as the model takes them) fixes the
     activation scales; without it they are measured on every batch."""
-    if not int8.supported(cpu_flags()):
+    flags = cpu_flags()
+    if not int8.supported(flags):
         logger.warning(
             "int8: this CPU has none of %s (see `lscpu`), or torch has no oneDNN: torch.ao's "
             "dynamic quantization instead, slower%s",
@@ -112,7 +114,7 @@ def quantize_int8(model: nn.Module, calibration: Iterable[torch.Tensor] | None =
         )
         return quantize_int8_ao(model)
     quantized = copy.deepcopy(model).cpu().float().eval()
-    bf16 = bool(cpu_flags().intersection(BF16_CPU_FLAGS))
+    bf16 = bool(flags.intersection(BF16_CPU_FLAGS))
     attention = torch.bfloat16 if bf16 else torch.float32
     count = int8.quantize_linear_layers(quantized, attention)
     logger.info(
@@ -146,6 +148,12 @@ def quantize_int8_ao(model: nn.Module) -> nn.Module:
     count = sum(isinstance(m, quantized_dynamic.Linear) for m in quantized.modules())
     logger.info("int8: %d linear layers quantized (torch.ao, dynamic inputs)", count)
     return quantized
+
+
+def bf16_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model that runs under bf16 autocast on ``device``: on the CPU a packed copy
+    (:func:`pack_bf16`), on CUDA ``model`` itself."""
+    return pack_bf16(model) if device.type == "cpu" else model
 
 
 def pack_bf16(model: nn.Module) -> nn.Module:
@@ -190,8 +198,8 @@ def prepare_model(
         prepared = PreparedModel(quantized, precision, contextlib.nullcontext)
     else:
         amp = "bf16" if precision == "bf16" else "none"
-        if precision == "bf16" and device.type == "cpu":
-            model = pack_bf16(model)
+        if precision == "bf16":
+            model = bf16_model(model, device)
         prepared = PreparedModel(model.to(device), precision, lambda: runtime.autocast(device, amp))
     how = {"fp32": "fp32", "bf16": "bf16 autocast", "int8": "int8 dynamic quantization"}
     if any(getattr(m, "input_qparams", None) is not None for m in prepared.model.modules()):
