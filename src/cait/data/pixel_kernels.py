@@ -1,0 +1,198 @@
+"""PIL's own arithmetic for five of RandAugment's ops, compiled by numba, for the fast
+training path (:mod:`cait.data.randaugment` calls them).
+
+- :func:`shift_rows`: PIL's bicubic ``AFFINE`` transform (``Geometry.c``) for a map that
+  keeps every row where it is and reads row ``y`` at ``x_in = a0 (x + 0.5) + a1 (y + 0.5)
+  + a2``: ``ShearX`` and ``TranslateXRel``; ``ShearY`` and ``TranslateYRel`` are the same
+  map on the turned image. With the rows kept, PIL's 4 x 4 filter (a = -1) reduces to its
+  4-tap pass along the row (the pass down the column has ``dy = 0`` and returns its second
+  tap unchanged).
+- :func:`smooth_blend`: ``ImageEnhance.Sharpness``: PIL's ``SMOOTH`` 3 x 3 filter
+  (``Filter.c``: float32, the kernel divided by 13, 0.5 added for rounding, the border
+  copied), then ``Image.blend`` of the smoothed and the original image (``Blend.c``).
+
+Each computes what PIL computes in the same precision and order (double for the transform,
+float32 for the filter and the blend), so the pixels are PIL's exactly; tests hold them
+equal. The gain is the loops' form: PIL resamples pixel by pixel and band by band through
+function pointers (2.3 ms for a 224 x 224 shear on one core), where here the run of a row
+whose taps all lie inside it is one loop over contiguous bytes that the compiler
+vectorises (about 0.3 ms).
+
+Without numba (the ``fast`` extra) :data:`AVAILABLE` is False, nothing here is compiled,
+and the training transform keeps timm's PIL functions: the same pixels, slower. (The
+kernels then run as plain Python, which gives the same pixels too, far too slowly for
+training: a test runs them so.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+try:
+    import numba
+
+    AVAILABLE = True
+except ImportError:  # the ops keep timm's functions (cait.data.randaugment)
+    AVAILABLE = False
+
+__all__ = ["AVAILABLE", "shift_rows", "smooth_blend", "warm"]
+
+# The kernels take RGB pixels, (H, W, 3).
+BANDS = 3
+# PIL's SMOOTH kernel (ImageFilter.SMOOTH): 1 around a 5 in the middle, divided by 13.
+SMOOTH_SIDE, SMOOTH_MIDDLE, SMOOTH_SCALE = 1, 5, 13
+
+
+def _bicubic(v1: float, v2: float, v3: float, v4: float, d: float) -> np.uint8:
+    """Geometry.c's ``BICUBIC`` (a = -1) at ``d`` past ``v2``, term for term, clipped to
+    0..255 and truncated as its uint8 filter does."""
+    p2 = -v1 + v3
+    p3 = 2 * (v1 - v2) + v3 - v4
+    p4 = -v1 + v2 - v3 + v4
+    v = v2 + d * (p2 + d * (p3 + d * p4))
+    return np.uint8(int(min(max(v, 0.0), 255.0)))
+
+
+def _shift_rows(
+    src: np.ndarray, a0: float, a1: float, a2: float, fill: np.ndarray, out: np.ndarray
+) -> np.ndarray:
+    """Each row of uint8 ``(H, W, 3)`` ``src`` resampled by PIL's bicubic at ``a0 (x + 0.5)
+    + a1 (y + 0.5) + a2`` into ``out``; pixels whose source lies outside the row take
+    ``fill``, as PIL's ``fillcolor``."""
+    h, w, _ = src.shape
+    n = w * BANDS  # a row's values
+    frac_px = np.empty(w)  # by pixel: the distance past the second tap (Geometry.c's dx)
+    first_tap = np.empty(w, np.int64)  # the first tap's pixel, before clipping
+    inside = np.empty(w, np.bool_)  # whether the source lies inside the row
+    frac = np.empty(n)  # frac_px by value (each pixel's three alike)
+    for y in range(h):
+        a1_y = a1 * (y + 0.5)
+        for x in range(w):
+            x_in = a0 * (x + 0.5) + a1_y + a2  # Geometry.c's affine_transform
+            inside[x] = (x_in >= 0.0) & (x_in < w)
+            xs = x_in - 0.5
+            whole = np.floor(xs)
+            frac_px[x] = xs - whole
+            first_tap[x] = int(whole) - 1
+        for x in range(w):
+            d = frac_px[x]
+            frac[x * BANDS] = d
+            frac[x * BANDS + 1] = d
+            frac[x * BANDS + 2] = d
+        # the longest run of pixels whose four taps lie inside the row at one shift
+        start = 0
+        while start < w and not (inside[start] and first_tap[start] >= 0):
+            start += 1
+        stop = start
+        shift = first_tap[start] - start if start < w else 0
+        while stop < w:
+            k = first_tap[stop]
+            if not inside[stop] or k - stop != shift or k + 3 > w - 1:
+                break
+            stop += 1
+        # the run: contiguous reads, slices indexed from 0 (so that the compiler sees no
+        # negative index and vectorises the loop)
+        row, row_out = src[y].reshape(n), out[y].reshape(n)
+        count, at = (stop - start) * BANDS, (start + shift) * BANDS
+        t1, t2 = row[at : at + count], row[at + BANDS : at + BANDS + count]
+        t3 = row[at + 2 * BANDS : at + 2 * BANDS + count]
+        t4 = row[at + 3 * BANDS : at + 3 * BANDS + count]
+        d_run = frac[start * BANDS : stop * BANDS]
+        run_out = row_out[start * BANDS : stop * BANDS]
+        for j in range(count):
+            run_out[j] = _bicubic(float(t1[j]), float(t2[j]), float(t3[j]), float(t4[j]), d_run[j])
+        # either side of it: the fill, and pixels with a tap past an end (clipped, XCLIP)
+        for i in range(w - (stop - start)):
+            x = i if i < start else i + stop - start
+            j = x * BANDS
+            if not inside[x]:
+                for b in range(BANDS):
+                    row_out[j + b] = fill[b]
+                continue
+            k = first_tap[x]
+            x0, x1 = min(max(k, 0), w - 1) * BANDS, min(max(k + 1, 0), w - 1) * BANDS
+            x2, x3 = min(max(k + 2, 0), w - 1) * BANDS, min(max(k + 3, 0), w - 1) * BANDS
+            for b in range(BANDS):
+                row_out[j + b] = _bicubic(
+                    float(row[x0 + b]),
+                    float(row[x1 + b]),
+                    float(row[x2 + b]),
+                    float(row[x3 + b]),
+                    frac[j + b],
+                )
+    return out
+
+
+def _smooth_blend(src: np.ndarray, alpha: np.float32, out: np.ndarray) -> np.ndarray:
+    """``Image.blend(src.filter(SMOOTH), src, alpha)`` of uint8 ``(H, W, C)`` ``src`` into
+    ``out``, ``alpha`` a float32 (PIL's C ``float``)."""
+    h, w, c = src.shape
+    side = np.float32(SMOOTH_SIDE) / np.float32(SMOOTH_SCALE)
+    middle = np.float32(SMOOTH_MIDDLE) / np.float32(SMOOTH_SCALE)
+    rounding = np.float32(0.5)
+    smooth = src.copy()  # the border stays the image's (Filter.c copies it)
+    if h >= 3 and w >= 3:  # smaller images are copied whole
+        n, m = w * c, (w - 2) * c  # a row's values; those with a neighbour on each side
+        for y in range(1, h - 1):
+            # each row's three views, a pixel's neighbours c values apart (slices indexed
+            # from 0, so that the compiler sees no negative index and vectorises the loop)
+            below, here, above = src[y + 1].reshape(n), src[y].reshape(n), src[y - 1].reshape(n)
+            b0, b1, b2 = below[:m], below[c : c + m], below[2 * c :]
+            h0, h1, h2 = here[:m], here[c : c + m], here[2 * c :]
+            a0, a1, a2 = above[:m], above[c : c + m], above[2 * c :]
+            row_out = smooth[y].reshape(n)[c : c + m]
+            for j in range(m):
+                # Filter.c's KERNEL1x3 sums in float32, the row below first
+                s = rounding
+                s += (np.float32(b0[j]) * side + np.float32(b1[j]) * side) + np.float32(
+                    b2[j]
+                ) * side
+                s += (np.float32(h0[j]) * side + np.float32(h1[j]) * middle) + np.float32(
+                    h2[j]
+                ) * side
+                s += (np.float32(a0[j]) * side + np.float32(a1[j]) * side) + np.float32(
+                    a2[j]
+                ) * side
+                row_out[j] = np.uint8(np.int32(min(max(s, np.float32(0.0)), np.float32(255.0))))
+    if alpha == 0.0:  # Blend.c's shortcuts
+        out[:] = smooth
+        return out
+    if alpha == 1.0:
+        out[:] = src
+        return out
+    flat_s, flat_i, flat_o = smooth.reshape(-1), src.reshape(-1), out.reshape(-1)
+    for j in range(flat_o.size):
+        a, b = np.int32(flat_s[j]), np.int32(flat_i[j])
+        v = np.float32(a) + alpha * np.float32(b - a)
+        flat_o[j] = np.uint8(int(min(max(v, np.float32(0.0)), np.float32(255.0))))
+    return out
+
+
+def _compile(kernel: Callable) -> Callable:
+    """``kernel`` compiled by numba on its first call, the machine code kept in numba's
+    cache (beside this file, or the user's cache folder) for the next process; where no
+    folder is writable, compiled in each process (a few seconds)."""
+    try:
+        return numba.njit(kernel, nogil=True, boundscheck=False, cache=True)
+    except RuntimeError:  # numba found nowhere to keep its cache
+        return numba.njit(kernel, nogil=True, boundscheck=False)
+
+
+if AVAILABLE:
+    _bicubic = numba.njit(_bicubic, inline="always")
+    shift_rows, smooth_blend = _compile(_shift_rows), _compile(_smooth_blend)
+else:
+    shift_rows, smooth_blend = _shift_rows, _smooth_blend
+
+
+def warm() -> None:
+    """Compile the kernels for the arrays the ops pass (a training transform calls this
+    when it is built, so that loader workers forked after it start with them compiled)."""
+    if not AVAILABLE:
+        return
+    img = np.zeros((4, 5, BANDS), dtype=np.uint8)
+    img.flags.writeable = False  # as the ops pass them (np.asarray of a PIL image)
+    shift_rows(img, 1.0, 0.1, 0.0, np.zeros(BANDS, dtype=np.uint8), np.empty_like(img))
+    smooth_blend(img, np.float32(1.5), np.empty_like(img))
