@@ -15,9 +15,10 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as tv
 
-from cait.data import AugmentConfig, collate_samples, load_image
+from cait.data import UNREADABLE_IMAGE_ERRORS, AugmentConfig, collate_samples, load_image
 from cait.data.decode import (
     DeviceAugment,
+    EncodedJpeg,
     ResizedCrop,
     crop_params,
     erase_batch,
@@ -303,3 +304,59 @@ def test_planar_tensor_is_pil_to_tensor_contiguous(tmp_path):
     path = photo_jpeg(tmp_path / "a.jpg", (500, 375))
     out = fast_train_transform(SPEC, AugmentConfig())(open_image(path))
     assert out.is_contiguous() and out.shape == (3, 224, 224)
+
+
+def _with_segment(data: bytes, marker: int, payload: bytes) -> bytes:
+    """JPEG ``data`` with one more segment right after its start marker."""
+    return (
+        data[:2]
+        + bytes([0xFF, marker])
+        + (len(payload) + 2).to_bytes(2, "big")
+        + payload
+        + data[2:]
+    )
+
+
+def test_open_image_hands_plain_jpegs_over_as_bytes_and_the_rest_to_pil(tmp_path, monkeypatch):
+    """An upright RGB or grey JPEG comes as its bytes (no PIL header parse); one that EXIF
+    or XMP may turn, a CMYK one, another format, a header that cannot be walked, or a file
+    too big to read whole goes to PIL, and each crops the reference's picture."""
+    pytest.importorskip("simplejpeg")
+    from cait.data import decode
+
+    for path in jpeg_variants(tmp_path):
+        img = open_image(path)
+        assert isinstance(img, EncodedJpeg), path.name
+        assert img.size == Image.open(path).size and img.data == path.read_bytes()
+    plain = photo_jpeg(tmp_path / "plain.jpg", (300, 220)).read_bytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter: the picture is 220 x 300
+    xmp = b'http://ns.adobe.com/xap/1.0/\0<x:xmpmeta><rdf:Description tiff:Orientation="6"/>'
+    others = {
+        "exif.jpg": photo_jpeg(tmp_path / "exif.jpg", (300, 220), exif=exif).read_bytes(),
+        "xmp.jpg": _with_segment(plain, 0xE1, xmp + b"</x:xmpmeta>"),
+        "cmyk.jpg": None,
+        "image.png": None,
+    }
+    image = Image.open(PHOTO).convert("RGB").resize((300, 220))
+    image.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    image.save(tmp_path / "image.png")
+    for name, data in others.items():
+        path = tmp_path / name
+        if data is not None:
+            path.write_bytes(data)
+        img = open_image(path)
+        assert isinstance(img, Image.Image), name
+        assert open_image(path.read_bytes()).size == img.size, name
+        for seed in range(3):
+            random.seed(seed)
+            got = ResizedCrop(224)(open_image(path))
+            random.seed(seed)
+            want = ResizedCrop(224)(load_image(path))
+            assert np.array_equal(np.asarray(got), np.asarray(want)), (name, seed)
+    assert load_image(tmp_path / "xmp.jpg").size == (220, 300)  # XMP turned it
+    with pytest.raises(UNREADABLE_IMAGE_ERRORS):
+        open_image(b"\xff\xd8\xff\x00 not a segment")
+    monkeypatch.setattr(decode, "MAX_FILE_BYTES", 100)
+    big = open_image(tmp_path / "plain.jpg")
+    assert isinstance(big, Image.Image) and big.filename == str(tmp_path / "plain.jpg")

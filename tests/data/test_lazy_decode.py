@@ -18,7 +18,7 @@ from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
 from cait.data import AugmentConfig
-from cait.data.decode import open_image
+from cait.data.decode import EncodedJpeg, open_image, simplejpeg
 from cait.data.sources import is_streamed, keyed, open_source
 from cait.data.sources.convert import write_as
 from cait.data.sources.shards import read_shard
@@ -55,7 +55,12 @@ class Spy:
         self.calls: list[tuple[bool, tuple, torch.Tensor]] = []
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        undecoded = isinstance(img, JpegImageFile) and bool(img.tile)
+        # where simplejpeg is installed an upright JPEG comes as its bytes, else PIL's
+        undecoded = (
+            isinstance(img, EncodedJpeg)
+            if simplejpeg is not None
+            else isinstance(img, JpegImageFile) and bool(img.tile)
+        )
         states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         out = self.inner(img)
         self.calls.append((undecoded, states, out))

@@ -26,6 +26,7 @@ from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
 from cait.data.images import (
+    MAX_FILE_BYTES,
     UNREADABLE_IMAGE_ERRORS,
     PixelsUnreadable,
     open_image_bytes,
@@ -42,6 +43,7 @@ __all__ = [
     "ERASE_AREA",
     "ERASE_MIN_ASPECT",
     "DeviceAugment",
+    "EncodedJpeg",
     "ResizedCrop",
     "ToPlanarTensor",
     "crop_params",
@@ -93,24 +95,88 @@ def crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def open_image(source: str | Path | bytes) -> Image.Image:
-    """A file (a path, or its bytes: a tar member, a parquet cell) opened but not decoded
-    (PIL reads the header only), for :class:`ResizedCrop` to decode at the scale it needs;
-    an empty file raises ``ValueError``, as :func:`cait.data.load_image` does. Decoding
-    errors (``UNREADABLE_IMAGE_ERRORS``) come later, from the transform."""
+# JPEG markers read by _upright_jpeg_size: start of scan (the header ends there), APP1
+# (EXIF or XMP, either of which may say to turn the picture).
+_START_OF_SCAN, _APP1 = 0xDA, 0xE1
+# simplejpeg's colour spaces that PIL decodes as RGB or L, as simplejpeg does to RGB.
+_RGB_OR_GREY = ("YCbCr", "RGB", "Gray")
+
+
+class EncodedJpeg:
+    """A JPEG file's bytes, not decoded, stored upright (no APP1 segment: neither EXIF nor
+    XMP says to turn it) in RGB or grey, and its size from its header: what
+    :func:`open_image` gives for such a file where simplejpeg is installed, so that
+    :class:`ResizedCrop` decodes it with no PIL header parse (0.1 ms an image). ``pil()``:
+    the same file opened by PIL, for every other path (a DCT-scaled decode, another
+    decoder, a file libjpeg warns about)."""
+
+    def __init__(self, data: bytes, width: int, height: int) -> None:
+        self.data, self.size = data, (width, height)
+
+    def pil(self) -> Image.Image:
+        """The file opened (not decoded) by PIL."""
+        return open_image_bytes(self.data)
+
+    def close(self) -> None:
+        """Nothing to close: it holds no file (as a PIL image, for ``with``)."""
+
+    def __enter__(self) -> EncodedJpeg:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.data)} bytes, size={self.size})"
+
+
+def _upright_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of a JPEG that simplejpeg decodes as PIL does and needs no
+    turning (RGB or grey, no APP1 segment before the scan); ``None`` for anything else (PIL
+    opens those: other formats, EXIF or XMP, CMYK, headers it cannot walk)."""
+    if simplejpeg is None or not data.startswith(b"\xff\xd8\xff"):
+        return None
+    at = 2
+    while True:  # the segments before the scan: FF, marker, a 2-byte length
+        if at + 4 > len(data) or data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == _START_OF_SCAN:
+            break
+        if marker == _APP1:
+            return None
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    try:
+        height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (width, height) if colour in _RGB_OR_GREY else None
+
+
+def open_image(source: str | Path | bytes) -> Image.Image | EncodedJpeg:
+    """A file (a path, or its bytes: a tar member, a parquet cell) opened but not decoded,
+    for :class:`ResizedCrop` to decode at the scale it needs: an upright RGB or grey JPEG as
+    an :class:`EncodedJpeg` (where simplejpeg is installed), anything else opened by PIL
+    (which reads the header only). An empty file raises ``ValueError``, as
+    :func:`cait.data.load_image` does; decoding errors (``UNREADABLE_IMAGE_ERRORS``) come
+    later, from the transform."""
     if isinstance(source, bytes):
-        if not source:
-            raise ValueError("empty file")
-        return open_image_bytes(source)
-    if Path(source).stat().st_size == 0:
+        data = source
+    else:
+        size = Path(source).stat().st_size
+        if size > MAX_FILE_BYTES:  # not read into memory: PIL opens it, and judges it
+            return Image.open(source)
+        data = Path(source).read_bytes()
+    if not data:
         raise ValueError("empty file")
-    return Image.open(source)
+    size = _upright_jpeg_size(data)
+    return EncodedJpeg(data, *size) if size is not None else open_image_bytes(data)
 
 
-def finish_image(img: Image.Image) -> Image.Image:
+def finish_image(img: Image.Image | EncodedJpeg) -> Image.Image:
     """Decode ``img`` if it is not yet, and make it upright RGB as
     :func:`cait.data.load_image` does, without copying an RGB image."""
-    return upright_rgb(img, copy=False)
+    return upright_rgb(img.pil() if isinstance(img, EncodedJpeg) else img, copy=False)
 
 
 def _undecoded_jpeg(img: Image.Image) -> bool:
@@ -150,15 +216,19 @@ def _jpeg_decoder(decoder: str) -> str:
     return "pil" if simplejpeg is None else "simplejpeg"
 
 
-def _decode_jpeg(img: JpegImageFile) -> torch.Tensor | Image.Image:
+def _decode_jpeg(img: JpegImageFile | EncodedJpeg) -> torch.Tensor | Image.Image:
     """All of an undecoded upright JPEG's pixels as a uint8 ``(C, H, W)`` RGB tensor
     (channels-last in memory), decoded by simplejpeg's libjpeg-turbo: the same pixels as
     PIL's (a test holds them equal) without PIL's copy into its 4-byte pixels and back.
     A file libjpeg warns about (PIL decodes through such warnings, or says what is wrong)
     goes to PIL instead, so that what is read or skipped is what the reference reads."""
-    img.fp.seek(0)
+    if isinstance(img, EncodedJpeg):
+        data = img.data
+    else:
+        img.fp.seek(0)
+        data = img.fp.read()
     try:
-        pixels = simplejpeg.decode_jpeg(img.fp.read(), colorspace="RGB", strict=True)
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
     except ValueError:
         return finish_image(img)
     img.close()
@@ -235,7 +305,9 @@ class ResizedCrop:
         self.to_tensor = to_tensor
         self.decoder = _jpeg_decoder(decoder)
 
-    def plan(self, img: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    def plan(
+        self, img: Image.Image | EncodedJpeg
+    ) -> tuple[Image.Image | EncodedJpeg, tuple[float, float, float, float]]:
         """Draw the crop on the full upright size, set the DCT scale on a JPEG not yet
         decoded, and return the image and the crop box in its (possibly reduced) pixels."""
         if getattr(img, "tile", None) and not _undecoded_jpeg(img):
@@ -244,6 +316,8 @@ class ResizedCrop:
         top, left, h, w = crop_params(width, height, self.scale, self.ratio)
         reduce = 1
         shrink = min(w, h) / self.size
+        if self.draft and shrink >= DRAFT_SCALES[-1] and isinstance(img, EncodedJpeg):
+            img = img.pil()  # PIL's draft decodes at the DCT scale
         if self.draft and shrink >= DRAFT_SCALES[-1] and _undecoded_jpeg(img):
             k = next(s for s in DRAFT_SCALES if s <= shrink)
             drafted = img.draft("RGB", (max(width // k, 1), max(height // k, 1)))
@@ -258,17 +332,15 @@ class ResizedCrop:
         return self.engine == "torch" and all(isinstance(v, int) for v in box)
 
     def decode(
-        self, img: Image.Image, box: tuple[float, float, float, float]
+        self, img: Image.Image | EncodedJpeg, box: tuple[float, float, float, float]
     ) -> Image.Image | torch.Tensor:
         """``img`` from :meth:`plan` decoded for its crop ``box``: by simplejpeg into a uint8
         ``(C, H, W)`` tensor where torch resizes the box of an undecoded upright RGB or grey
         JPEG (``decoder="simplejpeg"``), else by PIL (upright RGB, as :func:`finish_image`)."""
-        if (
-            self.decoder == "simplejpeg"
-            and self._torch_box(box)
-            and _undecoded_jpeg(img)
-            and img.mode in ("RGB", "L")
-        ):
+        simple = self.decoder == "simplejpeg" and self._torch_box(box)
+        if isinstance(img, EncodedJpeg):
+            return _decode_jpeg(img) if simple else finish_image(img)
+        if simple and _undecoded_jpeg(img) and img.mode in ("RGB", "L"):
             return _decode_jpeg(img)
         return finish_image(img)
 
@@ -289,7 +361,7 @@ class ResizedCrop:
         )
         return _to_tensor(out) if self.to_tensor else out
 
-    def __call__(self, img: Image.Image) -> Image.Image | torch.Tensor:
+    def __call__(self, img: Image.Image | EncodedJpeg) -> Image.Image | torch.Tensor:
         """The crop of ``img`` (opened, decoded or not); pixels that cannot be decoded raise
         :class:`~cait.data.images.PixelsUnreadable`, and only those."""
         try:

@@ -34,12 +34,8 @@ from typing import Any, Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cait.data.images import (
-    UNREADABLE_IMAGE_ERRORS,
-    PixelsUnreadable,
-    decode_image_bytes,
-    open_image_bytes,
-)
+from cait.data.decode import open_image
+from cait.data.images import UNREADABLE_IMAGE_ERRORS, PixelsUnreadable, decode_image_bytes
 from cait.files import first_line
 
 __all__ = [
@@ -182,7 +178,7 @@ def read_sample(
     itself is given the image opened, not decoded, and its decoding errors are the
     problem."""
     try:
-        img = open_image_bytes(data) if decodes_itself(transform) else decode_image_bytes(data)
+        img = open_image(data) if decodes_itself(transform) else decode_image_bytes(data)
     except UNREADABLE_IMAGE_ERRORS as err:
         return None, f"{key}: {first_line(err)}"
     if decodes_itself(transform):

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cait.data.images import open_image_bytes
+from cait.data.decode import EncodedJpeg, open_image
 from cait.data.sources.base import IndexedSplit, Source, SplitName, class_mapping, read_sample
 
 __all__ = ["HFDataset", "HFSource"]
@@ -225,11 +225,11 @@ class HFDataset(IndexedSplit):
             return None, f"{self.key(index)}: no image bytes in column {self.rows.image}"
         return read_sample(data, self.key(index))
 
-    def _open(self, index: int) -> Image.Image:
+    def _open(self, index: int) -> Image.Image | EncodedJpeg:
         data = self.rows.image_bytes(index)
         if data is None:
             raise ValueError(f"no image bytes in column {self.rows.image}")
-        return open_image_bytes(data)
+        return open_image(data)
 
 
 class HFSource(Source):
