@@ -17,6 +17,7 @@ from cait.data import AugmentConfig, pixel_kernels, transforms
 from cait.data.randaugment import (
     FAST_OPS,
     FastOp,
+    rotate,
     sharpness,
     shear_x,
     shear_y,
@@ -81,6 +82,19 @@ def test_kernels_give_pils_pixels(name, level, size):
 
 
 @needs_numba
+@pytest.mark.parametrize(
+    "degrees", [17.0, -29.3, 0.5, 1e-9, 30.0, -3.7, 45.0, 135.2, 200.0, -91.0, 359.99, 90.0]
+)
+@pytest.mark.parametrize("size", [(224, 224), (200, 150), (7, 30), (1, 1), (3, 2)])
+def test_rotate_gives_pils_pixels(degrees, size):
+    """timm's Rotate (PIL's rotate about the centre, bicubic, the fill outside), pixel
+    for pixel: the matrix PIL builds, taps clipped at the edges, turns past 90 degrees."""
+    img = photo(size)
+    want = np.asarray(img.rotate(degrees, BICUBIC, fillcolor=FILL))
+    np.testing.assert_array_equal(np.asarray(rotate(img, degrees, FILL)), want)
+
+
+@needs_numba
 @pytest.mark.parametrize("factor", [0.0, 1.0, 0.1, 0.5, 0.999, 1.9, 1.3, 1.0000001, -0.5, 3.0])
 @pytest.mark.parametrize("size", [(224, 224), (200, 150), (3, 3), (2, 9), (1, 1)])
 def test_sharpness_gives_pils_pixels(factor, size):
@@ -105,6 +119,9 @@ def test_kernels_hold_on_many_crops():
         level = rng.uniform(-0.6, 0.6)
         want = np.asarray(pil_affine(img, matrix(level, w, h)))
         np.testing.assert_array_equal(np.asarray(kernel(img, level, FILL)), want, err_msg=name)
+        degrees = rng.uniform(-30, 30)
+        want = np.asarray(img.rotate(degrees, BICUBIC, fillcolor=FILL))
+        np.testing.assert_array_equal(np.asarray(rotate(img, degrees, FILL)), want)
         factor = rng.uniform(0.1, 1.9)
         want = np.asarray(ImageEnhance.Sharpness(img).enhance(factor))
         np.testing.assert_array_equal(np.asarray(sharpness(img, factor)), want)
@@ -120,6 +137,9 @@ def test_the_kernels_python_source_gives_pils_pixels():
         want = np.asarray(pil_affine(img, (1, a1, a2, 0, 1, 0)))
         got = pixel_kernels._shift_rows(src, 1.0, a1, a2, fill, np.empty_like(src))
         np.testing.assert_array_equal(got, want)
+    matrix = (0.94, 0.34, -1.9, -0.34, 0.94, 3.3)  # a turn of about 20 degrees
+    got = pixel_kernels._affine(src, *matrix, fill, np.empty_like(src))
+    np.testing.assert_array_equal(got, np.asarray(pil_affine(img, matrix)))
     for factor in (0.4, 1.6):
         want = np.asarray(ImageEnhance.Sharpness(img).enhance(factor))
         got = pixel_kernels._smooth_blend(src, np.float32(factor), np.empty_like(src))
@@ -178,8 +198,9 @@ def test_fast_transform_keeps_the_recipes_ops_probabilities_and_magnitudes():
             assert ours.aug_fn.fallback is theirs.aug_fn
         else:
             assert ours.aug_fn is theirs.aug_fn
-    # the recipe's policy (rand-m9-mstd0.5-inc1) has five of them
+    # the recipe's policy (rand-m9-mstd0.5-inc1) has six of them
     assert sorted(swapped) == [
+        "Rotate",
         "SharpnessIncreasing",
         "ShearX",
         "ShearY",
@@ -212,7 +233,7 @@ def test_fast_randaugment_draws_what_timms_draws():
         for rng in (random.seed, np.random.seed, torch.manual_seed):
             rng(seed)
         np.testing.assert_array_equal(np.asarray(fast(img)), want, err_msg=str(seed))
-    assert len(ran) >= 5  # about 60 x 2 x 0.5 x 5 / 15 = 20 expected
+    assert len(ran) >= 5  # about 60 x 2 x 0.5 x 6 / 15 = 24 expected
 
 
 def test_without_numba_the_ops_keep_timms_kernels(monkeypatch, caplog):

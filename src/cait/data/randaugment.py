@@ -1,10 +1,10 @@
-"""Faster pixel kernels for RandAugment's shear, translate and sharpness ops (timm's
+"""Faster pixel kernels for RandAugment's geometric and sharpness ops (timm's ``Rotate``,
 ``ShearX``, ``ShearY``, ``TranslateXRel``, ``TranslateYRel``, their absolute ``TranslateX``
 and ``TranslateY``, ``Sharpness`` and ``SharpnessIncreasing``), for the fast training path
 (:func:`cait.data.transforms.fast_train_transform`).
 
 The kernels are :mod:`cait.data.pixel_kernels`: PIL's own arithmetic compiled by numba,
-so the pixels are PIL's exactly, 5-10x sooner (docs/DATA.md has the figures). The shears
+so the pixels are PIL's exactly, 2-9x sooner (docs/DATA.md has the figures). The shears
 and translations are PIL ``AFFINE`` transforms that move every row (or every column) by its
 own distance; a column op runs as the row op on the turned image.
 
@@ -16,17 +16,19 @@ colour) goes to timm's own function. Without numba the ops keep timm's functions
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from cait.data.pixel_kernels import BANDS, shift_rows, smooth_blend
+from cait.data.pixel_kernels import BANDS, affine, shift_rows, smooth_blend
 
 __all__ = [
     "FAST_OPS",
     "FastOp",
+    "rotate",
     "sharpness",
     "shear_x",
     "shear_y",
@@ -81,6 +83,34 @@ def translate_y_rel(img: Image.Image, pct: float, fill: tuple[int, ...]) -> Imag
     return _shift_rows(img, 0.0, pct * img.size[1], fill, across=True)
 
 
+def _rotation(width: int, height: int, degrees: float) -> tuple[float, ...]:
+    """The affine matrix PIL's ``Image.rotate`` builds for a turn by ``degrees``
+    (anticlockwise) about the image's centre, the same expressions in the same order:
+    each entry of the rotation rounded to 15 decimals, the centre moved to the origin
+    and back."""
+    angle = -math.radians(degrees % 360.0)
+    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    cx, cy = width / 2, height / 2
+    return (
+        cos,
+        sin,
+        cos * -cx + sin * -cy + 0.0 + cx,
+        -sin,
+        cos,
+        -sin * -cx + cos * -cy + 0.0 + cy,
+    )
+
+
+def rotate(img: Image.Image, degrees: float, fill: tuple[int, ...]) -> Image.Image:
+    """timm's ``rotate``: ``img.rotate(degrees, BICUBIC, fillcolor=fill)``; turns by a
+    multiple of 90 degrees (which PIL copies or transposes) go to PIL."""
+    if degrees % 90.0 == 0:
+        return img.rotate(degrees, Image.Resampling.BICUBIC, fillcolor=fill)
+    src = np.asarray(img)
+    matrix = _rotation(*img.size, degrees)
+    return Image.fromarray(affine(src, *matrix, np.array(fill, np.uint8), np.empty_like(src)))
+
+
 def sharpness(img: Image.Image, factor: float) -> Image.Image:
     """timm's ``sharpness``: ``ImageEnhance.Sharpness(img).enhance(factor)`` of RGB ``img``
     (``factor`` as PIL's C ``float``)."""
@@ -97,6 +127,7 @@ FAST_OPS: dict[str, tuple[Callable[..., Image.Image], bool]] = {
     "TranslateY": (translate_y_abs, True),
     "TranslateXRel": (translate_x_rel, True),
     "TranslateYRel": (translate_y_rel, True),
+    "Rotate": (rotate, True),
     "Sharpness": (sharpness, False),
     "SharpnessIncreasing": (sharpness, False),
 }

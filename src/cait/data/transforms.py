@@ -71,15 +71,15 @@ def _allow_zero_bit_posterize(transform: Callable) -> None:
 def _say_no_numba() -> None:
     """Log, once, that RandAugment keeps timm's kernels for want of numba."""
     log.info(
-        "numba is not installed: RandAugment's shear, translate and sharpness run timm's "
-        "PIL kernels, about 0.15 ms an image slower (pip install numba, or the fast extra; "
-        "the same pixels either way)"
+        "numba is not installed: RandAugment's rotate, shear, translate and sharpness run "
+        "timm's PIL kernels, about 0.4 ms an image slower (pip install numba, or the fast "
+        "extra; the same pixels either way)"
     )
 
 
 def _use_fast_ops(transform: Callable) -> None:
     """Put :mod:`cait.data.randaugment`'s kernels in place of timm's for the ops it has
-    (shear, translate, sharpness); which op runs, how often and how strongly stays timm's.
+    (rotate, shear, translate, sharpness); which op runs, how often and how strongly stays timm's.
     Without numba the ops keep timm's kernels (said once in the log)."""
     if not pixel_kernels.AVAILABLE:
         _say_no_numba()
@@ -129,8 +129,8 @@ def fast_train_transform(
     crop is shrunk 2x or more, and resized by ``engine``: torch or PIL), returning a uint8
     ``(C, H, W)`` tensor. ``decoder``: who decodes a JPEG that torch resizes (``"auto"``:
     simplejpeg where it is installed, else PIL; the same pixels); ``fast_ops``: RandAugment's
-    shear, translate and sharpness by :mod:`cait.data.randaugment` where numba is installed
-    (PIL's pixels, 5-10x sooner). Normalising and
+    rotate, shear, translate and sharpness by :mod:`cait.data.randaugment` where numba is installed
+    (PIL's pixels, 2-9x sooner). Normalising and
     random erasing move to the device, batched: :func:`device_augment`.
     ``randaugment=False`` leaves out RandAugment (and colour jitter), for the benchmarks.
     It says ``decodes_itself``: the data sources hand it images opened, not decoded."""
