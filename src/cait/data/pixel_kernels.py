@@ -184,16 +184,9 @@ def _affine(
                     row = min(max(top + k, 0), h - 1) * w
                     for j in range(4):
                         taps[4 * k + j, x] = words[row + min(max(left + j, 0), w - 1)]
-        q0, q1, q2, q3, q4, q5, q6, q7 = (
-            taps[0],
-            taps[1],
-            taps[2],
-            taps[3],
-            taps[4],
-            taps[5],
-            taps[6],
-            taps[7],
-        )
+        # each row of taps as its own 1-D view, indexed from 0 (vectorised, as above)
+        q0, q1, q2, q3 = taps[0], taps[1], taps[2], taps[3]
+        q4, q5, q6, q7 = taps[4], taps[5], taps[6], taps[7]
         q8, q9, q10, q11 = taps[8], taps[9], taps[10], taps[11]
         q12, q13, q14, q15 = taps[12], taps[13], taps[14], taps[15]
         out_row = out[y].reshape(w * BANDS)
@@ -268,6 +261,7 @@ def _compile(kernel: Callable) -> Callable:
 
 
 if AVAILABLE:
+    # the helpers compiled in place (inlined into each kernel that calls them)
     _cubic = numba.njit(_cubic, inline="always")
     _to_uint8 = numba.njit(_to_uint8, inline="always")
     _tap = numba.njit(_tap, inline="always")
