@@ -357,6 +357,16 @@ def test_open_image_hands_plain_jpegs_over_as_bytes_and_the_rest_to_pil(tmp_path
     assert load_image(tmp_path / "xmp.jpg").size == (220, 300)  # XMP turned it
     with pytest.raises(UNREADABLE_IMAGE_ERRORS):
         open_image(b"\xff\xd8\xff\x00 not a segment")
+    # past PIL's pixel limit: PIL's warning, or its refusal past twice the limit (the
+    # 4:2:0 variant, 300 x 220, is otherwise an EncodedJpeg)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 220 - 1)
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert isinstance(open_image(tmp_path / "420.jpg"), Image.Image)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 220 // 2 - 1)
+    with pytest.raises(Image.DecompressionBombError):
+        open_image(tmp_path / "420.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 220)
+    assert isinstance(open_image(tmp_path / "420.jpg"), EncodedJpeg)
     monkeypatch.setattr(decode, "MAX_FILE_BYTES", 100)
     big = open_image(tmp_path / "plain.jpg")
     assert isinstance(big, Image.Image) and big.filename == str(tmp_path / "plain.jpg")

@@ -132,8 +132,9 @@ class EncodedJpeg:
 
 def _upright_jpeg_size(data: bytes) -> tuple[int, int] | None:
     """``(width, height)`` of a JPEG that simplejpeg decodes as PIL does and needs no
-    turning (RGB or grey, no APP1 segment before the scan); ``None`` for anything else (PIL
-    opens those: other formats, EXIF or XMP, CMYK, headers it cannot walk)."""
+    turning (RGB or grey, no APP1 segment before the scan) nor warning (at most
+    ``Image.MAX_IMAGE_PIXELS`` pixels); ``None`` for anything else (PIL opens those: other
+    formats, EXIF or XMP, CMYK, headers it cannot walk, pictures past PIL's size limit)."""
     if simplejpeg is None or not data.startswith(b"\xff\xd8\xff"):
         return None
     at = 2
@@ -150,7 +151,12 @@ def _upright_jpeg_size(data: bytes) -> tuple[int, int] | None:
         height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
-    return (width, height) if colour in _RGB_OR_GREY else None
+    if colour not in _RGB_OR_GREY:
+        return None
+    # a picture larger than PIL lets through without a word (a decompression bomb: a few
+    # KB that decode to gigabytes) goes to PIL, which warns or refuses as the reference does
+    limit = Image.MAX_IMAGE_PIXELS
+    return (width, height) if limit is None or width * height <= limit else None
 
 
 def open_image(source: str | Path | bytes) -> Image.Image | EncodedJpeg:
