@@ -4,6 +4,7 @@ batched normalise and erasing equal to the reference's."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -357,6 +358,30 @@ def test_open_image_hands_plain_jpegs_over_as_bytes_and_the_rest_to_pil(tmp_path
     assert load_image(tmp_path / "xmp.jpg").size == (220, 300)  # XMP turned it
     with pytest.raises(UNREADABLE_IMAGE_ERRORS):
         open_image(b"\xff\xd8\xff\x00 not a segment")
+    # fill bytes or a marker without a length before an EXIF segment: PIL walks them and
+    # finds the turn, so they go to PIL (a walk that read a length there would miss it)
+    exif_segment = others["exif.jpg"]
+    for extra in (b"\xff", b"\xff\xd0"):
+        path = tmp_path / "odd.jpg"
+        path.write_bytes(exif_segment[:2] + extra + exif_segment[2:])
+        assert isinstance(open_image(path), Image.Image), extra
+        assert load_image(path).size == (220, 300), extra  # PIL found the turn
+        random.seed(0)
+        got = ResizedCrop(224)(open_image(path))
+        random.seed(0)
+        assert np.array_equal(np.asarray(got), np.asarray(ResizedCrop(224)(load_image(path))))
+    # not an image: PIL's own error, naming the file, as the reference path says it
+    text = tmp_path / "text.jpg"
+    text.write_bytes(b"\xff\xd8\xff plain text")
+    with pytest.raises(UNREADABLE_IMAGE_ERRORS) as theirs:
+        load_image(text)
+    with pytest.raises(UNREADABLE_IMAGE_ERRORS) as ours:
+        open_image(text)
+    assert str(ours.value) == str(theirs.value) and str(text) in str(ours.value)
+    if hasattr(os, "mkfifo"):  # a FIFO (size 0) is refused, not read: reading would block
+        os.mkfifo(tmp_path / "pipe.jpg")
+        with pytest.raises(ValueError, match="empty file"):
+            open_image(tmp_path / "pipe.jpg")
     # past PIL's pixel limit: PIL's warning, or its refusal past twice the limit (the
     # 4:2:0 variant, 300 x 220, is otherwise an EncodedJpeg)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 220 - 1)

@@ -95,9 +95,12 @@ def crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-# JPEG markers read by _upright_jpeg_size: start of scan (the header ends there), APP1
-# (EXIF or XMP, either of which may say to turn the picture).
-_START_OF_SCAN, _APP1 = 0xDA, 0xE1
+# What _upright_jpeg_size reads of a JPEG (ITU T.81, B.1): the start-of-image marker and
+# the first byte of the next; the marker of the scan (the header ends there) and APP1
+# (EXIF or XMP, either of which may say to turn the picture); the markers that carry no
+# length (RST0-7, SOI, EOI) and the bytes that are no marker (fill FF, a stuffed 00, TEM).
+_JPEG_START, _START_OF_SCAN, _APP1 = b"\xff\xd8\xff", 0xDA, 0xE1
+_NO_SEGMENT = frozenset({0xFF, 0x00, 0x01, *range(0xD0, 0xDA)})
 # simplejpeg's colour spaces that PIL decodes as RGB or L, as simplejpeg does to RGB.
 _RGB_OR_GREY = ("YCbCr", "RGB", "Gray")
 
@@ -135,18 +138,18 @@ def _upright_jpeg_size(data: bytes) -> tuple[int, int] | None:
     turning (RGB or grey, no APP1 segment before the scan) nor warning (at most
     ``Image.MAX_IMAGE_PIXELS`` pixels); ``None`` for anything else (PIL opens those: other
     formats, EXIF or XMP, CMYK, headers it cannot walk, pictures past PIL's size limit)."""
-    if simplejpeg is None or not data.startswith(b"\xff\xd8\xff"):
+    if simplejpeg is None or not data.startswith(_JPEG_START):
         return None
-    at = 2
-    while True:  # the segments before the scan: FF, marker, a 2-byte length
-        if at + 4 > len(data) or data[at] != 0xFF:
-            return None
-        marker = data[at + 1]
+    at = 2  # past the start-of-image marker
+    while True:  # the segments before the scan: FF, marker, a 2-byte length (itself counted)
+        if at + 4 > len(data) or data[at] != 0xFF or data[at + 1] in _NO_SEGMENT:
+            return None  # fill bytes, a lone marker or a short file: PIL walks those
+        marker, length = data[at + 1], int.from_bytes(data[at + 2 : at + 4], "big")
         if marker == _START_OF_SCAN:
             break
-        if marker == _APP1:
+        if marker == _APP1 or length < 2:
             return None
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        at += 2 + length
     try:
         height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
@@ -162,21 +165,25 @@ def _upright_jpeg_size(data: bytes) -> tuple[int, int] | None:
 def open_image(source: str | Path | bytes) -> Image.Image | EncodedJpeg:
     """A file (a path, or its bytes: a tar member, a parquet cell) opened but not decoded,
     for :class:`ResizedCrop` to decode at the scale it needs: an upright RGB or grey JPEG as
-    an :class:`EncodedJpeg` (where simplejpeg is installed), anything else opened by PIL
-    (which reads the header only). An empty file raises ``ValueError``, as
+    an :class:`EncodedJpeg` (where simplejpeg is installed, the file read once), anything
+    else opened by PIL (which reads the header only). An empty file raises ``ValueError``, as
     :func:`cait.data.load_image` does; decoding errors (``UNREADABLE_IMAGE_ERRORS``) come
     later, from the transform."""
     if isinstance(source, bytes):
-        data = source
-    else:
-        size = Path(source).stat().st_size
-        if size > MAX_FILE_BYTES:  # not read into memory: PIL opens it, and judges it
-            return Image.open(source)
-        data = Path(source).read_bytes()
-    if not data:
+        if not source:
+            raise ValueError("empty file")
+        size = _upright_jpeg_size(source)
+        return EncodedJpeg(source, *size) if size is not None else open_image_bytes(source)
+    # as before for anything but an upright JPEG: PIL opens the file itself (its errors
+    # name it, as the reference's do); a FIFO or a device says size 0 and is not read
+    if Path(source).stat().st_size == 0:
         raise ValueError("empty file")
-    size = _upright_jpeg_size(data)
-    return EncodedJpeg(data, *size) if size is not None else open_image_bytes(data)
+    with open(source, "rb") as file:
+        data = file.read(len(_JPEG_START))
+        if data == _JPEG_START and simplejpeg is not None:
+            data += file.read(MAX_FILE_BYTES + 1 - len(data))  # past it: PIL judges the file
+    size = _upright_jpeg_size(data) if len(data) <= MAX_FILE_BYTES else None
+    return EncodedJpeg(data, *size) if size is not None else Image.open(source)
 
 
 def finish_image(img: Image.Image | EncodedJpeg) -> Image.Image:

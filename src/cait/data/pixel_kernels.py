@@ -38,7 +38,7 @@ try:
 except ImportError:  # the ops keep timm's functions (cait.data.randaugment)
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "affine", "shift_rows", "smooth_blend", "warm"]
+__all__ = ["AVAILABLE", "BANDS", "affine", "shift_rows", "smooth_blend", "warm"]
 
 # The kernels take RGB pixels, (H, W, 3).
 BANDS = 3
@@ -59,6 +59,45 @@ def _to_uint8(v: float) -> np.uint8:
     return np.uint8(int(min(max(v, 0.0), 255.0)))
 
 
+def _row_sources(
+    a0: float,
+    a1_y: float,
+    a2: float,
+    frac: np.ndarray,
+    first_tap: np.ndarray,
+    inside: np.ndarray,
+) -> None:
+    """For each pixel ``x`` of a row, where Geometry.c's ``affine_transform`` reads it
+    (``a0 (x + 0.5) + a1_y + a2``, ``a1_y`` the row's ``a1 (y + 0.5)``): whether inside the
+    row, the first of its four taps (before clipping), and the distance past the second
+    (``dx``), written into the three arrays."""
+    w = inside.size
+    for x in range(w):
+        x_in = a0 * (x + 0.5) + a1_y + a2
+        inside[x] = (x_in >= 0.0) & (x_in < w)
+        xs = x_in - 0.5
+        whole = np.floor(xs)
+        frac[x] = xs - whole
+        first_tap[x] = int(whole) - 1
+
+
+def _longest_run(inside: np.ndarray, first_tap: np.ndarray) -> tuple[int, int, int]:
+    """``(start, stop, shift)``: the first run of pixels whose four taps all lie inside
+    the row at one shift (pixel ``x`` reads from ``x + shift``)."""
+    w = inside.size
+    start = 0
+    while start < w and not (inside[start] and first_tap[start] >= 0):
+        start += 1
+    stop = start
+    shift = first_tap[start] - start if start < w else 0
+    while stop < w:
+        k = first_tap[stop]
+        if not inside[stop] or k - stop != shift or k + 3 > w - 1:
+            break
+        stop += 1
+    return start, stop, shift
+
+
 def _shift_rows(
     src: np.ndarray, a0: float, a1: float, a2: float, fill: np.ndarray, out: np.ndarray
 ) -> np.ndarray:
@@ -68,34 +107,15 @@ def _shift_rows(
     h, w, _ = src.shape
     n = w * BANDS  # a row's values
     frac_px = np.empty(w)  # by pixel: the distance past the second tap (Geometry.c's dx)
-    first_tap = np.empty(w, np.int64)  # the first tap's pixel, before clipping
-    inside = np.empty(w, np.bool_)  # whether the source lies inside the row
+    first_tap = np.empty(w, np.int64)
+    inside = np.empty(w, np.bool_)
     frac = np.empty(n)  # frac_px by value (each pixel's three alike)
     for y in range(h):
-        a1_y = a1 * (y + 0.5)
+        _row_sources(a0, a1 * (y + 0.5), a2, frac_px, first_tap, inside)
         for x in range(w):
-            x_in = a0 * (x + 0.5) + a1_y + a2  # Geometry.c's affine_transform
-            inside[x] = (x_in >= 0.0) & (x_in < w)
-            xs = x_in - 0.5
-            whole = np.floor(xs)
-            frac_px[x] = xs - whole
-            first_tap[x] = int(whole) - 1
-        for x in range(w):
-            d = frac_px[x]
-            frac[x * BANDS] = d
-            frac[x * BANDS + 1] = d
-            frac[x * BANDS + 2] = d
-        # the longest run of pixels whose four taps lie inside the row at one shift
-        start = 0
-        while start < w and not (inside[start] and first_tap[start] >= 0):
-            start += 1
-        stop = start
-        shift = first_tap[start] - start if start < w else 0
-        while stop < w:
-            k = first_tap[stop]
-            if not inside[stop] or k - stop != shift or k + 3 > w - 1:
-                break
-            stop += 1
+            for b in range(BANDS):
+                frac[x * BANDS + b] = frac_px[x]
+        start, stop, shift = _longest_run(inside, first_tap)
         # the run: contiguous reads, slices indexed from 0 (so that the compiler sees no
         # negative index and vectorises the loop)
         row, row_out = src[y].reshape(n), out[y].reshape(n)
@@ -112,30 +132,72 @@ def _shift_rows(
         # either side of it: the fill, and pixels with a tap past an end (clipped, XCLIP)
         for i in range(w - (stop - start)):
             x = i if i < start else i + stop - start
-            j = x * BANDS
             if not inside[x]:
                 for b in range(BANDS):
-                    row_out[j + b] = fill[b]
+                    row_out[x * BANDS + b] = fill[b]
                 continue
             k = first_tap[x]
             x0, x1 = min(max(k, 0), w - 1) * BANDS, min(max(k + 1, 0), w - 1) * BANDS
             x2, x3 = min(max(k + 2, 0), w - 1) * BANDS, min(max(k + 3, 0), w - 1) * BANDS
             for b in range(BANDS):
-                row_out[j + b] = _to_uint8(
-                    _cubic(
-                        float(row[x0 + b]),
-                        float(row[x1 + b]),
-                        float(row[x2 + b]),
-                        float(row[x3 + b]),
-                        frac[j + b],
-                    )
-                )
+                v1, v2 = float(row[x0 + b]), float(row[x1 + b])
+                v3, v4 = float(row[x2 + b]), float(row[x3 + b])
+                row_out[x * BANDS + b] = _to_uint8(_cubic(v1, v2, v3, v4, frac_px[x]))
     return out
 
 
 def _tap(word: np.uint32, shift: np.uint32) -> float:
     """One band (``shift``: 0, 8 or 16) of a tap stored as an RGB word."""
     return float(word >> shift & np.uint32(255))
+
+
+def _rgb_words(src: np.ndarray) -> np.ndarray:
+    """Each pixel of uint8 ``(H, W, 3)`` ``src`` as one word, ``R | G << 8 | B << 16``, so
+    that one load reads a tap's three bands."""
+    h, w, _ = src.shape
+    words = np.empty(h * w, np.uint32)
+    flat = src.reshape(h * w * BANDS)
+    for i in range(h * w):
+        r, g, b = flat[BANDS * i], flat[BANDS * i + 1], flat[BANDS * i + 2]
+        words[i] = np.uint32(r) | np.uint32(g) << np.uint32(8) | np.uint32(b) << np.uint32(16)
+    return words
+
+
+def _gather_taps(
+    words: np.ndarray,
+    h: int,
+    w: int,
+    y: int,
+    matrix: tuple[float, float, float, float, float, float],
+    taps: np.ndarray,
+    dx: np.ndarray,
+    dy: np.ndarray,
+    inside: np.ndarray,
+) -> None:
+    """For each pixel of output row ``y``, where Geometry.c's ``affine_transform`` reads
+    it: whether inside the image, its ``dx`` and ``dy``, and its 16 taps (``(16, W)``
+    ``taps``, row k and column j at ``4 k + j``; past an edge, clipped to it as XCLIP and
+    YCLIP), written into the arrays."""
+    a0, a1, a2, a3, a4, a5 = matrix
+    for x in range(w):
+        x_in = a0 * (x + 0.5) + a1 * (y + 0.5) + a2
+        y_in = a3 * (x + 0.5) + a4 * (y + 0.5) + a5
+        inside[x] = (x_in >= 0.0) & (x_in < w) & (y_in >= 0.0) & (y_in < h)
+        xs, ys = x_in - 0.5, y_in - 0.5
+        fx, fy = np.floor(xs), np.floor(ys)
+        dx[x], dy[x] = xs - fx, ys - fy
+        left, top = int(fx) - 1, int(fy) - 1
+        if left >= 0 and left + 3 < w and top >= 0 and top + 3 < h:
+            at = np.uint64(top * w + left)  # unsigned: no negative-index branch
+            for k in range(4):
+                for j in range(4):
+                    taps[4 * k + j, x] = words[at + np.uint64(j)]
+                at += np.uint64(w)
+        else:
+            for k in range(4):
+                row = min(max(top + k, 0), h - 1) * w
+                for j in range(4):
+                    taps[4 * k + j, x] = words[row + min(max(left + j, 0), w - 1)]
 
 
 def _affine(
@@ -155,35 +217,13 @@ def _affine(
     16 taps are gathered first (a 32-bit word holds a tap's three bands), then the filter
     runs along the row band by band, vectorised."""
     h, w, _ = src.shape
-    words = np.empty(h * w, np.uint32)  # each pixel as R | G << 8 | B << 16
-    flat = src.reshape(h * w * BANDS)
-    for i in range(h * w):
-        r, g, b = flat[BANDS * i], flat[BANDS * i + 1], flat[BANDS * i + 2]
-        words[i] = np.uint32(r) | np.uint32(g) << np.uint32(8) | np.uint32(b) << np.uint32(16)
+    words = _rgb_words(src)
     taps = np.empty((16, w), np.uint32)  # a row's pixels' taps: row k, column j at 4 k + j
     dx, dy = np.empty(w), np.empty(w)  # Geometry.c's dx and dy
     inside = np.empty(w, np.bool_)
     plane = np.empty(w, np.uint8)  # one band of an output row
     for y in range(h):
-        for x in range(w):
-            x_in = a0 * (x + 0.5) + a1 * (y + 0.5) + a2  # Geometry.c's affine_transform
-            y_in = a3 * (x + 0.5) + a4 * (y + 0.5) + a5
-            inside[x] = (x_in >= 0.0) & (x_in < w) & (y_in >= 0.0) & (y_in < h)
-            xs, ys = x_in - 0.5, y_in - 0.5
-            fx, fy = np.floor(xs), np.floor(ys)
-            dx[x], dy[x] = xs - fx, ys - fy
-            left, top = int(fx) - 1, int(fy) - 1
-            if left >= 0 and left + 3 < w and top >= 0 and top + 3 < h:
-                at = np.uint64(top * w + left)  # unsigned: no negative-index branch
-                for k in range(4):
-                    for j in range(4):
-                        taps[4 * k + j, x] = words[at + np.uint64(j)]
-                    at += np.uint64(w)
-            else:  # taps past an edge are clipped to it (XCLIP, YCLIP)
-                for k in range(4):
-                    row = min(max(top + k, 0), h - 1) * w
-                    for j in range(4):
-                        taps[4 * k + j, x] = words[row + min(max(left + j, 0), w - 1)]
+        _gather_taps(words, h, w, y, (a0, a1, a2, a3, a4, a5), taps, dx, dy, inside)
         # each row of taps as its own 1-D view, indexed from 0 (vectorised, as above)
         q0, q1, q2, q3 = taps[0], taps[1], taps[2], taps[3]
         q4, q5, q6, q7 = taps[4], taps[5], taps[6], taps[7]
@@ -265,6 +305,10 @@ if AVAILABLE:
     _cubic = numba.njit(_cubic, inline="always")
     _to_uint8 = numba.njit(_to_uint8, inline="always")
     _tap = numba.njit(_tap, inline="always")
+    _row_sources = numba.njit(_row_sources, inline="always")
+    _longest_run = numba.njit(_longest_run, inline="always")
+    _rgb_words = numba.njit(_rgb_words, inline="always")
+    _gather_taps = numba.njit(_gather_taps, inline="always")
     shift_rows, affine = _compile(_shift_rows), _compile(_affine)
     smooth_blend = _compile(_smooth_blend)
 else:

@@ -153,7 +153,7 @@ class FastOp:
         self.kernel, self.fallback, self.geometric = kernel, fallback, geometric
 
     def __call__(self, img: Image.Image, level: float, **kwargs: Any) -> Image.Image:
-        if img.mode != "RGB":
+        if img.mode != "RGB" or not math.isfinite(level):  # PIL's C code decides those
             return self.fallback(img, level, **kwargs)
         if not self.geometric:
             return self.kernel(img, level)

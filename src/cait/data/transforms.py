@@ -72,7 +72,7 @@ def _say_no_numba() -> None:
     """Log, once, that RandAugment keeps timm's kernels for want of numba."""
     log.info(
         "numba is not installed: RandAugment's rotate, shear, translate and sharpness run "
-        "timm's PIL kernels, about 0.4 ms an image slower (pip install numba, or the fast "
+        "timm's PIL kernels, about 0.6 ms an image slower (pip install numba, or the fast "
         "extra; the same pixels either way)"
     )
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cait.data.decode import open_image
+from cait.data.decode import EncodedJpeg, open_image
 from cait.data.images import UNREADABLE_IMAGE_ERRORS, PixelsUnreadable, decode_image_bytes
 from cait.files import first_line
 
@@ -121,7 +121,7 @@ class IndexedSplit(Dataset):
     def _read(self, index: int) -> tuple[Image.Image | None, str]:
         raise NotImplementedError
 
-    def _open(self, index: int) -> Image.Image:
+    def _open(self, index: int) -> Image.Image | EncodedJpeg:
         """Sample ``index``'s image opened but not decoded; raises one of
         ``UNREADABLE_IMAGE_ERRORS`` when it cannot be opened."""
         raise NotImplementedError
@@ -186,7 +186,7 @@ def read_sample(
     return (transform(img) if transform is not None else img), ""
 
 
-def _decoded_by(transform: Callable, img: Image.Image, key: str) -> tuple[Any, str]:
+def _decoded_by(transform: Callable, img: Image.Image | EncodedJpeg, key: str) -> tuple[Any, str]:
     """``img`` (opened, not decoded) through a transform that decodes itself: ``(sample,
     "")``, or ``(None, problem)`` when its pixels cannot be decoded. Only that
     (:class:`~cait.data.images.PixelsUnreadable`) is a skip: any other error of the

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cait.data.decode import open_image
+from cait.data.decode import EncodedJpeg, open_image
 from cait.data.images import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, load_image, read_bytes
 from cait.data.sources.base import IndexedSplit, Source, SplitName
 from cait.files import first_line
@@ -227,7 +227,7 @@ class ImageFolderDataset(IndexedSplit):
         except UNREADABLE_IMAGE_ERRORS as err:
             return None, f"{path}: {first_line(err)}"
 
-    def _open(self, index: int) -> Image.Image:
+    def _open(self, index: int) -> Image.Image | EncodedJpeg:
         return open_image(self.samples[index][0])
 
 

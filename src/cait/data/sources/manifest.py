@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cait.data.decode import open_image
+from cait.data.decode import EncodedJpeg, open_image
 from cait.data.images import UNREADABLE_IMAGE_ERRORS, load_image, read_bytes
 from cait.data.sources.base import SPLITS, IndexedSplit, Source, SplitName, class_mapping
 from cait.files import first_line
@@ -155,7 +155,7 @@ class ListDataset(IndexedSplit):
         except UNREADABLE_IMAGE_ERRORS as err:
             return None, f"{path}: {first_line(err)}"
 
-    def _open(self, index: int) -> Image.Image:
+    def _open(self, index: int) -> Image.Image | EncodedJpeg:
         return open_image(self.rows[index].path)
 
 
