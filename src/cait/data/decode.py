@@ -32,6 +32,7 @@ from cait.data.images import (
     open_image_bytes,
     upright_rgb,
 )
+from cait.data.jpeg import JPEG_START, EncodedJpeg, upright_jpeg_size
 from cait.files import first_line
 
 try:  # the fastjpeg extra: the fast path decodes JPEGs with it where it is installed
@@ -95,73 +96,6 @@ def crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-# What _upright_jpeg_size reads of a JPEG (ITU T.81, B.1): the start-of-image marker and
-# the first byte of the next; the marker of the scan (the header ends there) and APP1
-# (EXIF or XMP, either of which may say to turn the picture); the markers that carry no
-# length (RST0-7, SOI, EOI) and the bytes that are no marker (fill FF, a stuffed 00, TEM).
-_JPEG_START, _START_OF_SCAN, _APP1 = b"\xff\xd8\xff", 0xDA, 0xE1
-_NO_SEGMENT = frozenset({0xFF, 0x00, 0x01, *range(0xD0, 0xDA)})
-# simplejpeg's colour spaces that PIL decodes as RGB or L, as simplejpeg does to RGB.
-_RGB_OR_GREY = ("YCbCr", "RGB", "Gray")
-
-
-class EncodedJpeg:
-    """A JPEG file's bytes, not decoded, stored upright (no APP1 segment: neither EXIF nor
-    XMP says to turn it) in RGB or grey, and its size from its header: what
-    :func:`open_image` gives for such a file where simplejpeg is installed, so that
-    :class:`ResizedCrop` decodes it with no PIL header parse (0.1 ms an image). ``pil()``:
-    the same file opened by PIL, for every other path (a DCT-scaled decode, another
-    decoder, a file libjpeg warns about)."""
-
-    def __init__(self, data: bytes, width: int, height: int) -> None:
-        self.data, self.size = data, (width, height)
-
-    def pil(self) -> Image.Image:
-        """The file opened (not decoded) by PIL."""
-        return open_image_bytes(self.data)
-
-    def close(self) -> None:
-        """Nothing to close: it holds no file (as a PIL image, for ``with``)."""
-
-    def __enter__(self) -> EncodedJpeg:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({len(self.data)} bytes, size={self.size})"
-
-
-def _upright_jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` of a JPEG that simplejpeg decodes as PIL does and needs no
-    turning (RGB or grey, no APP1 segment before the scan) nor warning (at most
-    ``Image.MAX_IMAGE_PIXELS`` pixels); ``None`` for anything else (PIL opens those: other
-    formats, EXIF or XMP, CMYK, headers it cannot walk, pictures past PIL's size limit)."""
-    if simplejpeg is None or not data.startswith(_JPEG_START):
-        return None
-    at = 2  # past the start-of-image marker
-    while True:  # the segments before the scan: FF, marker, a 2-byte length (itself counted)
-        if at + 4 > len(data) or data[at] != 0xFF or data[at + 1] in _NO_SEGMENT:
-            return None  # fill bytes, a lone marker or a short file: PIL walks those
-        marker, length = data[at + 1], int.from_bytes(data[at + 2 : at + 4], "big")
-        if marker == _START_OF_SCAN:
-            break
-        if marker == _APP1 or length < 2:
-            return None
-        at += 2 + length
-    try:
-        height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return None
-    if colour not in _RGB_OR_GREY:
-        return None
-    # a picture larger than PIL lets through without a word (a decompression bomb: a few
-    # KB that decode to gigabytes) goes to PIL, which warns or refuses as the reference does
-    limit = Image.MAX_IMAGE_PIXELS
-    return (width, height) if limit is None or width * height <= limit else None
-
-
 def open_image(source: str | Path | bytes) -> Image.Image | EncodedJpeg:
     """A file (a path, or its bytes: a tar member, a parquet cell) opened but not decoded,
     for :class:`ResizedCrop` to decode at the scale it needs: an upright RGB or grey JPEG as
@@ -172,18 +106,21 @@ def open_image(source: str | Path | bytes) -> Image.Image | EncodedJpeg:
     if isinstance(source, bytes):
         if not source:
             raise ValueError("empty file")
-        size = _upright_jpeg_size(source)
+        size = upright_jpeg_size(source)
         return EncodedJpeg(source, *size) if size is not None else open_image_bytes(source)
     # as before for anything but an upright JPEG: PIL opens the file itself (its errors
     # name it, as the reference's do); a FIFO or a device says size 0 and is not read
-    if Path(source).stat().st_size == 0:
+    size = Path(source).stat().st_size
+    if size == 0:
         raise ValueError("empty file")
+    if size > MAX_FILE_BYTES:  # not read into memory: PIL opens it, and judges it
+        return Image.open(source)
     with open(source, "rb") as file:
-        data = file.read(len(_JPEG_START))
-        if data == _JPEG_START and simplejpeg is not None:
+        data = file.read(len(JPEG_START))
+        if data == JPEG_START and simplejpeg is not None:
             data += file.read(MAX_FILE_BYTES + 1 - len(data))  # past it: PIL judges the file
-    size = _upright_jpeg_size(data) if len(data) <= MAX_FILE_BYTES else None
-    return EncodedJpeg(data, *size) if size is not None else Image.open(source)
+    size = upright_jpeg_size(data) if len(data) <= MAX_FILE_BYTES else None
+    return EncodedJpeg(data, *size, Path(source)) if size is not None else Image.open(source)
 
 
 def finish_image(img: Image.Image | EncodedJpeg) -> Image.Image:

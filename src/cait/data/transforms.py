@@ -81,15 +81,21 @@ def _use_fast_ops(transform: Callable) -> None:
     """Put :mod:`cait.data.randaugment`'s kernels in place of timm's for the ops it has
     (rotate, shear, translate, sharpness); which op runs, how often and how strongly stays timm's.
     Without numba the ops keep timm's kernels (said once in the log)."""
+    ops = [
+        op
+        for t in getattr(transform, "transforms", [])
+        for op in getattr(t, "ops", [])
+        if getattr(op, "name", "") in FAST_OPS and not isinstance(op.aug_fn, FastOp)
+    ]
+    if not ops:  # no RandAugment (or done already): nothing to compile or say
+        return
     if not pixel_kernels.AVAILABLE:
         _say_no_numba()
         return
     pixel_kernels.warm()  # compiled here, before the loader's workers fork
-    for t in getattr(transform, "transforms", []):
-        for op in getattr(t, "ops", []):
-            fast = FAST_OPS.get(getattr(op, "name", ""))
-            if fast is not None and not isinstance(op.aug_fn, FastOp):
-                op.aug_fn = FastOp(fast[0], op.aug_fn, geometric=fast[1])
+    for op in ops:
+        kernel, geometric = FAST_OPS[op.name]
+        op.aug_fn = FastOp(kernel, op.aug_fn, geometric=geometric)
 
 
 def train_transform(settings: InputSpec, augment: AugmentConfig) -> Callable:
