@@ -266,13 +266,14 @@ class ResizedCrop:
         top, left, h, w = crop_params(width, height, self.scale, self.ratio)
         reduce = 1
         shrink = min(w, h) / self.size
-        if self.draft and shrink >= DRAFT_SCALES[-1] and isinstance(img, EncodedJpeg):
-            img = img.pil()  # PIL's draft decodes at the DCT scale
-        if self.draft and shrink >= DRAFT_SCALES[-1] and _undecoded_jpeg(img):
-            k = next(s for s in DRAFT_SCALES if s <= shrink)
-            drafted = img.draft("RGB", (max(width // k, 1), max(height // k, 1)))
-            if drafted is not None:
-                reduce = width / drafted[1][2]
+        if self.draft and shrink >= DRAFT_SCALES[-1]:
+            if isinstance(img, EncodedJpeg):
+                img = img.pil()  # PIL's draft decodes at the DCT scale
+            if _undecoded_jpeg(img):
+                k = next(s for s in DRAFT_SCALES if s <= shrink)
+                drafted = img.draft("RGB", (max(width // k, 1), max(height // k, 1)))
+                if drafted is not None:
+                    reduce = width / drafted[1][2]
         if reduce == 1:
             return img, (left, top, left + w, top + h)
         return img, (left / reduce, top / reduce, (left + w) / reduce, (top + h) / reduce)

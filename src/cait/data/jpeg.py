@@ -36,7 +36,7 @@ class EncodedJpeg:
     """A JPEG file's bytes, not decoded, stored upright (no APP1 segment: neither EXIF nor
     XMP says to turn it) in RGB or grey, and its size from its header: what
     :func:`open_image` gives for such a file where simplejpeg is installed, so that
-    :class:`ResizedCrop` decodes it with no PIL header parse (0.1 ms an image). ``pil()``:
+    :class:`ResizedCrop` decodes it with no PIL header parse. ``pil()``:
     the same file opened by PIL, for every other path (a DCT-scaled decode, another
     decoder, a file libjpeg warns about)."""
 
